@@ -1,0 +1,128 @@
+"""The bundle manifest (``edgeft.json``): what a bundle's graph expects and returns.
+
+A bundle is a folder: ``model.onnx`` + ``tokenizer.json`` + ``edgeft.json``. The
+manifest is the contract between the exporter (workstation) and the runtime (device):
+task, labels, prompt, every adapter tensor (name, shape, init, PEFT key) and the
+graph's input/output names. Saved as sorted JSON; unknown keys are ignored on load
+so that older runtimes read newer bundles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+
+MANIFEST_NAME = "edgeft.json"
+MODEL_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+FORMAT_VERSION = 1
+TASKS = ("classification", "prompt", "causal-lm")
+
+
+@dataclass
+class AdapterTensor:
+    """One trainable tensor fed to the graph as an input."""
+
+    name: str  # graph input name
+    shape: list[int]
+    init: str  # "zeros" | "kaiming-uniform" | "probe" (fitted on device)
+    peft_key: str | None = None  # key in a PEFT adapter_model.safetensors; None for the head
+    module: str | None = None  # the torch module it adapts (PEFT target)
+    role: str = "lora_A"  # "lora_A" | "lora_B" | "head_weight" | "head_bias"
+
+
+@dataclass
+class AdapterSpec:
+    kind: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=list)
+    tensors: list[AdapterTensor] = field(default_factory=list)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class Manifest:
+    task: str
+    source: str
+    architecture: str
+    adapter: AdapterSpec
+    inputs: list[str]
+    outputs: list[str]
+    labels: list[str] = field(default_factory=list)
+    template: str | None = None
+    verbalizer: dict[str, str] = field(default_factory=dict)
+    pooling: str | None = None  # classification: "mean" | "mean-normalized" | "cls-pooler" | "last-token"
+    max_length: int = 128
+    pad_token_id: int = 0
+    truncation_side: str = "right"
+    opset: int = 18
+    edgeft_version: str = "0.1.0"
+    format_version: int = FORMAT_VERSION
+    peft_base: dict = field(default_factory=dict)  # how to rebuild the torch model for PEFT
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise EdgeftError(f"manifest: unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
+        if self.task in ("classification", "prompt") and len(self.labels) < 2:
+            raise EdgeftError(f"manifest: a {self.task} bundle needs at least two labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise EdgeftError("manifest: labels are not unique")
+        names = [t.name for t in self.adapter.tensors]
+        if len(set(names)) != len(names):
+            raise EdgeftError("manifest: adapter tensor names are not unique")
+        for t in self.adapter.tensors:
+            if t.name not in self.inputs:
+                raise EdgeftError(f"manifest: adapter tensor {t.name!r} is not among the graph inputs")
+            if not t.shape or any(int(d) <= 0 for d in t.shape):
+                raise EdgeftError(f"manifest: adapter tensor {t.name!r} has an invalid shape {t.shape}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def save(self, folder: Path) -> None:
+        self.validate()
+        (Path(folder) / MANIFEST_NAME).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Manifest":
+        try:
+            adapter_raw = dict(raw["adapter"])
+            tensors = [_known(AdapterTensor, t) for t in adapter_raw.pop("tensors", [])]
+            adapter = _known(AdapterSpec, adapter_raw)
+            adapter.tensors = tensors
+            body = {k: v for k, v in raw.items() if k != "adapter"}
+            manifest = _known(cls, {**body, "adapter": adapter})
+        except (KeyError, TypeError, ValueError) as err:
+            raise EdgeftError(f"manifest: malformed ({err})") from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise EdgeftError(
+                f"manifest: format version {manifest.format_version} is newer than this edgeft reads ({FORMAT_VERSION})"
+            )
+        manifest.validate()
+        return manifest
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise EdgeftError(f"{folder}: not a bundle (no {MANIFEST_NAME})")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise EdgeftError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise EdgeftError(f"{path}: not a manifest object")
+        return cls.from_dict(raw)
+
+
+def _known(cls, raw: dict):
+    """Build a dataclass from a dict, ignoring keys this version does not know."""
+    names = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in raw.items() if k in names})

@@ -1,0 +1,166 @@
+"""``edgeft export``: source model → bundle folder (model.onnx, tokenizer.json, edgeft.json)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeft.errors import EdgeftError
+from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, AdapterSpec, Manifest
+
+from .loading import Source, load_source
+from .lora import DEFAULT_TARGETS, inject_lora
+from .onnx_graph import export_onnx, verify_against_torch
+from .tasks import CausalLM, Classification, Prompt, head_tensors
+
+
+@dataclass
+class ExportOptions:
+    task: str = "classification"
+    labels: list[str] = field(default_factory=list)
+    template: str | None = None
+    verbalizer: dict[str, str] = field(default_factory=dict)
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] | None = None
+    max_length: int = 128
+    pooling: str | None = None
+    gguf_file: str | None = None
+    opset: int = 18
+
+
+def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool = True, log=print) -> dict:
+    """Export ``source`` into the bundle folder ``out``; returns the verification report."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
+    _check_options(options)
+    src = load_source(source, options.task, options.gguf_file)
+    targets = options.targets or DEFAULT_TARGETS.get(src.architecture)
+    if not targets:
+        raise EdgeftError(f"no default LoRA targets for architecture {src.architecture!r}: pass --targets")
+    slots, tensors = inject_lora(src.model, targets, options.rank, options.alpha)
+    manifest_extra: dict = {}
+    tokenizer = src.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    if options.task == "classification":
+        pooling = options.pooling or _default_pooling(src)
+        hidden = src.model.config.hidden_size
+        tensors += head_tensors(len(options.labels), hidden)
+        wrapper = Classification(src.model, slots, [t.name for t in tensors], pooling)
+        outputs = ["loss", "logits", "pooled"]
+        manifest_extra["pooling"] = pooling
+    elif options.task == "prompt":
+        mask_id = tokenizer.mask_token_id if src.auto_class == "AutoModelForMaskedLM" else None
+        label_ids = [_label_token(tokenizer, options.verbalizer[name]) for name in options.labels]
+        if len(set(label_ids)) != len(label_ids):
+            raise EdgeftError("verbalizer: two labels map to the same first token")
+        wrapper = Prompt(src.model, slots, [t.name for t in tensors], label_ids, mask_id)
+        outputs = ["loss", "logits"]
+        manifest_extra["verbalizer"] = dict(options.verbalizer)
+        manifest_extra["template"] = options.template
+    else:
+        wrapper = CausalLM(src.model, slots, [t.name for t in tensors])
+        outputs = ["loss", "token_count"]
+    wrapper.eval()
+    data_inputs = ["input_ids", "attention_mask"] + ([] if options.task == "causal-lm" else ["labels"])
+
+    manifest = Manifest(
+        task=options.task,
+        source=src.name if not src.gguf_file else f"{src.name}::{src.gguf_file}",
+        architecture=src.architecture,
+        adapter=AdapterSpec("lora", options.rank, options.alpha, list(targets), tensors),
+        inputs=data_inputs + [t.name for t in tensors],
+        outputs=outputs,
+        labels=list(options.labels),
+        max_length=options.max_length,
+        pad_token_id=int(pad_id),
+        truncation_side="left" if options.task == "prompt" else "right",
+        opset=options.opset,
+        peft_base={"auto_class": src.auto_class, "source": src.name, "gguf_file": src.gguf_file},
+        **manifest_extra,
+    )
+    manifest.validate()
+
+    tmp = Path(tempfile.mkdtemp(prefix=".edgeft-export-", dir=out.parent if out.parent.exists() else None))
+    try:
+        log(f"exporting {src.architecture} ({options.task}) to ONNX ...")
+        export_onnx(wrapper, manifest, tensors, tmp / MODEL_NAME, vocab_size=src.model.config.vocab_size)
+        tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_NAME))
+        manifest.save(tmp)
+        report = verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        shutil.move(str(tmp), str(out))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _check_options(o: ExportOptions) -> None:
+    if o.task in ("classification", "prompt") and len(o.labels) < 2:
+        raise EdgeftError(f"--task {o.task} needs --labels with at least two names")
+    if o.task == "prompt":
+        if not o.template or "{text}" not in o.template:
+            raise EdgeftError("--task prompt needs --template containing {text}")
+        missing = [name for name in o.labels if name not in o.verbalizer]
+        if missing:
+            raise EdgeftError(f"--verbalizer has no word for label(s) {', '.join(missing)}")
+    if o.rank < 1 or o.alpha <= 0:
+        raise EdgeftError("--rank must be >= 1 and --alpha > 0")
+    if o.max_length < 4:
+        raise EdgeftError("--max-length must be at least 4")
+
+
+def _default_pooling(src: Source) -> str:
+    """The pooling the model was trained with; otherwise the architecture's stock head input."""
+    if src.sentence_pooling == "mean":
+        return "mean-normalized" if src.normalize else "mean"
+    if src.sentence_pooling:
+        return src.sentence_pooling
+    if hasattr(src.model, "pooler") and src.model.pooler is not None:
+        return "cls-pooler"
+    if src.architecture in ("llama", "gpt2", "mistral", "qwen2"):
+        return "last-token"
+    return "cls"
+
+
+def _label_token(tokenizer, word: str) -> int:
+    """First token of the label word as it follows the template (a leading space for BPE)."""
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise EdgeftError(f"verbalizer word {word!r} tokenizes to nothing")
+    return int(ids[0])
+
+
+def sample_batch(manifest: Manifest, vocab_size: int, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """Random token ids with ragged padding: the shape used to check an export."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab_size, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    for row in range(1, batch):  # every row but the first is padded on the right
+        length = int(rng.integers(max(2, seq // 2), seq + 1))
+        mask[row, length:] = 0
+        ids[row, length:] = manifest.pad_token_id
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in manifest.inputs:
+        feeds["labels"] = rng.integers(0, len(manifest.labels), size=batch, dtype=np.int64)
+    return feeds
+
+
+def random_adapters(manifest: Manifest, seed: int) -> dict[str, np.ndarray]:
+    """Non-zero adapter values, so an export check exercises every adapter path."""
+    rng = np.random.default_rng(seed)
+    return {t.name: (rng.standard_normal(t.shape) * 0.05).astype(np.float32) for t in manifest.adapter.tensors}
+
+
+def to_torch(feeds: dict[str, np.ndarray]):
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}

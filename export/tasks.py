@@ -1,0 +1,105 @@
+"""Task wrappers: the torch forward that becomes the bundle graph, loss computed in-graph.
+
+Every wrapper takes ``(input_ids, attention_mask[, labels], *adapter_tensors)`` and
+returns a per-example ``loss`` first (padded positions never count), then the
+outputs the runtime needs for evaluation and probing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeft.manifest import AdapterTensor
+
+from .lora import AdapterSlots
+
+
+class _Task(nn.Module):
+    def __init__(self, model: nn.Module, slots: AdapterSlots, adapter_names: list[str]):
+        super().__init__()
+        self.model, self.slots, self.adapter_names = model, slots, adapter_names
+
+    def _fill(self, adapters) -> None:
+        self.slots.clear()
+        self.slots.update(zip(self.adapter_names, adapters))
+
+
+def pool(hidden, attention_mask, mode: str, model: nn.Module):
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode in ("mean", "mean-normalized"):
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=-1) if mode == "mean-normalized" else pooled
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "cls-pooler":  # BERT's stock head input: tanh(dense(h_CLS))
+        return model.pooler(hidden)
+    if mode == "last-token":  # decoders with right padding: last real token
+        last = attention_mask.sum(1).long() - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
+    raise ValueError(mode)
+
+
+class Classification(_Task):
+    """pooling → linear head (whose weight and bias are adapter inputs) → cross-entropy."""
+
+    def __init__(self, model, slots, adapter_names, pooling: str):
+        super().__init__(model, slots, adapter_names)
+        self.pooling = pooling
+
+    def forward(self, input_ids, attention_mask, labels, *adapters):
+        self._fill(adapters)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = pool(out.last_hidden_state, attention_mask, self.pooling, self.model)
+        logits = pooled @ self.slots["head.weight"].transpose(0, 1) + self.slots["head.bias"]
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        return loss, logits, pooled
+
+
+def head_tensors(num_labels: int, hidden: int) -> list[AdapterTensor]:
+    return [
+        AdapterTensor("head.weight", [num_labels, hidden], "probe", None, None, "head_weight"),
+        AdapterTensor("head.bias", [num_labels], "probe", None, None, "head_bias"),
+    ]
+
+
+class Prompt(_Task):
+    """Cloze over the LM head: cross-entropy over the label words' logits.
+
+    Masked LMs read the position of the mask token; causal LMs the last real token
+    (the word that comes next). Only that one position goes through the LM head.
+    """
+
+    def __init__(self, model, slots, adapter_names, label_token_ids: list[int], mask_token_id: int | None):
+        super().__init__(model, slots, adapter_names)
+        self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
+        self.mask_token_id = mask_token_id
+
+    def forward(self, input_ids, attention_mask, labels, *adapters):
+        self._fill(adapters)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.mask_token_id is not None:
+            position = (input_ids == self.mask_token_id).long().argmax(1)
+        else:
+            position = attention_mask.sum(1).long() - 1
+        h = hidden[torch.arange(hidden.shape[0]), position]
+        head = self.model.cls if hasattr(self.model, "cls") else self.model.get_output_embeddings()
+        logits = head(h).index_select(-1, self.label_token_ids)
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        return loss, logits
+
+
+class CausalLM(_Task):
+    """Mean next-token negative log-likelihood per example over real (unpadded) tokens."""
+
+    def forward(self, input_ids, attention_mask, *adapters):
+        self._fill(adapters)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
+        )  # [B, T-1]
+        mask = attention_mask[:, 1:].to(nll.dtype)
+        count = mask.sum(1)
+        loss = (nll * mask).sum(1) / count.clamp(min=1.0)
+        return loss, count

@@ -1,0 +1,60 @@
+"""Device profiles (``devices/*.toml``): threads, execution providers, batch, length, memory budget."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from edgeft.errors import EdgeftError
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "devices"
+
+
+@dataclass
+class DeviceProfile:
+    name: str = "default"
+    description: str = ""
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    threads: int = 0  # 0: one per core
+    batch_size: int = 16
+    max_length: int = 128
+    memory_budget_mb: float | None = None
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | None) -> DeviceProfile:
+    """A profile by name (``devices/NAME.toml``) or by path; ``None`` gives the defaults."""
+    if not name_or_path:
+        return DeviceProfile()
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROFILES_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise EdgeftError(f"unknown device {name_or_path!r} (known: {', '.join(available_profiles())}, or a .toml path)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise EdgeftError(f"{path}: not valid TOML ({err})") from None
+    known = set(DeviceProfile.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise EdgeftError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    profile = DeviceProfile(**raw)
+    if profile.batch_size < 1 or profile.max_length < 4 or profile.threads < 0:
+        raise EdgeftError(f"{path}: batch_size, max_length and threads must be positive")
+    if profile.memory_budget_mb is not None and profile.memory_budget_mb <= 0:
+        raise EdgeftError(f"{path}: memory_budget_mb must be positive")
+    return profile

@@ -1,0 +1,84 @@
+"""Candidate evaluation (the only place training calls ONNX Runtime) and held-out metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .bundle import Bundle, Encoded
+
+
+class CandidateEvaluator:
+    """Given a batch and candidate adapter vectors, return one loss per candidate.
+
+    The loss of a candidate is the mean per-example loss of the batch; for a
+    causal LM it is weighted by each example's token count (mean per-token NLL),
+    the quantity perplexity is made of.
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.forward_passes = 0
+
+    def losses(self, feeds: dict[str, np.ndarray], candidates: list[np.ndarray]) -> np.ndarray:
+        out = np.empty(len(candidates), dtype=np.float64)
+        for i, candidate in enumerate(candidates):
+            out[i] = self._loss(feeds, candidate)
+        return out
+
+    def _loss(self, feeds, candidate) -> float:
+        self.forward_passes += 1
+        if self.bundle.task == "causal-lm":
+            loss, count = self.bundle.run(feeds, candidate, ["loss", "token_count"])
+            total = float(count.sum())
+            return float((loss.astype(np.float64) * count).sum() / total) if total else 0.0
+        (loss,) = self.bundle.run(feeds, candidate, ["loss"])
+        return float(loss.astype(np.float64).mean())
+
+
+def length_sorted_batches(encoded: Encoded, batch_size: int) -> list[np.ndarray]:
+    """Batches of similar length, so evaluation pads little."""
+    order = np.argsort(encoded.lengths(), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: int) -> dict[str, float]:
+    """accuracy + loss (classification, prompt) or perplexity + loss (causal LM)."""
+    if bundle.task == "causal-lm":
+        nll, tokens = 0.0, 0.0
+        for index in length_sorted_batches(encoded, batch_size):
+            loss, count = bundle.run(bundle.feeds(encoded, index), adapter, ["loss", "token_count"])
+            nll += float((loss.astype(np.float64) * count).sum())
+            tokens += float(count.sum())
+        mean = nll / max(tokens, 1.0)
+        return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
+    total_loss, correct = 0.0, 0
+    for index in length_sorted_batches(encoded, batch_size):
+        loss, logits = bundle.run(bundle.feeds(encoded, index), adapter, ["loss", "logits"])
+        total_loss += float(loss.astype(np.float64).sum())
+        correct += int((logits.argmax(-1) == encoded.labels[index]).sum())
+    n = len(encoded)
+    return {"loss": total_loss / n, "accuracy": correct / n, "examples": n}
+
+
+def predict(bundle: Bundle, adapter: np.ndarray, texts: list[str], batch_size: int = 16) -> np.ndarray:
+    """Label probabilities [n, labels] for classification and prompt bundles."""
+    encoded = bundle.encode(texts, np.zeros(len(texts), dtype=np.int64))
+    probs = np.empty((len(texts), len(bundle.labels)), dtype=np.float64)
+    for index in length_sorted_batches(encoded, batch_size):
+        (logits,) = bundle.run(bundle.feeds(encoded, index), adapter, ["logits"])
+        z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        probs[index] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    return probs
+
+
+def pooled_features(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: int) -> np.ndarray:
+    """The head's input for every example (forward passes only): what a linear probe fits."""
+    feats = None
+    for index in length_sorted_batches(encoded, batch_size):
+        (pooled,) = bundle.run(bundle.feeds(encoded, index), adapter, ["pooled"])
+        if feats is None:
+            feats = np.empty((len(encoded), pooled.shape[-1]), dtype=np.float32)
+        feats[index] = pooled
+    return feats

@@ -1,0 +1,43 @@
+"""Linear probe: fit the classification head on pooled features, in numpy.
+
+Written by hand because the device side has numpy only (no scikit-learn, no
+scipy). It is L2-regularised multinomial logistic regression — the objective of
+scikit-learn's ``LogisticRegression(C=1)`` — solved by Nesterov-accelerated
+gradient descent with the step size from the problem's Lipschitz bound, so it
+needs no tuning. A few hundred examples × a few hundred features take well under
+a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fit_linear_probe(
+    features: np.ndarray, labels: np.ndarray, num_labels: int, c: float = 1.0, iterations: int = 3000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (weight [labels, dim], bias [labels]) minimising mean CE + ||W||²/(2·C·n)."""
+    x = features.astype(np.float64)
+    n, dim = x.shape
+    y = np.zeros((n, num_labels))
+    y[np.arange(n), labels] = 1.0
+    lam = 1.0 / (c * n)
+    xb = np.hstack([x, np.ones((n, 1))])  # bias as a last, unregularised feature
+    # softmax CE has curvature ≤ 1/2 per example: L ≤ ||X||²/(2n) + λ
+    lipschitz = np.linalg.norm(xb, 2) ** 2 / (2 * n) + lam
+    step = 1.0 / lipschitz
+    w = np.zeros((dim + 1, num_labels))
+    v, t = w.copy(), 1.0
+    reg = np.ones((dim + 1, 1))
+    reg[-1] = 0.0
+    for _ in range(iterations):
+        z = xb @ v
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        grad = xb.T @ (p - y) / n + lam * reg * v
+        w_next = v - step * grad
+        t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
+        v = w_next + ((t - 1) / t_next) * (w_next - w)
+        w, t = w_next, t_next
+    return w[:-1].T.astype(np.float32), w[-1].astype(np.float32)

@@ -1,0 +1,182 @@
+"""The training loop: sample a batch, ask, evaluate candidates, tell, log, keep the best.
+
+Everything random is a function of (seed, step) — the batch order and the
+optimizer's perturbations — so a run resumed from a checkpoint takes exactly the
+steps the uninterrupted run would have taken, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+
+from .bundle import Bundle, Encoded
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import CandidateEvaluator, evaluate
+from .memory import peak_rss_mb
+from .optimizers import Optimizer, StepReport
+
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16
+    eval_every: int = 50
+    eval_batch_size: int = 32
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def higher_is_better(task: str) -> bool:
+    return task != "causal-lm"
+
+
+def score_of(task: str, metrics: dict) -> float:
+    """One number to rank adapters by: accuracy, or minus the loss for a causal LM."""
+    return metrics["accuracy"] if higher_is_better(task) else -metrics["loss"]
+
+
+class Trainer:
+    def __init__(
+        self,
+        bundle: Bundle,
+        train: Encoded,
+        optimizer: Optimizer,
+        config: TrainConfig = TrainConfig(),
+        eval_set: Encoded | None = None,
+        run_dir: str | Path | None = None,
+    ):
+        self.bundle, self.train, self.optimizer, self.config = bundle, train, optimizer, config
+        # Without held-out data, the best adapter is the one with the lowest loss on
+        # the whole few-shot set (what the DFO paper optimises).
+        self.eval_set = eval_set if eval_set is not None else train
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.evaluator = CandidateEvaluator(bundle)
+        self.best = np.array(optimizer.theta, copy=True)
+        self.best_score, self.best_step, self.best_metrics = -np.inf, 0, None
+        self.start_metrics: dict | None = None
+        self.wall_s = 0.0
+        self.records: list[dict] = []  # what metrics.jsonl holds
+
+    # --- data order ---------------------------------------------------------
+
+    def batch_index(self, step: int) -> np.ndarray:
+        """Rows of the batch for ``step``: a fresh permutation of the training set each epoch."""
+        n, b = len(self.train), self.config.batch_size
+        if n <= b:
+            return np.arange(n)
+        per_epoch = n // b
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([self.config.seed, 7, epoch]).permutation(n)
+        return np.sort(order[position * b : (position + 1) * b])
+
+    # --- one step -----------------------------------------------------------
+
+    def step(self) -> StepReport:
+        start = time.perf_counter()
+        feeds = self.bundle.feeds(self.train, self.batch_index(self.optimizer.step))
+        candidates = self.optimizer.ask()
+        losses = self.evaluator.losses(feeds, candidates)
+        report = self.optimizer.tell(candidates, losses)
+        self.wall_s += time.perf_counter() - start
+        self._log({"step": report.step, "loss": report.loss, "lr": report.lr, "skipped": report.skipped,
+                   "seeds": report.seeds, "projected_grads": report.projected_grads,
+                   "forward_passes": self.evaluator.forward_passes, "wall_s": round(self.wall_s, 3)})
+        return report
+
+    def evaluate(self, adapter: np.ndarray | None = None) -> dict:
+        adapter = self.optimizer.theta if adapter is None else adapter
+        return evaluate(self.bundle, adapter, self.eval_set, self.config.eval_batch_size)
+
+    def _consider(self) -> dict:
+        """Evaluate the current adapter; keep it if it is the best so far."""
+        metrics = self.evaluate()
+        score = score_of(self.bundle.task, metrics)
+        if score > self.best_score:
+            self.best, self.best_score = np.array(self.optimizer.theta, copy=True), score
+            self.best_step, self.best_metrics = self.optimizer.step, metrics
+        self._log({"step": self.optimizer.step, "eval": metrics})
+        return metrics
+
+    # --- the loop -----------------------------------------------------------
+
+    def fit(self, on_step: Callable[[StepReport], None] | None = None, on_eval: Callable[[int, dict], None] | None = None) -> dict:
+        c = self.config
+        if self.start_metrics is None:
+            self.start_metrics = self._consider()
+            if on_eval:
+                on_eval(0, self.start_metrics)
+        while self.optimizer.step < c.steps:
+            report = self.step()
+            if on_step:
+                on_step(report)
+            step = self.optimizer.step
+            if step % c.eval_every == 0 or step == c.steps:
+                metrics = self._consider()
+                if on_eval:
+                    on_eval(step, metrics)
+            if self.run_dir and (step % c.checkpoint_every == 0 or step == c.steps):
+                self.save()
+        return self.summary()
+
+    def summary(self) -> dict:
+        steps = [r for r in self.records if "loss" in r and not r["skipped"]]
+        recent = [r["loss"] for r in steps[-10:]]
+        return {
+            "steps": self.optimizer.step,
+            "forward_passes": self.evaluator.forward_passes,
+            "wall_s": round(self.wall_s, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "final_train_loss": float(np.mean(recent)) if recent else None,
+            "start": self.start_metrics,
+            "best": self.best_metrics,
+            "best_step": self.best_step,
+        }
+
+    # --- metrics and checkpoints -------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.run_dir:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        arrays, scalars = self.optimizer.state_dict()
+        arrays = {f"optimizer.{k}": v for k, v in arrays.items()}
+        arrays["best"] = self.best
+        save_checkpoint(self.run_dir / CHECKPOINT, arrays, {
+            "optimizer": self.optimizer.name, "optimizer_state": scalars, "trainer": asdict(self.config),
+            "best_score": self.best_score, "best_step": self.best_step, "best_metrics": self.best_metrics,
+            "start_metrics": self.start_metrics, "forward_passes": self.evaluator.forward_passes, "wall_s": self.wall_s,
+        })
+
+    def resume(self) -> None:
+        """Continue from the run folder's checkpoint; later metric lines are dropped."""
+        arrays, scalars = load_checkpoint(self.run_dir / CHECKPOINT)
+        if scalars["optimizer"] != self.optimizer.name:
+            raise EdgeftError(f"checkpoint was made by optimizer {scalars['optimizer']!r}, not {self.optimizer.name!r}")
+        self.optimizer.load_state_dict({k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")},
+                                       scalars["optimizer_state"])
+        self.best = np.array(arrays["best"], dtype=np.float32)
+        self.best_score, self.best_step = scalars["best_score"], scalars["best_step"]
+        self.best_metrics, self.start_metrics = scalars["best_metrics"], scalars["start_metrics"]
+        self.evaluator.forward_passes, self.wall_s = scalars["forward_passes"], scalars["wall_s"]
+        step = self.optimizer.step
+        path = self.run_dir / METRICS
+        kept = []
+        if path.is_file():
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for r in kept if r["step"] <= step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
