@@ -27,7 +27,10 @@ class Source:
 def load_source(source: str, task: str, gguf_file: str | None = None) -> Source:
     import transformers
 
-    kwargs = {"attn_implementation": "eager"}  # exports to plain ONNX ops on every runtime
+    import torch
+
+    # eager attention exports to plain ONNX ops that every runtime has; fp32 is what the device trains in
+    kwargs = {"attn_implementation": "eager", "dtype": torch.float32}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     folder = Path(source)
@@ -50,7 +53,6 @@ def load_source(source: str, task: str, gguf_file: str | None = None) -> Source:
         raise EdgeftError(f"{source}: no fast tokenizer (tokenizer.json) available")
     pooling, normalize = _sentence_transformers_pooling(folder)
     model.eval()
-    model.float()
     return Source(model, tokenizer, source, config.model_type, auto_class, gguf_file, pooling, normalize)
 
 

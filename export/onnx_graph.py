@@ -25,7 +25,8 @@ def export_onnx(wrapper: torch.nn.Module, manifest: Manifest, tensors: list[Adap
     data_names = [n for n in manifest.inputs if n in feeds]
     args = tuple(feeds[n] for n in data_names) + tuple(adapters)
     max_positions = getattr(wrapper.model.config, "max_position_embeddings", None) or 1 << 16
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max_positions)
+    # min 3: a causal LM shifts by one, and torch.export would otherwise specialise on length-1 rows
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=3, max=max_positions)
     # torch.export mirrors the signature: one spec per named argument, a tuple for *adapters.
     dynamic = [{0: batch, 1: seq} if n != "labels" else {0: batch} for n in data_names] + [(None,) * len(adapters)]
     with warnings.catch_warnings(), torch.no_grad():

@@ -8,10 +8,11 @@ from .devices import DeviceProfile, load_profile
 from .evaluate import CandidateEvaluator, evaluate, pooled_features, predict
 from .optimizers import REGISTRY, MeZO, MeZOConfig, make_optimizer
 from .probe import fit_linear_probe
+from .start import starting_adapter
 from .trainer import TrainConfig, Trainer
 
 __all__ = [
     "Bundle", "CandidateEvaluator", "DeviceProfile", "Encoded", "MeZO", "MeZOConfig", "REGISTRY",
     "TrainConfig", "Trainer", "evaluate", "fit_linear_probe", "load_profile", "make_optimizer",
-    "pooled_features", "predict",
+    "pooled_features", "predict", "starting_adapter",
 ]

@@ -1,0 +1,232 @@
+"""The ``edgeft`` command: export, train, eval, predict, info, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgeft.errors import EdgeftError
+
+
+
+class _Command(click.Command):
+    """Turn EdgeftError into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeftError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="edgeft")
+def main():
+    """Fine-tune transformers on edge devices with forward passes only."""
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _verbalizer(value: str | None) -> dict[str, str]:
+    out = {}
+    for item in _split(value):
+        label, sep, word = item.partition("=")
+        if not sep or not word:
+            raise EdgeftError(f"--verbalizer item {item!r} is not LABEL=WORD")
+        out[label.strip()] = word.strip()
+    return out
+
+
+# --- export ------------------------------------------------------------------
+
+
+@main.command(cls=_Command)
+@click.argument("source")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--task", type=click.Choice(["classification", "prompt", "causal-lm"]), default="classification")
+@click.option("--gguf-file", help="GGUF file name inside SOURCE (a folder), e.g. model.Q4_1.gguf.")
+@click.option("--labels", help="Comma-separated label names (classification, prompt).")
+@click.option("--template", help='Prompt template with {text}; masked LMs also need {mask}, e.g. "{text} It was {mask}."')
+@click.option("--verbalizer", help='Label words, e.g. "neg=terrible,pos=great".')
+@click.option("--adapter", type=click.Choice(["lora"]), default="lora")
+@click.option("--rank", default=8, show_default=True)
+@click.option("--alpha", default=16.0, show_default=True)
+@click.option("--targets", help="Comma-separated module names to adapt (default: per architecture).")
+@click.option("--pooling", type=click.Choice(["mean", "mean-normalized", "cls", "cls-pooler", "last-token"]),
+              help="Classification pooling (default: what the model was trained with).")
+@click.option("--max-length", default=128, show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare ONNX with torch at a second shape.")
+def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, targets, pooling, max_length, verify):
+    """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
+    from edgeft.export import ExportOptions, export_bundle
+
+    if source.endswith(".gguf") and not gguf_file:
+        source, gguf_file = str(Path(source).parent), Path(source).name
+    options = ExportOptions(task=task, labels=_split(labels), template=template, verbalizer=_verbalizer(verbalizer),
+                            rank=rank, alpha=alpha, targets=_split(targets) or None, max_length=max_length,
+                            pooling=pooling, gguf_file=gguf_file)
+    report = export_bundle(source, out, options, verify=verify, log=lambda m: click.echo(m, err=True))
+    for name, diff in report.items():
+        click.echo(f"verify: {name} max |onnx - torch| = {diff:.2e} (batch 3, sequence 11)")
+    click.echo(f"bundle written to {out}")
+
+
+# --- train -------------------------------------------------------------------
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data (.jsonl, .csv, .tsv).")
+@click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out data for periodic evaluation.")
+@click.option("--optimizer", default="mezo", show_default=True)
+@click.option("--steps", default=500, show_default=True)
+@click.option("--batch-size", type=int, help="Default: the device profile's.")
+@click.option("--lr", type=float, help="Learning rate (default: the optimizer's).")
+@click.option("--eps", type=float, help="Perturbation size ε.")
+@click.option("--queries", type=int, help="SPSA queries per step.")
+@click.option("--weight-decay", type=float)
+@click.option("--schedule", type=click.Choice(["constant", "linear"]))
+@click.option("--k-shot", type=int, help="Use K examples per label of --data (balanced, drawn with --seed).")
+@click.option("--eval-every", default=50, show_default=True)
+@click.option("--eval-limit", type=int, help="Evaluate on at most this many held-out examples.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", help="Device profile name or .toml path.")
+@click.option("--init-adapter", type=click.Path(path_type=Path), help="Start from this adapter (e.g. saved by PEFT).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished or broken run in RUN_DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+def train(bundle, data, run_dir, eval_data, optimizer, steps, batch_size, lr, eps, queries, weight_decay, schedule,
+          k_shot, eval_every, eval_limit, seed, device, init_adapter, text_field, label_field, resume, overwrite, as_json):
+    """Fine-tune BUNDLE's adapters on --data with forward passes only."""
+    from edgeft.training import TrainRequest, run_training
+
+    request = TrainRequest(
+        bundle=bundle, data=data, run_dir=run_dir, eval_data=eval_data, optimizer=optimizer, steps=steps,
+        batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=queries, weight_decay=weight_decay, schedule=schedule),
+        k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,
+        text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite, progress=not as_json,
+    )
+    summary = run_training(request, log=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    click.echo(f"steps {summary['steps']}, forward passes {summary['forward_passes']}, "
+               f"{summary['wall_s']:.1f} s, peak RSS {summary['peak_rss_mb']:.0f} MB")
+    for key in ("start", "best"):
+        if summary.get(key):
+            click.echo(f"{key:>5}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary[key].items()))
+    click.echo(f"adapter saved to {summary['adapter']}")
+
+
+# --- eval / predict / info ---------------------------------------------------
+
+
+@main.command(name="eval", cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path))
+@click.option("--adapter", type=click.Path(path_type=Path), help="Adapter folder (default: the untrained start).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(bundle, data, adapter, batch_size, device, text_field, label_field, as_json):
+    """Accuracy and loss (classification, prompt) or perplexity (causal-lm) on --data."""
+    from edgeft.data import load_dataset
+    from edgeft.runtime import Bundle, evaluate, load_profile
+    from edgeft.runtime.memory import budget_warning, peak_rss_mb
+
+    profile = load_profile(device)
+    b = Bundle(bundle, profile)
+    dataset = load_dataset(data, b.labels, text_field, label_field)
+    vector = _adapter_vector(b, adapter)
+    metrics = evaluate(b, vector, b.encode(dataset.texts, dataset.labels), batch_size)
+    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if as_json:
+        click.echo(json.dumps(metrics, sort_keys=True))
+    else:
+        click.echo(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    warning = budget_warning(metrics["peak_rss_mb"], profile.memory_budget_mb, profile.name)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _adapter_vector(b, adapter: Path | None):
+    from edgeft.adapters import load_adapter
+
+    if adapter is None:
+        if any(t.role == "head_weight" for t in b.layout.tensors):
+            click.echo("note: no --adapter: the classification head is all zeros", err=True)
+        return b.layout.initial()
+    return load_adapter(adapter, b.layout)
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--adapter", type=click.Path(path_type=Path))
+@click.option("--device")
+@click.option("--json", "as_json", is_flag=True)
+def predict(bundle, texts, adapter, device, as_json):
+    """Label each TEXT (classification, prompt bundles)."""
+    from edgeft.runtime import Bundle, load_profile
+    from edgeft.runtime import predict as predict_probs
+
+    b = Bundle(bundle, load_profile(device))
+    if b.task == "causal-lm":
+        raise EdgeftError("predict labels texts; a causal-lm bundle has no labels (use eval for perplexity)")
+    probs = predict_probs(b, _adapter_vector(b, adapter), list(texts))
+    rows = [{"text": t, "label": b.labels[int(p.argmax())], "probability": round(float(p.max()), 4)} for t, p in zip(texts, probs)]
+    for row in rows:
+        click.echo(json.dumps(row) if as_json else f"{row['label']}\t{row['probability']:.3f}\t{row['text']}")
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+def info(bundle):
+    """Describe a bundle: task, labels, adapters, graph inputs and outputs."""
+    from edgeft.adapters import AdapterLayout
+    from edgeft.manifest import MODEL_NAME, Manifest
+
+    m = Manifest.load(bundle)
+    layout = AdapterLayout(m.adapter)
+    size = sum(p.stat().st_size for p in Path(bundle).glob(MODEL_NAME + "*")) / 1e6
+    click.echo(f"task: {m.task}   architecture: {m.architecture}   source: {m.source}")
+    if m.labels:
+        click.echo(f"labels: {', '.join(m.labels)}")
+    if m.template:
+        click.echo(f"template: {m.template!r}   verbalizer: {m.verbalizer}")
+    if m.pooling:
+        click.echo(f"pooling: {m.pooling}")
+    click.echo(f"adapter: {m.adapter.kind} r={m.adapter.rank} alpha={m.adapter.alpha} on {', '.join(m.adapter.targets)}: "
+               f"{len(layout.tensors)} tensors, {layout.size:,} trainable values")
+    click.echo(f"inputs: {', '.join(n for n in m.inputs if n not in layout.names())} + adapters")
+    click.echo(f"outputs: {', '.join(m.outputs)}   max length: {m.max_length}   model: {size:.1f} MB")
+
+
+@main.command(cls=_Command)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("edgeft-demo"), show_default=True)
+@click.option("--steps", type=int, help="Fine-tuning steps (default: the demo's budget).")
+@click.option("--test-size", type=int, help="Held-out examples to evaluate on.")
+def demo(workdir, steps, test_size):
+    """Real model, real data, offline: export, evaluate, fine-tune forward-only, evaluate again."""
+    from edgeft.demo import run_demo
+
+    run_demo(workdir, steps=steps, test_size=test_size, log=lambda m: click.echo(m))
+
+
+if __name__ == "__main__":
+    main()

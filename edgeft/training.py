@@ -1,0 +1,162 @@
+"""``edgeft train`` as a function: data → run folder with adapter, checkpoint, metrics and plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeft.adapters import save_adapter
+from edgeft.data import k_shot as sample_k_shot
+from edgeft.data import load_dataset
+from edgeft.errors import EdgeftError
+
+RUN_FILES = ("adapter", "checkpoint", "metrics.jsonl", "curve.png", "summary.json", "run.json")
+# Settings that must not change on --resume, or the continued run would differ from an uninterrupted one.
+RESUME_KEYS = ("optimizer", "settings", "batch_size", "k_shot", "seed", "data", "eval_every", "eval_limit")
+
+
+@dataclass
+class TrainRequest:
+    bundle: Path
+    data: Path
+    run_dir: Path
+    eval_data: Path | None = None
+    optimizer: str = "mezo"
+    steps: int = 500
+    batch_size: int | None = None
+    settings: dict = field(default_factory=dict)  # optimizer settings: lr, eps, queries, ...
+    k_shot: int | None = None
+    eval_every: int = 50
+    eval_limit: int | None = None
+    seed: int = 0
+    device: str | None = None
+    init_adapter: Path | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _prepare_run_dir(req: TrainRequest) -> None:
+    run_dir = Path(req.run_dir)
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if req.resume:
+        if not (run_dir / "run.json").is_file():
+            raise EdgeftError(f"{run_dir}: no run to resume (no run.json)")
+        return
+    if existing and not req.overwrite:
+        raise EdgeftError(f"{run_dir}: already holds a run ({', '.join(existing)}); pass --resume or --overwrite")
+    for name in existing:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _run_record(req: TrainRequest, batch_size: int) -> dict:
+    return {
+        "bundle": str(req.bundle), "data": str(req.data), "eval_data": str(req.eval_data) if req.eval_data else None,
+        "optimizer": req.optimizer, "settings": {k: v for k, v in req.settings.items() if v is not None},
+        "batch_size": batch_size, "k_shot": req.k_shot, "seed": req.seed, "eval_every": req.eval_every,
+        "eval_limit": req.eval_limit, "steps": req.steps, "device": req.device,
+        "init_adapter": str(req.init_adapter) if req.init_adapter else None,
+    }
+
+
+def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
+    from edgeft.plots import learning_curve
+    from edgeft.runtime import Bundle, TrainConfig, Trainer, load_profile, make_optimizer, starting_adapter
+    from edgeft.runtime.memory import budget_warning
+
+    profile = load_profile(req.device)
+    bundle = Bundle(req.bundle, profile)
+    batch_size = req.batch_size or profile.batch_size
+    if batch_size < 1 or req.steps < 1:
+        raise EdgeftError("--batch-size and --steps must be at least 1")
+    # Read and check all input before touching the run folder: bad data must not cost a saved run.
+    train_set = load_dataset(req.data, bundle.labels, req.text_field, req.label_field)
+    if req.k_shot:
+        train_set = sample_k_shot(train_set, req.k_shot, req.seed)
+    eval_set = None
+    if req.eval_data:
+        eval_set = load_dataset(req.eval_data, bundle.labels, req.text_field, req.label_field)
+        if req.eval_limit and len(eval_set) > req.eval_limit:
+            eval_set = eval_set.subset(np.random.default_rng(req.seed).permutation(len(eval_set))[: req.eval_limit])
+    record = _run_record(req, batch_size)
+    if req.resume:
+        previous = json.loads((Path(req.run_dir) / "run.json").read_text()) if (Path(req.run_dir) / "run.json").is_file() else {}
+        changed = [k for k in RESUME_KEYS if previous.get(k) != record.get(k)]
+        if changed:
+            raise EdgeftError(f"--resume with different settings ({', '.join(changed)}): the run would not continue as it began")
+    _prepare_run_dir(req)
+    run_dir = Path(req.run_dir)
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    train_enc = bundle.encode(train_set.texts, train_set.labels)
+    eval_enc = bundle.encode(eval_set.texts, eval_set.labels) if eval_set else None
+    if req.resume:
+        theta, how = bundle.layout.initial(req.seed), "checkpoint"
+    else:
+        theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
+    settings = {**req.settings, "total_steps": req.steps, "seed": req.seed}
+    optimizer = make_optimizer(req.optimizer, theta, **settings)
+    config = TrainConfig(steps=req.steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed)
+    trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)
+    if req.resume:
+        trainer.resume()
+        log(f"resuming at step {optimizer.step} of {req.steps}")
+    else:
+        log(f"start: {how}; {len(train_set)} training examples, batch {batch_size}, {bundle.layout.size:,} trainable values")
+
+    on_step, on_eval, close = _progress(req, optimizer.step, log)
+    started = time.perf_counter()
+    try:
+        summary = trainer.fit(on_step=on_step, on_eval=on_eval)
+    finally:
+        close()
+    adapter_dir = run_dir / "adapter"
+    save_adapter(adapter_dir, bundle.layout, trainer.best, bundle.manifest.peft_base.get("source", ""),
+                 _peft_task_type(bundle.task))
+    summary.update(adapter=str(adapter_dir), optimizer=req.optimizer, run_wall_s=round(time.perf_counter() - started, 2))
+    plot = learning_curve(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{req.optimizer} on {Path(req.bundle).name}")
+    summary["plot"] = str(plot) if plot else None
+    warning = budget_warning(summary["peak_rss_mb"], profile.memory_budget_mb, profile.name)
+    summary["memory_warning"] = warning
+    if warning:
+        log(f"warning: {warning}")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _peft_task_type(task: str) -> str | None:
+    return {"causal-lm": "CAUSAL_LM"}.get(task)
+
+
+def _progress(req: TrainRequest, done: int, log):
+    """A tqdm bar with the running loss and steps/s; silent when --json asks for quiet."""
+    if not req.progress:
+        return None, None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=req.steps, initial=done, desc="train", unit="step", dynamic_ncols=True)
+    recent: list[float] = []
+
+    def on_step(report):
+        if not report.skipped:
+            recent.append(report.loss)
+            del recent[:-20]
+        elif report.message:
+            bar.write(f"warning: {report.message}")
+        bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan", lr=f"{report.lr:.2g}")
+        bar.update(1)
+
+    def on_eval(step, metrics):
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "examples"))
+
+    return on_step, on_eval, bar.close

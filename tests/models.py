@@ -1,0 +1,108 @@
+"""Tiny models built from a config (the hub is out of reach): BERT, Llama and GPT-2 with real tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "the a movie film was great terrible good bad plot acting it is not very fun dull boring "
+    "loved hated story actor scene music and of to in this that with for as on at by an be"
+).split()
+CORPUS = [
+    "the movie was great and the acting was good",
+    "the film was terrible and the plot was dull",
+    "i loved this story it is very fun",
+    "i hated this film it is boring",
+    "the music in this scene was great",
+] * 20
+
+
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("abcdefghijklmnopqrstuvwxyz")
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return tok, len(vocab)
+
+
+def _bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok, tok.get_vocab_size()
+
+
+def tiny_bert(folder: Path, masked_lm: bool = False) -> Path:
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+
+    tok, vocab = _wordpiece_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    model = (BertForMaskedLM if masked_lm else BertModel)(config)
+    model.save_pretrained(folder)
+    BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                      sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_llama(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok, vocab = _bpe_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_gpt2(folder: Path) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok, vocab = _bpe_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(folder)
+    return Path(folder)
+
+
+SENTIMENT = [
+    ("the movie was great and the acting was good", "pos"),
+    ("i loved this story it is very fun", "pos"),
+    ("the music in this scene was great", "pos"),
+    ("a good film with great music", "pos"),
+    ("loved the actor and the story", "pos"),
+    ("it is fun and good", "pos"),
+    ("the film was terrible and the plot was dull", "neg"),
+    ("i hated this film it is boring", "neg"),
+    ("the plot was bad and dull", "neg"),
+    ("a terrible movie with boring acting", "neg"),
+    ("hated the story and the scene", "neg"),
+    ("it is not good it is bad", "neg"),
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    return path

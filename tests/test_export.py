@@ -1,0 +1,67 @@
+"""Every export is checked against torch at a second input shape (batch 3, sequence 11)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgeft.manifest import Manifest
+
+TOLERANCE = 1e-4
+
+CASES = [
+    ("bert-cls", "bert_folder", dict(task="classification", labels=["neg", "pos"], pooling="mean")),
+    ("bert-cls-pooler", "bert_folder", dict(task="classification", labels=["a", "b", "c"])),
+    ("bert-prompt", "bert_mlm_folder", dict(task="prompt", labels=["neg", "pos"], template="{text} it was {mask}",
+                                            verbalizer={"neg": "bad", "pos": "good"})),
+    ("llama-cls", "llama_folder", dict(task="classification", labels=["neg", "pos"])),
+    ("llama-prompt", "llama_folder", dict(task="prompt", labels=["neg", "pos"], template="{text} it was",
+                                          verbalizer={"neg": "bad", "pos": "good"})),
+    ("llama-lm", "llama_folder", dict(task="causal-lm")),
+    ("gpt2-lm", "gpt2_folder", dict(task="causal-lm")),
+]
+
+
+@pytest.mark.parametrize("name,folder,options", CASES, ids=[c[0] for c in CASES])
+def test_export_matches_torch_at_second_shape(request, export_bundle_for, name, folder, options):
+    bundle = export_bundle_for(name, request.getfixturevalue(folder), **options)
+    report = json.loads((bundle / "verify.json").read_text())
+    manifest = Manifest.load(bundle)
+    assert set(report) == set(manifest.outputs)
+    for output, diff in report.items():
+        assert diff < TOLERANCE, f"{name}: {output} differs from torch by {diff}"
+
+
+def test_adapters_are_graph_inputs_and_change_the_output(bert_bundle):
+    from edgeft.runtime import Bundle
+
+    b = Bundle(bert_bundle)
+    enc = b.encode(["the movie was great", "the plot was dull and bad"], np.array([1, 0]))
+    feeds = b.feeds(enc, np.arange(2))
+    theta = b.layout.initial(0)
+    theta[b.layout.slice_of("head.weight")] = 0.3
+    base = b.run(feeds, theta, ["logits"])[0]
+    moved = theta.copy()
+    moved[b.layout.slice_of(b.layout.names()[1])] = 0.1  # a lora_B: B = 0 is the identity
+    assert b.layout.tensors[1].role == "lora_B"
+    assert not np.allclose(base, b.run(feeds, moved, ["logits"])[0])
+
+
+def test_padding_is_ignored_by_the_loss(bert_bundle, llama_lm_bundle):
+    from edgeft.runtime import Bundle
+
+    for folder in (bert_bundle, llama_lm_bundle):
+        b = Bundle(folder)
+        enc = b.encode(["the movie was great", "the film was terrible and the plot was dull and boring"], np.array([1, 0]))
+        theta = b.layout.initial(0)
+        alone = b.run(b.feeds(enc, np.array([0])), theta)[0]
+        padded = b.run(b.feeds(enc, np.array([0, 1])), theta)[0][:1]
+        np.testing.assert_allclose(alone, padded, atol=1e-5)
+
+
+def test_gpt2_fused_qkv_has_adapters(gpt2_folder, export_bundle_for):
+    manifest = Manifest.load(export_bundle_for("gpt2-lm", gpt2_folder, task="causal-lm"))
+    assert manifest.adapter.targets == ["c_attn"]
+    a = [t for t in manifest.adapter.tensors if t.role == "lora_A"]
+    assert len(a) == 2 and a[0].shape == [8, 32]
+    assert [t.shape for t in manifest.adapter.tensors if t.role == "lora_B"][0] == [96, 8]
