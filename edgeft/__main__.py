@@ -1,0 +1,3 @@
+from edgeft.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Training on a tiny bundle: it learns, keeps the best, and resumes bit-identically."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer, starting_adapter
+
+
+def _train(bundle, data, run_dir, *extra):
+    args = ["train", str(bundle), "--data", str(data), "-o", str(run_dir), "--json", "--batch-size", "4",
+            "--eval-every", "5", "--lr", "1e-2", "--eps", "1e-2", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _theta(run_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(run_dir / "checkpoint" / "arrays.safetensors"))["optimizer.theta"]
+
+
+def test_mezo_lowers_training_loss_on_tiny_bundle(bert_bundle):
+    from tests.models import SENTIMENT
+
+    b = Bundle(bert_bundle)
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta = b.layout.initial(0)  # a zero head: everything must be learned
+    opt = MeZO(theta, MeZOConfig(lr=0.05, eps=1e-2, queries=4, total_steps=60, seed=0))
+    trainer = Trainer(b, enc, opt, TrainConfig(steps=60, batch_size=12, eval_every=60))
+    start = trainer.evaluate()["loss"]
+    trainer.fit()
+    assert trainer.evaluate()["loss"] < start - 0.05
+
+
+def test_cli_train_writes_a_complete_run(bert_bundle, sentiment_data, tmp_path):
+    run = tmp_path / "run"
+    result = _train(bert_bundle, sentiment_data, run, "--steps", "10")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["steps"] == 10 and summary["forward_passes"] == 20
+    assert summary["peak_rss_mb"] > 0 and summary["start"]["accuracy"] >= 0
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/head.safetensors",
+                 "checkpoint/arrays.safetensors", "metrics.jsonl", "curve.png", "summary.json"):
+        assert (run / name).is_file(), name
+    # the kept adapter is never worse on the eval data than the start
+    assert summary["best"]["accuracy"] >= summary["start"]["accuracy"]
+
+
+def test_resume_continues_bit_identically(bert_bundle, sentiment_data, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert _train(bert_bundle, sentiment_data, full, "--steps", "12").exit_code == 0
+    # a run stopped after 6 steps (its last checkpoint), then resumed with a larger budget
+    assert _train(bert_bundle, sentiment_data, split, "--steps", "6").exit_code == 0
+    result = _train(bert_bundle, sentiment_data, split, "--steps", "12", "--resume")
+    assert result.exit_code == 0, result.output
+    assert _theta(full).tobytes() == _theta(split).tobytes()
+    records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
+
+
+def test_killed_run_resumes_bit_identically(bert_bundle, sentiment_data, tmp_path):
+    """SIGKILL mid-run, --resume, and the final adapter equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    common = ["--data", str(sentiment_data), "--batch-size", "4", "--lr", "1e-2", "--eps", "1e-2",
+              "--eval-every", "1000", "--steps", "400", "--json"]
+    assert CliRunner().invoke(main, ["train", str(bert_bundle), "-o", str(full), *common]).exit_code == 0
+    cmd = [sys.executable, "-m", "edgeft.cli", "train", str(bert_bundle), "-o", str(killed), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoint").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (killed / "checkpoint").exists() or (killed / "checkpoint.old").exists()
+    result = CliRunner().invoke(main, ["train", str(bert_bundle), "-o", str(killed), *common, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert _theta(full).tobytes() == _theta(killed).tobytes()
+
+
+def test_nonfinite_loss_never_reaches_the_adapter(bert_bundle):
+    from tests.models import SENTIMENT
+
+    class Flaky(MeZO):
+        def tell(self, candidates, losses):
+            losses = np.array(losses)
+            if self.step % 3 == 1:
+                losses[0] = np.inf
+            return super().tell(candidates, losses)
+
+    b = Bundle(bert_bundle)
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta, _ = starting_adapter(b, enc)
+    opt = Flaky(theta, MeZOConfig(lr=1e-2, eps=1e-2, total_steps=9))
+    trainer = Trainer(b, enc, opt, TrainConfig(steps=9, batch_size=4, eval_every=3))
+    trainer.fit()
+    skipped = [r for r in trainer.records if r.get("skipped")]
+    assert len(skipped) == 3
+    assert np.all(np.isfinite(trainer.best)) and opt.lr() < 1e-2
