@@ -1,23 +1,23 @@
 """Side-by-side benchmark: edgeft MeZO (ONNX Runtime) vs torch MeZO vs torch LoRA + AdamW.
 
-    python benchmarks/bench_core.py                 # full run, writes docs/BENCHMARKS.md
-    python benchmarks/bench_core.py --quick         # a few steps, to check the script works
+    python benchmarks/bench_core.py            # full run, writes docs/BENCHMARKS.md
+    python benchmarks/bench_core.py --quick    # a few steps, to check that the script works
 
 all-MiniLM-L6-v2 classification on Rotten Tomatoes (k shots per class, batch 16):
 
   (a) edgeft: MeZO through edgeft.runtime (Trainer + ONNX Runtime, forward passes only)
-  (b) torch MeZO: the reference algorithm — perturb the LoRA + head parameters in place
-      under no_grad, z regenerated from a seed with torch.Generator: θ+εz, θ−2εz, restore,
-      θ −= lr·g·z
+  (b) torch MeZO, the reference algorithm: perturb the LoRA + head parameters in place under
+      no_grad, z regenerated from a seed with torch.Generator: θ+εz, θ−2εz, restore, θ −= lr·g·z
   (c) torch LoRA + AdamW through peft (backprop)
 
-Fairness: the parent process prepares ONE plan (start adapter, batches, test set) and
-every method runs in its OWN subprocess, so ru_maxrss is the peak of that method alone.
-The torch workers never import onnxruntime: their padded batches come precomputed from
-the plan (made with the bundle's tokenizer and ``Bundle.feeds``, so all three see the same
-token ids in the same order). Evaluation runs in the parent, with edgeft's ``evaluate``
-for all three methods (torch parameters are copied back into the flat adapter vector),
-so accuracy is measured by one code path and evaluation never counts toward a worker's RSS.
+How it stays fair: a "prep" subprocess makes ONE plan (start adapter, every step's padded
+batch, test set) with edgeft's own pieces, so all three methods start from the same point
+and see the same token ids in the same order. Each method then trains in its OWN
+subprocess; an "eval" subprocess scores every adapter with edgeft's ``evaluate`` (torch
+values are copied back into the flat adapter vector), so accuracy comes from one code path.
+The parent only orchestrates and never imports torch or onnxruntime: Linux carries
+ru_maxrss across exec, so a child started by a big parent would report the parent's peak.
+The torch workers never import onnxruntime either.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -45,26 +46,26 @@ METHODS = {  # key -> (table name, passes per step)
     "c": ("(c) torch LoRA + AdamW (peft)", "1 fwd + 1 bwd"),
 }
 WARMUP = 3  # steps left out of the median step time (allocator, graph and thread-pool warm-up)
-THREADS = 2  # same thread count for ORT and torch
 
 
-def parse_args(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="fixed step budget per method")
-    p.add_argument("--wall-s", type=float, default=60.0, help="wall-time budget (training seconds)")
-    p.add_argument("--test-size", type=int, default=1000, help="held-out examples (not in the k-shot set)")
+    p.add_argument("--wall-s", type=float, default=60.0, help="wall-time budget (seconds of training)")
+    p.add_argument("--test-size", type=int, default=1000, help="held-out examples (outside the k-shot set)")
     p.add_argument("--k", type=int, default=16, help="training examples per class")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4, help="MeZO learning rate, (a) and (b)")
     p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation size, (a) and (b)")
     p.add_argument("--adam-lr", type=float, default=1e-3, help="AdamW learning rate, (c)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads, ONNX Runtime and torch alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="abc", help="subset to run, e.g. 'ac'")
     p.add_argument("--out", type=Path, default=None,
-                   help="markdown report (default docs/BENCHMARKS.md; with --quick a file in the cache, "
-                        "so a check run never overwrites real numbers)")
+                   help="report (default docs/BENCHMARKS.md; with --quick a file in the cache, so a "
+                        "check run never overwrites real numbers)")
     p.add_argument("--quick", action="store_true", help="6 steps, 1 s wall budget, 64 test examples")
-    p.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)  # internal: run one method
+    p.add_argument("--worker", choices=["prep", "eval", *METHODS], help=argparse.SUPPRESS)  # internal
     p.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -78,63 +79,66 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-# --- parent: bundle, plan, evaluation -----------------------------------------
+# --- shared steps: plan and evaluation, each in its own process --------------------
 
 
-def ensure_bundle() -> Path:
-    """Export the classification bundle once into the cache (~20 s, needs torch)."""
-    from edgeft.assets import minilm_folder
-
-    out = CACHE / "minilm-rt"
-    if not (out / "edgeft.json").is_file():
-        from edgeft.export import ExportOptions, export_bundle
-
-        CACHE.mkdir(parents=True, exist_ok=True)
-        (CACHE / ".gitignore").write_text("*\n")  # keep bundles and runs out of git
-        export_bundle(str(minilm_folder()), out, ExportOptions(task="classification", labels=LABELS, max_length=128))
-    return out
-
-
-def make_plan(args, bundle_dir: Path, run_dir: Path):
-    """Everything the three methods share: k-shot set, batches per step, test set, start adapter."""
+def worker_prep(cfg: dict, run_dir: Path) -> None:
+    """Everything the methods share: bundle, k-shot set, every step's batch, test set, start adapter."""
     from edgeft.assets import minilm_folder, rotten_tomatoes
     from edgeft.data import Dataset, k_shot
     from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer, starting_adapter
     from edgeft.runtime.devices import DeviceProfile
 
+    bundle_dir = CACHE / "minilm-rt"
+    if not (bundle_dir / "edgeft.json").is_file():  # export once (~20 s)
+        from edgeft.export import ExportOptions, export_bundle
+
+        export_bundle(str(minilm_folder()), bundle_dir, ExportOptions(task="classification", labels=LABELS, max_length=128))
+
     texts, names = rotten_tomatoes()
     ids = np.array([LABELS.index(n) for n in names], dtype=np.int64)
     # k_shot returns texts, not positions; run it on the row numbers as "texts" to learn which
     # rows it drew (same labels, same seed → same draw), so the test set can exclude them.
-    drawn = k_shot(Dataset([str(i) for i in range(len(texts))], ids), args.k, args.seed)
+    drawn = k_shot(Dataset([str(i) for i in range(len(texts))], ids), cfg["k"], cfg["seed"])
     train_rows = np.array([int(t) for t in drawn.texts])
     rest = np.setdiff1d(np.arange(len(texts)), train_rows)
-    test_rows = np.sort(np.random.default_rng([args.seed, 1]).choice(rest, args.test_size, replace=False))
+    test_rows = np.sort(np.random.default_rng([cfg["seed"], 1]).choice(rest, cfg["test_size"], replace=False))
 
-    bundle = Bundle(bundle_dir, DeviceProfile(threads=THREADS))
+    bundle = Bundle(bundle_dir, DeviceProfile(threads=cfg["threads"]))
     enc_train = bundle.encode([texts[i] for i in train_rows], ids[train_rows])
-    enc_test = bundle.encode([texts[i] for i in test_rows], ids[test_rows])
-    theta0, how = starting_adapter(bundle, enc_train, args.seed)
+    theta0, how = starting_adapter(bundle, enc_train, cfg["seed"])
 
     # The batch of every step, from the Trainer edgeft itself uses (worker (a) checks it matches).
-    trainer = Trainer(bundle, enc_train, MeZO(theta0, MeZOConfig(total_steps=args.steps, seed=args.seed)),
-                      TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    trainer = Trainer(bundle, enc_train, MeZO(theta0, MeZOConfig(total_steps=cfg["steps"], seed=cfg["seed"])),
+                      TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"]))
     arrays = {"theta0": theta0}
-    for step in range(args.steps):
+    for step in range(cfg["steps"]):
         index = trainer.batch_index(step)
         feeds = bundle.feeds(enc_train, index)
         arrays.update({f"index{step}": index, f"ids{step}": feeds["input_ids"],
                        f"mask{step}": feeds["attention_mask"], f"labels{step}": feeds["labels"]})
-    start_loss = float(bundle.run(bundle.feeds(enc_train, trainer.batch_index(0)), theta0)[0].mean())
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     np.savez(run_dir / "plan.npz", **arrays)
-    config = {"bundle": str(bundle_dir), "model": str(minilm_folder()), "steps": args.steps, "wall_s": args.wall_s,
-              "lr": args.lr, "eps": args.eps, "adam_lr": args.adam_lr, "seed": args.seed,
-              "batch_size": args.batch_size, "train_texts": [texts[i] for i in train_rows],
-              "train_labels": ids[train_rows].tolist()}
-    (run_dir / "plan.json").write_text(json.dumps(config))
-    return bundle, enc_test, theta0, how, start_loss
+    cfg.update(bundle=str(bundle_dir), model=str(minilm_folder()), how=how,
+               start_loss=float(bundle.run(bundle.feeds(enc_train, trainer.batch_index(0)), theta0)[0].mean()),
+               train_texts=[texts[i] for i in train_rows], train_labels=ids[train_rows].tolist(),
+               test_texts=[texts[i] for i in test_rows], test_labels=ids[test_rows].tolist())
+    (run_dir / "plan.json").write_text(json.dumps(cfg))
+
+
+def worker_eval(cfg: dict, run_dir: Path) -> None:
+    """Held-out accuracy of the start and of every method's final and wall-time adapters."""
+    from edgeft.runtime import Bundle, evaluate
+    from edgeft.runtime.devices import DeviceProfile
+
+    bundle = Bundle(cfg["bundle"], DeviceProfile(threads=cfg["threads"]))
+    test = bundle.encode(cfg["test_texts"], np.array(cfg["test_labels"], dtype=np.int64))
+    acc = {"start": evaluate(bundle, np.load(run_dir / "plan.npz")["theta0"], test, 32)["accuracy"]}
+    for key in cfg["methods"]:
+        vectors = np.load(run_dir / f"{key}.npz")
+        acc[f"{key}.final"] = evaluate(bundle, vectors["final"], test, 32)["accuracy"]
+        reached = json.loads((run_dir / f"{key}.json").read_text())["wall_step"]  # else wall = final
+        acc[f"{key}.wall"] = evaluate(bundle, vectors["wall"], test, 32)["accuracy"] if reached else acc[f"{key}.final"]
+    (run_dir / "eval.json").write_text(json.dumps(acc))
 
 
 # --- workers: one method each, in its own process -------------------------------
@@ -153,8 +157,8 @@ def train_loop(cfg: dict, step_fn, vector_fn) -> tuple[dict, dict]:
             wall_vec, wall_step = vector_fn(), step + 1
     final = vector_fn()
     timed = times[WARMUP:] or times
-    result = {"median_step_s": float(np.median(timed)), "train_s": elapsed, "steps": cfg["steps"],
-              "wall_step": wall_step, "last10_loss": float(np.mean(losses[-10:])), "losses": losses}
+    result = {"median_step_s": float(np.median(timed)), "train_s": elapsed, "wall_step": wall_step,
+              "last10_loss": float(np.mean(losses[-10:])), "losses": losses}
     return result, {"final": final, "wall": final if wall_vec is None else wall_vec}
 
 
@@ -162,7 +166,7 @@ def worker_edgeft(cfg: dict, plan) -> tuple[dict, dict]:
     from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer
     from edgeft.runtime.devices import DeviceProfile
 
-    bundle = Bundle(cfg["bundle"], DeviceProfile(threads=THREADS))
+    bundle = Bundle(cfg["bundle"], DeviceProfile(threads=cfg["threads"]))
     enc = bundle.encode(cfg["train_texts"], np.array(cfg["train_labels"], dtype=np.int64))
     opt = MeZO(plan["theta0"], MeZOConfig(lr=cfg["lr"], eps=cfg["eps"], total_steps=cfg["steps"], seed=cfg["seed"]))
     trainer = Trainer(bundle, enc, opt, TrainConfig(steps=cfg["steps"], batch_size=cfg["batch_size"],
@@ -186,12 +190,11 @@ def torch_model(cfg: dict, plan):
     from edgeft.adapters import AdapterLayout
     from edgeft.manifest import Manifest
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(cfg["threads"])
     manifest = Manifest.load(Path(cfg["bundle"]))
     assert manifest.pooling == "mean-normalized", "the torch head below assumes normalised mean pooling"
     layout = AdapterLayout(manifest.adapter)
-    spec = layout.spec
-    base = AutoModel.from_pretrained(cfg["model"], attn_implementation="eager", dtype=torch.float32)
+    spec, base = layout.spec, AutoModel.from_pretrained(cfg["model"], attn_implementation="eager", dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
                                             lora_dropout=0.0))
     model.eval()  # no dropout, like the exported graph
@@ -204,8 +207,7 @@ def torch_model(cfg: dict, plan):
             p.copy_(torch.from_numpy(np.array(named[t.name])))
         params.append(p)
     assert not lora, f"peft has LoRA parameters the bundle does not: {sorted(lora)[:2]}"
-    by_role = {t.role: p for t, p in zip(layout.tensors, params)}
-    head_w, head_b = by_role["head_weight"], by_role["head_bias"]
+    head_w, head_b = (p for t, p in zip(layout.tensors, params) if t.role in ("head_weight", "head_bias"))
 
     def loss_fn(i):
         import torch.nn.functional as F
@@ -272,106 +274,106 @@ def worker_torch_adamw(cfg: dict, plan) -> tuple[dict, dict]:
     return {**result, "rss_loaded_mb": loaded, "start_loss": start_loss}, vectors
 
 
-def run_worker(method: str, run_dir: Path) -> None:
+def run_worker(key: str, run_dir: Path) -> None:
     cfg = json.loads((run_dir / "plan.json").read_text())
+    if key in ("prep", "eval"):
+        return (worker_prep if key == "prep" else worker_eval)(cfg, run_dir)
     plan = dict(np.load(run_dir / "plan.npz"))
-    fn = {"a": worker_edgeft, "b": worker_torch_mezo, "c": worker_torch_adamw}[method]
-    result, vectors = fn(cfg, plan)
+    result, vectors = {"a": worker_edgeft, "b": worker_torch_mezo, "c": worker_torch_adamw}[key](cfg, plan)
     result["peak_rss_mb"] = peak_rss_mb()
-    np.savez(run_dir / f"{method}.npz", **vectors)
-    (run_dir / f"{method}.json").write_text(json.dumps(result))
+    np.savez(run_dir / f"{key}.npz", **vectors)
+    (run_dir / f"{key}.json").write_text(json.dumps(result))
 
 
-# --- report -----------------------------------------------------------------------
+# --- parent: orchestrate and report ---------------------------------------------------
 
 
-def machine_facts(argv: list[str]) -> dict:
-    import onnxruntime
-    import peft
-    import torch
-    import transformers
-
+def machine_facts() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown")
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "command": "python " + " ".join(shlex.quote(a) for a in argv)}
+            "cores": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg(),
+            **{name: version(name) for name in ("torch", "onnxruntime", "transformers", "peft")},
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
 
 
-def render(args, rows: list[dict], facts: dict, how: str, start_acc: float, start_loss: float) -> tuple[str, str]:
+def render(cfg: dict, rows: list[dict], acc: dict, facts: dict, quick: bool) -> tuple[str, str]:
     """(the whole markdown report, its results table)."""
-    n, w = args.steps, args.wall_s
-    head = ["method", "passes / step", "step time, median (ms)", "peak RSS (MB)", "model loaded (MB)",
+    n, w = cfg["steps"], cfg["wall_s"]
+    head = ["method", "passes / step", "step time, median (ms)", "peak RSS (MB)", "RSS before step 1 (MB)",
             "acc. start", f"acc. @ {n} steps", f"acc. @ {w:g} s (steps done)", f"time for {n} steps (s)",
-            "train loss, last 10"]
+            "train loss, last 10 steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        at_wall = f"{r['acc_wall']:.3f} ({r['wall_step']})" if r["wall_step"] else f"{r['acc_final']:.3f} (all {n} †)"
+        final, wall = acc[f"{r['key']}.final"], acc[f"{r['key']}.wall"]
+        at_wall = f"{wall:.3f} ({r['wall_step']})" if r["wall_step"] else f"{final:.3f} (all {n} †)"
         cells = [r["name"], r["passes"], f"{r['median_step_s'] * 1e3:.0f}", f"{r['peak_rss_mb']:.0f}",
-                 f"{r['rss_loaded_mb']:.0f}", f"{start_acc:.3f}", f"{r['acc_final']:.3f}", at_wall,
+                 f"{r['rss_loaded_mb']:.0f}", f"{acc['start']:.3f}", f"{final:.3f}", at_wall,
                  f"{r['train_s']:.1f}", f"{r['last10_loss']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    parity = ", ".join(f"{r['key']} {r['start_loss']:.5f}" for r in rows if "start_loss" in r)
-    quick = "**Quick check run (`--quick`): these numbers mean nothing.**\n\n" if args.quick else ""
-    return f"""# Benchmarks: forward-only vs backprop fine-tuning on CPU
+    parity = "; ".join(f"torch {r['key']} {r['start_loss']:.5f}" for r in rows if "start_loss" in r)
+    quick_note = "**Check run (`--quick`): these numbers mean nothing.**\n\n" if quick else ""
+    report = f"""# Benchmarks: forward-only vs backprop fine-tuning on CPU
 
-{quick}all-MiniLM-L6-v2, Rotten Tomatoes, {args.k} examples per class, batch {args.batch_size}, the same batches in the
-same order for every method. LoRA r=8, alpha=16 on `query,value` of every layer (A from seed {args.seed}, B=0) plus a
-classification head; start: {how}. MeZO lr {args.lr:g}, eps {args.eps:g} for (a) and (b); AdamW lr {args.adam_lr:g},
-weight decay 0 for (c). {THREADS} threads for ONNX Runtime and torch. Test set: {args.test_size} held-out examples
-(seeded draw from the examples outside the k-shot set).
+{quick_note}all-MiniLM-L6-v2, Rotten Tomatoes, {cfg['k']} examples per class, batch {cfg['batch_size']}, the same
+batches in the same order for every method. LoRA r=8, alpha=16 on `query,value` of every layer (A from seed
+{cfg['seed']}, B=0) plus a classification head; start: {cfg['how']}. MeZO lr {cfg['lr']:g}, eps {cfg['eps']:g}
+for (a) and (b); AdamW lr {cfg['adam_lr']:g}, weight decay 0 for (c). Dropout off everywhere (as in the exported
+graph). {cfg['threads']} intra-op threads for ONNX Runtime and torch. Test set: {cfg['test_size']} held-out
+examples, a seeded draw from those outside the k-shot set.
 
 {table}
 
-- Step time: median over steps {WARMUP + 1}..{n} (the first {WARMUP} are warm-up). Peak RSS: `ru_maxrss` of the
-  method's own process (model load + training; evaluation runs elsewhere); "model loaded" is the peak before
-  the first step.
-- Accuracy: every adapter is evaluated by `edgeft.runtime.evaluate` (ONNX Runtime); the torch workers' LoRA and
-  head values are copied back into edgeft's adapter vector. "@ {w:g} s": the adapter right after the step at
-  which training time first reached {w:g} s. † the step budget ran out first; the final adapter is shown.
-- Same start point: loss of step 0's batch at the start adapter — ONNX Runtime {start_loss:.5f}; torch {parity}.
+- Step time: median over steps {WARMUP + 1}..{n} (the first {WARMUP} are warm-up). Peak RSS: `ru_maxrss` of
+  the method's own process (imports, model load and training; evaluation runs in another process).
+- Accuracy: every adapter is scored by `edgeft.runtime.evaluate` (ONNX Runtime); the torch workers' LoRA and
+  head values are copied back into edgeft's adapter vector. "@ {w:g} s": the adapter right after the step
+  at which training time first reached {w:g} s. † the step budget ran out first; the final adapter is shown.
+- Same start point: loss of step 0's batch at the start adapter: ONNX Runtime {cfg['start_loss']:.5f};
+  {parity}.
 - (b) draws z with `torch.Generator`, (a) with numpy, so (a) and (b) follow different random directions:
   they agree in distribution, not step by step.
 
 ## Machine
 
-- CPU: {facts['cpu']} ({facts['cores']} cores), shared and noisy: compare methods within one run.
+- CPU: {facts['cpu']}, {facts['cores']} cores. Load average when the report was written:
+  {", ".join(f"{x:.1f}" for x in facts['load'])}. Step times are only comparable within one run; when other work
+  shares the cores, multi-threaded torch slows down far more than ONNX Runtime (compare with `--threads 1`).
 - Python {facts['python']}, torch {facts['torch']}, onnxruntime {facts['onnxruntime']},
   transformers {facts['transformers']}, peft {facts['peft']}
 - Date: {facts['date']}
 - Command: `{facts['command']}`
-""", table
+"""
+    return report, table
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return run_worker(args.worker, args.plan)
-    from edgeft.runtime import evaluate
-
     t0 = time.perf_counter()
-    bundle_dir = ensure_bundle()
     run_dir = CACHE / ("run-quick" if args.quick else "run")
-    bundle, enc_test, theta0, how, start_loss = make_plan(args, bundle_dir, run_dir)
-    print(f"plan ready ({time.perf_counter() - t0:.0f} s): {args.steps} steps, start = {how}", flush=True)
-    start_acc = evaluate(bundle, theta0, enc_test, 32)["accuracy"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")  # keep bundles and runs out of git
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "quick", "worker", "plan")}
+    (run_dir / "plan.json").write_text(json.dumps(settings))
 
+    def spawn(key: str, what: str) -> None:
+        print(f"[{time.perf_counter() - t0:4.0f} s] {what} ...", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", key, "--plan", str(run_dir)]
+        subprocess.run(cmd, check=True)
+
+    spawn("prep", "export (first run only) and plan")
     rows = []
     for key in args.methods:
-        name, passes = METHODS[key]
-        print(f"running {name} ...", flush=True)
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", key, "--plan", str(run_dir)],
-                       check=True)
-        r = json.loads((run_dir / f"{key}.json").read_text())
-        vectors = np.load(run_dir / f"{key}.npz")
-        r["acc_final"] = evaluate(bundle, vectors["final"], enc_test, 32)["accuracy"]
-        r["acc_wall"] = evaluate(bundle, vectors["wall"], enc_test, 32)["accuracy"] if r["wall_step"] else r["acc_final"]
-        rows.append({**r, "key": key, "name": name, "passes": passes})
-
-    report, table = render(args, rows, machine_facts([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-                    how, start_acc, start_loss)
+        spawn(key, METHODS[key][0])
+        result = json.loads((run_dir / f"{key}.json").read_text())
+        rows.append({**result, "key": key, "name": METHODS[key][0], "passes": METHODS[key][1]})
+    spawn("eval", f"held-out accuracy ({args.test_size} examples)")
+    cfg = json.loads((run_dir / "plan.json").read_text())
+    acc = json.loads((run_dir / "eval.json").read_text())
+    report, table = render(cfg, rows, acc, machine_facts(), args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(f"\n{table}\n\nwritten to {args.out} ({time.perf_counter() - t0:.0f} s in all)")
