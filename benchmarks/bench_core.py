@@ -61,17 +61,15 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2, help="intra-op threads, ONNX Runtime and torch alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="abc", help="subset to run, e.g. 'ac'")
-    p.add_argument("--out", type=Path, default=None,
-                   help="report (default docs/BENCHMARKS.md; with --quick a file in the cache, so a "
-                        "check run never overwrites real numbers)")
+    p.add_argument("--out", type=Path, help="report (default docs/BENCHMARKS.md; --quick: in the cache)")
     p.add_argument("--quick", action="store_true", help="6 steps, 1 s wall budget, 64 test examples")
     p.add_argument("--worker", choices=["prep", "eval", *METHODS], help=argparse.SUPPRESS)  # internal
     p.add_argument("--plan", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.wall_s, args.test_size = 6, 1.0, 64
-    if args.out is None:
-        args.out = CACHE / "BENCHMARKS-quick.md" if args.quick else REPO / "docs" / "BENCHMARKS.md"
+    # a check run never overwrites the real numbers
+    args.out = args.out or (CACHE / "BENCHMARKS-quick.md" if args.quick else REPO / "docs" / "BENCHMARKS.md")
     return args
 
 
@@ -93,7 +91,8 @@ def worker_prep(cfg: dict, run_dir: Path) -> None:
     if not (bundle_dir / "edgeft.json").is_file():  # export once (~20 s)
         from edgeft.export import ExportOptions, export_bundle
 
-        export_bundle(str(minilm_folder()), bundle_dir, ExportOptions(task="classification", labels=LABELS, max_length=128))
+        options = ExportOptions(task="classification", labels=LABELS, max_length=128)
+        export_bundle(str(minilm_folder()), bundle_dir, options)
 
     texts, names = rotten_tomatoes()
     ids = np.array([LABELS.index(n) for n in names], dtype=np.int64)
@@ -146,8 +145,7 @@ def worker_eval(cfg: dict, run_dir: Path) -> None:
 
 def train_loop(cfg: dict, step_fn, vector_fn) -> tuple[dict, dict]:
     """Run ``cfg['steps']`` steps; snapshot the adapter when training time first passes wall_s."""
-    times, losses, elapsed = [], [], 0.0
-    wall_vec, wall_step = None, None
+    times, losses, elapsed, wall_vec, wall_step = [], [], 0.0, None, None
     for step in range(cfg["steps"]):
         start = time.perf_counter()
         losses.append(float(step_fn(step)))
@@ -278,8 +276,8 @@ def run_worker(key: str, run_dir: Path) -> None:
     cfg = json.loads((run_dir / "plan.json").read_text())
     if key in ("prep", "eval"):
         return (worker_prep if key == "prep" else worker_eval)(cfg, run_dir)
-    plan = dict(np.load(run_dir / "plan.npz"))
-    result, vectors = {"a": worker_edgeft, "b": worker_torch_mezo, "c": worker_torch_adamw}[key](cfg, plan)
+    worker = {"a": worker_edgeft, "b": worker_torch_mezo, "c": worker_torch_adamw}[key]
+    result, vectors = worker(cfg, dict(np.load(run_dir / "plan.npz")))
     result["peak_rss_mb"] = peak_rss_mb()
     np.savez(run_dir / f"{key}.npz", **vectors)
     (run_dir / f"{key}.json").write_text(json.dumps(result))
@@ -337,12 +335,12 @@ examples, a seeded draw from those outside the k-shot set.
 
 ## Machine
 
-- CPU: {facts['cpu']}, {facts['cores']} cores. Load average when the report was written:
+- CPU: {facts['cpu']}, {facts['cores']} cores. Load average at the start:
   {", ".join(f"{x:.1f}" for x in facts['load'])}. Step times are only comparable within one run; when other work
   shares the cores, multi-threaded torch slows down far more than ONNX Runtime (compare with `--threads 1`).
 - Python {facts['python']}, torch {facts['torch']}, onnxruntime {facts['onnxruntime']},
   transformers {facts['transformers']}, peft {facts['peft']}
-- Date: {facts['date']}
+- Started: {facts['date']}
 - Command: `{facts['command']}`
 """
     return report, table
@@ -352,7 +350,7 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return run_worker(args.worker, args.plan)
-    t0 = time.perf_counter()
+    t0, facts = time.perf_counter(), machine_facts()  # load average before our own work
     run_dir = CACHE / ("run-quick" if args.quick else "run")
     run_dir.mkdir(parents=True, exist_ok=True)
     (CACHE / ".gitignore").write_text("*\n")  # keep bundles and runs out of git
@@ -373,7 +371,7 @@ def main(argv=None) -> None:
     spawn("eval", f"held-out accuracy ({args.test_size} examples)")
     cfg = json.loads((run_dir / "plan.json").read_text())
     acc = json.loads((run_dir / "eval.json").read_text())
-    report, table = render(cfg, rows, acc, machine_facts(), args.quick)
+    report, table = render(cfg, rows, acc, facts, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(f"\n{table}\n\nwritten to {args.out} ({time.perf_counter() - t0:.0f} s in all)")

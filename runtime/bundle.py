@@ -75,7 +75,10 @@ class Bundle:
         self.layout = AdapterLayout(self.manifest.adapter)
         self.max_length = min(self.manifest.max_length, self.profile.max_length)
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_length, direction=self.manifest.truncation_side)
+        if self.task == "causal-lm":
+            self.tokenizer.no_truncation()  # long documents are cut into windows instead (encode)
+        else:
+            self.tokenizer.enable_truncation(self.max_length, direction=self.manifest.truncation_side)
 
     @property
     def task(self) -> str:
@@ -106,8 +109,14 @@ class Bundle:
         return template.replace("{text}", text) if template else text
 
     def encode(self, texts: list[str], labels: np.ndarray | None = None) -> Encoded:
+        """Token ids per text. A causal LM's documents are cut into consecutive windows of
+        ``max_length`` tokens (every token is scored once) instead of being truncated."""
         encodings = self.tokenizer.encode_batch([self.prepare(t) for t in texts])
-        return Encoded([np.asarray(e.ids, dtype=np.int64) for e in encodings], labels)
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        if self.task == "causal-lm":
+            n = self.max_length
+            ids = [doc[i : i + n] for doc in ids for i in range(0, len(doc), n) if len(doc[i : i + n]) >= 2]
+        return Encoded(ids, labels)
 
     def feeds(self, encoded: Encoded, index: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs for the rows ``index``, right-padded to the longest of them."""
