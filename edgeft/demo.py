@@ -26,9 +26,11 @@ class DemoSpec:
     name: str
     labels: tuple[str, ...]
     k_shot: int = 16
-    steps: int = 600
+    steps: int = 800
     batch_size: int = 16
-    lr: float = 1e-3
+    # measured here on this task: lr 1e-3 moved nothing in 200 steps, 1e-2 lowered the loss
+    # steadily, 3e-2 diverged within 100 steps (the kept-best adapter guards against that)
+    lr: float = 1e-2
     eps: float = 1e-3
     test_size: int = 1000
     max_length: int = 128

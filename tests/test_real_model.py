@@ -1,0 +1,52 @@
+"""End to end on the real model and data (all-MiniLM-L6-v2, Rotten Tomatoes), with small settings.
+
+Marked slow: CI runs it with few steps; `edgeft demo` is the full-size version.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_end_to_end_small(tmp_path):
+    from edgeft.demo import run_demo
+
+    result = run_demo(tmp_path, steps=8, test_size=200, log=lambda m: None)
+    before, after, summary = result["before"], result["after"], result["summary"]
+    # a linear probe on real sentence embeddings beats guessing on real reviews
+    assert before["accuracy"] > 0.58, before
+    # the saved adapter is the best one seen on the held-out data, never worse than the start
+    assert after["accuracy"] >= before["accuracy"]
+    assert summary["forward_passes"] == 16
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
+    manifest = json.loads((tmp_path / "bundle-minilm-rotten-tomatoes" / "edgeft.json").read_text())
+    assert manifest["pooling"] == "mean-normalized"  # read from the sentence-transformers config
+
+
+def test_real_bundle_matches_sentence_embeddings(tmp_path):
+    """The ONNX bundle of the real model agrees with sentence-transformers-style torch embeddings."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from edgeft import assets
+    from edgeft.export import ExportOptions, export_bundle
+    from edgeft.runtime import Bundle
+
+    folder = assets.minilm_folder()
+    out = tmp_path / "b"
+    report = export_bundle(str(folder), out, ExportOptions(task="classification", labels=["a", "b"]), log=lambda m: None)
+    assert max(report.values()) < 1e-4
+    texts = ["a quietly moving film", "the worst two hours of my year, and the popcorn was stale"]
+    b = Bundle(out)
+    enc = b.encode(texts, np.zeros(2, dtype=np.int64))
+    pooled = b.run(b.feeds(enc, np.arange(2)), b.layout.initial(0), ["pooled"])[0]
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert np.abs(pooled - want).max() < 1e-4
