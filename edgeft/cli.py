@@ -90,9 +90,11 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--batch-size", type=int, help="Default: the device profile's.")
 @click.option("--lr", type=float, help="Learning rate (default: the optimizer's).")
 @click.option("--eps", type=float, help="Perturbation size ε.")
-@click.option("--queries", type=int, help="SPSA queries per step.")
+@click.option("--queries", help="SPSA queries per step, or 'auto' (AdaZeta's growing schedule).")
 @click.option("--weight-decay", type=float)
 @click.option("--schedule", type=click.Choice(["constant", "linear"]))
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Any other optimizer setting, e.g. --set popsize=20 --set intrinsic_dim=64 (repeatable).")
 @click.option("--k-shot", type=int, help="Use K examples per label of --data (balanced, drawn with --seed).")
 @click.option("--eval-every", default=50, show_default=True)
 @click.option("--eval-limit", type=int, help="Evaluate on at most this many held-out examples.")
@@ -104,14 +106,15 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or broken run in RUN_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def train(bundle, data, run_dir, eval_data, optimizer, steps, batch_size, lr, eps, queries, weight_decay, schedule,
+def train(bundle, data, run_dir, eval_data, optimizer, steps, batch_size, lr, eps, queries, weight_decay, schedule, extra,
           k_shot, eval_every, eval_limit, seed, device, init_adapter, text_field, label_field, resume, overwrite, as_json):
     """Fine-tune BUNDLE's adapters on --data with forward passes only."""
     from edgeft.training import TrainRequest, run_training
 
     request = TrainRequest(
         bundle=bundle, data=data, run_dir=run_dir, eval_data=eval_data, optimizer=optimizer, steps=steps,
-        batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=queries, weight_decay=weight_decay, schedule=schedule),
+        batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
+                                             schedule=schedule, **_settings(extra)),
         k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,
         text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite, progress=not as_json,
     )
@@ -120,6 +123,34 @@ def train(bundle, data, run_dir, eval_data, optimizer, steps, batch_size, lr, ep
         click.echo(json.dumps(summary, sort_keys=True))
     else:
         _print_summary(summary)
+
+
+def _queries(value: str | None):
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise EdgeftError(f"--queries must be a positive integer or 'auto', not {value!r}")
+    return int(value)
+
+
+def _settings(items) -> dict:
+    """--set KEY=VALUE pairs, values read as int, float, true/false or text."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise EdgeftError(f"--set {item!r} is not KEY=VALUE")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                pass
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        out[key.strip().replace("-", "_")] = value
+    return out
 
 
 def _print_summary(summary: dict) -> None:

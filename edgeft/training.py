@@ -104,8 +104,9 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         theta, how = bundle.layout.initial(req.seed), "checkpoint"
     else:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
-    settings = {**req.settings, "total_steps": req.steps, "seed": req.seed}
-    optimizer = make_optimizer(req.optimizer, theta, **settings)
+    settings = {**req.settings, "total_steps": req.steps, "seed": req.seed,
+                "steps_per_epoch": max(1, len(train_enc) // batch_size)}
+    optimizer = make_optimizer(req.optimizer, theta, layout=bundle.layout, **settings)
     config = TrainConfig(steps=req.steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)
     if req.resume:
@@ -153,7 +154,7 @@ def _progress(req: TrainRequest, done: int, log):
             del recent[:-20]
         elif report.message:
             bar.write(f"warning: {report.message}")
-        bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan", lr=f"{report.lr:.2g}")
+        bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan", lr=f"{report.lr:.2g}", refresh=False)
         bar.update(1)
 
     def on_eval(step, metrics):

@@ -40,6 +40,10 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
     _check_options(options)
+    if source.endswith(".onnx"):
+        from .onnx_source import export_from_onnx
+
+        return export_from_onnx(Path(source), out, options, verify=verify)
     src = load_source(source, options.task, options.gguf_file)
     targets = options.targets or DEFAULT_TARGETS.get(src.architecture)
     if not targets:
@@ -58,13 +62,13 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         manifest_extra["pooling"] = pooling
     elif options.task == "prompt":
         mask_id = tokenizer.mask_token_id if src.auto_class == "AutoModelForMaskedLM" else None
+        manifest_extra["template"] = _prompt_template(options.template, tokenizer, mask_id)
         label_ids = [_label_token(tokenizer, options.verbalizer[name]) for name in options.labels]
         if len(set(label_ids)) != len(label_ids):
             raise EdgeftError("verbalizer: two labels map to the same first token")
         wrapper = Prompt(src.model, slots, [t.name for t in tensors], label_ids, mask_id)
         outputs = ["loss", "logits"]
         manifest_extra["verbalizer"] = dict(options.verbalizer)
-        manifest_extra["template"] = options.template
     else:
         wrapper = CausalLM(src.model, slots, [t.name for t in tensors])
         outputs = ["loss", "token_count"]
@@ -131,6 +135,18 @@ def _default_pooling(src: Source) -> str:
     if src.architecture in ("llama", "gpt2", "mistral", "qwen2"):
         return "last-token"
     return "cls"
+
+
+def _prompt_template(template: str, tokenizer, mask_id: int | None) -> str:
+    """A masked LM reads its answer at {mask}, spelled as the tokenizer's mask token in the bundle;
+    a causal LM reads it after the last token, so its template must end where the answer begins."""
+    if mask_id is not None:
+        if "{mask}" not in template:
+            raise EdgeftError("--template needs {mask} for a masked language model, e.g. \"{text} It was {mask}.\"")
+        return template.replace("{mask}", tokenizer.mask_token)
+    if "{mask}" in template:
+        raise EdgeftError("--template: a causal language model has no {mask}; end the template where the label word goes")
+    return template
 
 
 def _label_token(tokenizer, word: str) -> int:

@@ -24,8 +24,21 @@ class Source:
     normalize: bool
 
 
+def _quiet() -> None:
+    """Export output is edgeft's own lines: no per-tensor progress bars or registry chatter."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
 def load_source(source: str, task: str, gguf_file: str | None = None) -> Source:
     import transformers
+
+    _quiet()
 
     import torch
 

@@ -59,6 +59,27 @@ def test_padding_is_ignored_by_the_loss(bert_bundle, llama_lm_bundle):
         np.testing.assert_allclose(alone, padded, atol=1e-5)
 
 
+def test_masked_prompt_reads_the_mask_position(request, export_bundle_for):
+    from edgeft.runtime import Bundle
+
+    options = dict(CASES[2][2])
+    b = Bundle(export_bundle_for("bert-prompt", request.getfixturevalue("bert_mlm_folder"), **options))
+    mask_id = b.tokenizer.token_to_id("[MASK]")
+    ids = b.encode(["the movie was great " * 20], np.array([1])).ids[0]
+    assert len(ids) == b.max_length and ids[-2] == mask_id  # left truncation keeps the prompt's end
+
+
+def test_prompt_template_must_fit_the_model(bert_mlm_folder, llama_folder, tmp_path):
+    from edgeft.errors import EdgeftError
+    from edgeft.export import ExportOptions, export_bundle
+
+    common = dict(task="prompt", labels=["neg", "pos"], verbalizer={"neg": "bad", "pos": "good"})
+    with pytest.raises(EdgeftError, match="needs {mask}"):
+        export_bundle(str(bert_mlm_folder), tmp_path / "a", ExportOptions(template="{text} it was", **common))
+    with pytest.raises(EdgeftError, match="has no {mask}"):
+        export_bundle(str(llama_folder), tmp_path / "b", ExportOptions(template="{text} it was {mask}", **common))
+
+
 def test_gpt2_fused_qkv_has_adapters(gpt2_folder, export_bundle_for):
     manifest = Manifest.load(export_bundle_for("gpt2-lm", gpt2_folder, task="causal-lm"))
     assert manifest.adapter.targets == ["c_attn"]

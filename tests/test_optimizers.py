@@ -1,25 +1,52 @@
-"""The shared optimizer table: each optimizer must lower a small problem's loss, deterministically per seed."""
+"""The shared optimizer table: every optimizer lowers a small problem's loss, deterministically per seed,
+and resumes bit-identically from its state_dict."""
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edgeft.runtime.optimizers import REGISTRY, make_optimizer
+from edgeft.runtime.optimizers.zeroorder import adazeta_queries
 
-# name -> settings that suit the 20-dim quadratic below
+# Two 4x5 "layers" (40 values): enough structure for subspace/low-rank directions and layer-wise search.
+LAYOUT = SimpleNamespace(tensors=[SimpleNamespace(name="layer.0.q.lora_A", shape=[4, 5]),
+                                  SimpleNamespace(name="layer.1.q.lora_A", shape=[4, 5])])
+POP = dict(intrinsic_dim=40, popsize=12, sigma=2.0)
+# name -> (settings for this 40-dim quadratic, steps)
 TABLE = {
-    "mezo": dict(lr=0.02, eps=1e-3, queries=2),
+    "mezo": (dict(lr=0.02, eps=1e-3, queries=2), 300),
+    "zo-momentum": (dict(lr=0.001, eps=1e-3), 300),
+    "zo-adam": (dict(lr=0.05, eps=1e-3, queries=2), 300),
+    "zo-sign": (dict(lr=0.02, eps=1e-3, queries=2), 300),
+    "zo-cons": (dict(lr=0.02, eps=1e-3, queries=2), 300),
+    "subzero": (dict(lr=0.02, eps=1e-3, queries=2, rank=2, refresh=10), 300),
+    "lozo": (dict(lr=0.01, eps=1e-3, queries=2, refresh=5), 300),
+    "lozo-m": (dict(lr=0.001, eps=1e-3, queries=2, refresh=5), 300),
+    "adazeta": (dict(lr=0.02, eps=1e-3, max_queries=6, steps_per_epoch=30), 300),
+    "zo-kalman": (dict(lr=0.01, eps=1e-3, queries=2), 300),
+    # population methods search a random projection, where this problem is ill-conditioned: more steps
+    "cma": (POP, 300),
+    "fireworks": (dict(POP, popsize=20, sigma=5.0), 400),
+    "dfo-layerwise": (dict(POP, intrinsic_dim=20, sigma=5.0, generations_per_layer=5), 300),
 }
 
 
 def quadratic(candidates):
     """A badly scaled quadratic with its minimum at 1."""
-    scales = np.linspace(0.5, 3.0, 20)
+    scales = np.linspace(0.5, 3.0, 40)
     return np.array([float(np.sum(scales * (c - 1.0) ** 2)) for c in candidates])
 
 
-def run(name, seed, steps=300):
-    opt = make_optimizer(name, np.zeros(20, dtype=np.float32), seed=seed, total_steps=steps, **TABLE[name])
-    _steps(opt, steps)
+def build(name, seed, steps, start=0.0):
+    settings, _ = TABLE[name]
+    return make_optimizer(name, np.full(40, start, dtype=np.float32), layout=LAYOUT, seed=seed, total_steps=steps, **settings)
+
+
+def advance(opt, n):
+    for _ in range(n):
+        candidates = opt.ask()
+        opt.tell(candidates, quadratic(candidates))
     return opt
 
 
@@ -29,32 +56,26 @@ def test_every_registered_optimizer_is_in_the_table():
 
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_optimizer_lowers_the_loss(name):
-    start = quadratic([np.zeros(20)])[0]
-    end = quadratic([run(name, seed=0).theta])[0]
+    steps = TABLE[name][1]
+    start = quadratic([np.zeros(40)])[0]
+    end = quadratic([advance(build(name, 0, steps), steps).theta])[0]
     assert end < 0.1 * start, f"{name}: loss {start:.3f} -> {end:.3f}"
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_optimizer_is_deterministic_per_seed(name):
-    a, b, c = run(name, 3, 30).theta, run(name, 3, 30).theta, run(name, 4, 30).theta
+    a, b, c = (advance(build(name, s, 30), 30).theta for s in (3, 3, 4))
     assert a.tobytes() == b.tobytes()
     assert a.tobytes() != c.tobytes()
 
 
-def _steps(opt, n):
-    for _ in range(n):
-        candidates = opt.ask()
-        opt.tell(candidates, quadratic(candidates))
-
-
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_state_dict_resumes_bit_identically(name):
-    full = run(name, 5, 40)
-    first = make_optimizer(name, np.zeros(20, dtype=np.float32), seed=5, total_steps=40, **TABLE[name])
-    _steps(first, 20)
-    resumed = make_optimizer(name, np.full(20, 7.0, dtype=np.float32), seed=5, total_steps=40, **TABLE[name])
+    full = advance(build(name, 5, 40), 40)
+    first = advance(build(name, 5, 40), 20)
+    resumed = build(name, 5, 40, start=7.0)  # a different start: everything must come from the state
     resumed.load_state_dict(*first.state_dict())
-    _steps(resumed, 20)
+    advance(resumed, 20)
     assert resumed.theta.tobytes() == full.theta.tobytes()
 
 
@@ -79,3 +100,24 @@ def test_mezo_perturbation_is_a_seed():
     g = (2.0 - 1.0) / 0.02
     np.testing.assert_allclose(opt.theta, -0.5 * g * z, rtol=1e-5)
     assert report.seeds == [[9, 0, 0]] and report.projected_grads == [pytest.approx(g)]
+
+
+def test_adazeta_query_schedule_grows_to_its_cap():
+    counts = [adazeta_queries(e, 20, 15, 0.85) for e in range(1, 21)]
+    assert counts[0] == 1 and counts[-1] == 15 and counts == sorted(counts)
+
+
+def test_low_rank_directions_are_low_rank():
+    from edgeft.runtime.optimizers.directions import LowRank, Subspace
+
+    for family, rank in ((LowRank, 2), (Subspace, 3)):
+        z = family([(12, 10), (7,)], seed=0, rank=rank, refresh=5)(step=3, query=0)
+        assert np.linalg.matrix_rank(z[:120].reshape(12, 10)) == rank
+        assert z.shape == (127,)
+
+
+def test_layerwise_changes_one_layer_per_generation():
+    opt = build("dfo-layerwise", 0, 10)
+    for candidate in opt.ask():
+        moved = np.flatnonzero(candidate != opt.theta)
+        assert moved.min() >= 0 and moved.max() < 20  # layer 0 first

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from edgeft.cli import main
 from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer, starting_adapter
+from edgeft.runtime.optimizers import ZeroOrder
 
 
 def _train(bundle, data, run_dir, *extra):
@@ -89,7 +90,7 @@ def test_killed_run_resumes_bit_identically(bert_bundle, sentiment_data, tmp_pat
 def test_nonfinite_loss_never_reaches_the_adapter(bert_bundle):
     from tests.models import SENTIMENT
 
-    class Flaky(MeZO):
+    class Flaky(ZeroOrder):
         def tell(self, candidates, losses):
             losses = np.array(losses)
             if self.step % 3 == 1:
@@ -99,7 +100,7 @@ def test_nonfinite_loss_never_reaches_the_adapter(bert_bundle):
     b = Bundle(bert_bundle)
     enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
     theta, _ = starting_adapter(b, enc)
-    opt = Flaky(theta, MeZOConfig(lr=1e-2, eps=1e-2, total_steps=9))
+    opt = Flaky(theta, MeZOConfig(lr=1e-2, eps=1e-2, total_steps=9), None, "mezo")
     trainer = Trainer(b, enc, opt, TrainConfig(steps=9, batch_size=4, eval_every=3))
     trainer.fit()
     skipped = [r for r in trainer.records if r.get("skipped")]

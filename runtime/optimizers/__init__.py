@@ -1,28 +1,88 @@
-"""Forward-only optimizers behind one ask/tell interface; one registry line each."""
+"""Forward-only optimizers behind one ask/tell interface; one registry line each.
+
+Zeroth-order variants are assembled from pieces (directions × update rule × options,
+see ``zeroorder.py``); population methods work in a random intrinsic subspace
+(``population.py``).
+"""
 
 from __future__ import annotations
 
-from .base import Optimizer, StepReport
-from .mezo import MeZO, MeZOConfig
+import re
+from dataclasses import fields
+from functools import partial
 
-# name -> (optimizer class, config class)
+import numpy as np
+
+from .base import Optimizer, StepReport
+from .population import CMA, Fireworks, Layerwise, PopulationConfig
+from .zeroorder import ZeroOrder, ZOConfig
+
+
+def _zo(name: str, **pieces):
+    return partial(_build_zo, name, pieces)
+
+
+def _build_zo(name, pieces, theta, settings, shapes, groups):
+    return ZeroOrder(theta, _config(ZOConfig, {**pieces, **settings}), shapes, name)
+
+
+def _population(cls):
+    def build(theta, settings, shapes, groups):
+        return cls(theta, _config(PopulationConfig, settings), shapes=shapes, groups=groups)
+
+    return build
+
+
+# name -> builder(theta, settings, shapes, groups)
 REGISTRY = {
-    "mezo": (MeZO, MeZOConfig),
+    "mezo": _zo("mezo"),
+    "zo-momentum": _zo("zo-momentum", update="momentum"),
+    "zo-adam": _zo("zo-adam", update="adam"),
+    "zo-sign": _zo("zo-sign", sign=True),
+    "zo-cons": _zo("zo-cons", conservative=True),
+    "subzero": _zo("subzero", directions="subspace", rank=8, refresh=2000),
+    "lozo": _zo("lozo", directions="lowrank", rank=2, refresh=50),
+    "lozo-m": _zo("lozo-m", directions="lowrank", rank=2, refresh=50, update="momentum"),
+    "adazeta": _zo("adazeta", queries="auto"),
+    "zo-kalman": _zo("zo-kalman", update="kalman"),
+    "cma": _population(CMA),
+    "fireworks": _population(Fireworks),
+    "dfo-layerwise": _population(Layerwise),
 }
 
 
-def make_optimizer(name: str, theta, **settings) -> Optimizer:
+def _config(cls, settings: dict):
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in settings.items() if k in known and v is not None})
+
+
+def layer_of(name: str) -> int:
+    """The transformer layer an adapter tensor belongs to (-1: not in a layer, e.g. the head)."""
+    match = re.search(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
+
+
+def make_optimizer(name: str, theta, layout=None, **settings) -> Optimizer:
+    """Build a registered optimizer; ``layout`` (the bundle's AdapterLayout) gives tensor shapes and layers."""
     from edgeft.errors import EdgeftError
 
     if name not in REGISTRY:
         raise EdgeftError(f"unknown optimizer {name!r} (known: {', '.join(sorted(REGISTRY))})")
-    cls, config_cls = REGISTRY[name]
-    known = set(config_cls.__dataclass_fields__)
+    theta = np.asarray(theta, dtype=np.float32)
+    shapes = [tuple(t.shape) for t in layout.tensors] if layout is not None else None
+    groups = [layer_of(t.name) for t in layout.tensors] if layout is not None else None
     try:
-        config = config_cls(**{k: v for k, v in settings.items() if k in known and v is not None})
+        return REGISTRY[name](theta, settings, shapes, groups)
     except ValueError as err:
         raise EdgeftError(f"--optimizer {name}: {err}") from None
-    return cls(theta, config)
 
 
-__all__ = ["REGISTRY", "MeZO", "MeZOConfig", "Optimizer", "StepReport", "make_optimizer"]
+def MeZO(theta, config: ZOConfig = ZOConfig()) -> ZeroOrder:
+    """MeZO / ZO-SGD: Gaussian directions + SGD (the registry's "mezo")."""
+    return ZeroOrder(theta, config, None, "mezo")
+
+
+MeZOConfig = ZOConfig
+
+__all__ = ["REGISTRY", "MeZO", "MeZOConfig", "Optimizer", "PopulationConfig", "StepReport", "ZOConfig",
+           "ZeroOrder", "make_optimizer"]

@@ -1,0 +1,234 @@
+"""Derivative-free population optimizers on a random low-dimensional projection of the adapters.
+
+The adapter vector θ has tens of thousands of values; CMA-ES and the Fireworks
+Algorithm work in an intrinsic space of ``intrinsic_dim`` values y, mapped back by a
+fixed random projection: θ = θ0 + P·y. P is regenerated from the seed, never saved.
+
+* ``CMA``         pycma's CMA-ES (the well-kept library), ask/tell over y.
+* ``Fireworks``   the Fireworks Algorithm (Tan & Zhu 2010): no maintained library
+                  exists, so it is written here, small: fireworks explode into sparks,
+                  fewer and wider sparks around worse fireworks, best kept.
+* ``Layerwise``   the DFO-for-LoRA method (arXiv 2403.01754): one CMA-ES per layer on
+                  that layer's adapters, layers optimised in turn (round-robin).
+
+Projection scale: each adapter tensor's block of P is scaled by 1/sqrt(fan-in) of that
+tensor (the LoRA init scale). The paper scales from hidden-state statistics of each
+layer; that needs per-layer activations from the graph and is not done here.
+
+Resuming: pycma keeps its random state in numpy's global generator, so its state is
+rebuilt by replaying the recorded losses (ask/tell without running the model): a
+checkpoint holds one row of losses per generation, never a pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .base import StepReport
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    intrinsic_dim: int = 64
+    popsize: int = 20
+    sigma: float = 1.0
+    seed: int = 0
+    total_steps: int = 1000
+    fireworks: int = 5  # fireworks algorithm: number of fireworks
+    generations_per_layer: int = 5  # layerwise: generations on one layer before the next
+    lr: float | None = None  # unused; accepted so that shared CLI settings pass through
+    eps: float | None = None
+
+    def __post_init__(self):
+        if self.intrinsic_dim < 2 or self.popsize < 4 or self.sigma <= 0:
+            raise ValueError("needs intrinsic_dim >= 2, popsize >= 4, sigma > 0")
+
+
+def projection(shapes, dim: int, seed: int, rows: slice | None = None) -> np.ndarray:
+    """P [n, dim]: Gaussian, each tensor's rows scaled by 1/sqrt(its fan-in) and 1/sqrt(dim)."""
+    blocks = []
+    for index, shape in enumerate(shapes):
+        n = int(np.prod(shape))
+        fan_in = shape[-1] if len(shape) > 1 else max(n, 1)
+        rng = np.random.default_rng([seed, 11, index])
+        blocks.append(rng.standard_normal((n, dim), dtype=np.float32) / np.float32(np.sqrt(fan_in) * np.sqrt(dim)))
+    return np.concatenate(blocks)
+
+
+class CMA:
+    name = "cma"
+
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, **_):
+        self.config = config
+        self.theta0 = np.array(theta, dtype=np.float32, copy=True)
+        self.shapes = shapes or [(self.theta0.size,)]
+        self.P = projection(self.shapes, config.intrinsic_dim, config.seed)
+        self._start()
+
+    def _start(self):
+        import cma
+
+        c = self.config
+        self.es = cma.CMAEvolutionStrategy(np.zeros(c.intrinsic_dim), c.sigma,
+                                           {"popsize": c.popsize, "seed": c.seed + 1, "verbose": -9})
+        self.step, self.history, self._ys = 0, [], None
+
+    def _map(self, y) -> np.ndarray:
+        return self.theta0 + self.P @ np.asarray(y, dtype=np.float32)
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self._map(self.es.mean)
+
+    def ask(self) -> list[np.ndarray]:
+        self._ys = self.es.ask()
+        return [self._map(y) for y in self._ys]
+
+    def tell(self, candidates, losses) -> StepReport:
+        losses = np.asarray(losses, dtype=np.float64)
+        self.step += 1
+        finite = np.where(np.isfinite(losses), losses, np.nanmax(np.where(np.isfinite(losses), losses, np.nan)) + 1e3
+                          if np.isfinite(losses).any() else 1e30)
+        self.es.tell(self._ys, finite.tolist())
+        self.history.append(finite.copy())
+        skipped = not np.isfinite(losses).all()
+        return StepReport(self.step, float(np.median(finite)), float(self.es.sigma), skipped=False,
+                          message="non-finite losses ranked last" if skipped else None)
+
+    def state_dict(self):
+        return {"theta0": self.theta0, "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, \
+               {"step": self.step, "config": asdict(self.config)}
+
+    def load_state_dict(self, arrays, scalars):
+        self.theta0 = np.array(arrays["theta0"], dtype=np.float32)
+        self._start()
+        for row in arrays["history"]:  # replay: same asks, same losses → same internal state
+            self._ys = self.es.ask()
+            self.es.tell(self._ys, list(row))
+            self.history.append(np.array(row))
+        self.step = int(scalars["step"])
+
+
+class Fireworks:
+    name = "fireworks"
+
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, **_):
+        self.config = config
+        self.theta0 = np.array(theta, dtype=np.float32, copy=True)
+        self.P = projection(shapes or [(self.theta0.size,)], config.intrinsic_dim, config.seed)
+        d, n = config.intrinsic_dim, config.fireworks
+        rng = np.random.default_rng([config.seed, 21])
+        self.positions = np.vstack([np.zeros(d), rng.uniform(-config.sigma, config.sigma, (n - 1, d))])
+        self.fitness = np.full(n, np.inf)
+        self.step = 0
+        self._points = None
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self.theta0 + self.P @ self.positions[int(np.argmin(self.fitness))].astype(np.float32)
+
+    def _sparks(self) -> np.ndarray:
+        c, f = self.config, self.fitness
+        rng = np.random.default_rng([c.seed, 22, self.step])
+        worst, best, tiny = f.max(), f.min(), 1e-12
+        # better fireworks: more sparks, smaller amplitude (exploit); worse: fewer, wider (explore)
+        counts = (worst - f + tiny) / (np.sum(worst - f) + tiny * len(f))
+        counts = np.maximum(1, np.round(counts * (c.popsize - len(f))).astype(int))
+        amplitudes = c.sigma * (f - best + tiny) / (np.sum(f - best) + tiny * len(f)) * len(f)
+        amplitudes = np.maximum(amplitudes, c.sigma * 0.05)
+        sparks = []
+        for pos, count, amp in zip(self.positions, counts, amplitudes):
+            for _ in range(count):
+                dims = rng.random(len(pos)) < 0.5
+                sparks.append(pos + dims * rng.uniform(-amp, amp, len(pos)))
+        sparks.append(self.positions[np.argmin(f)] * rng.normal(1.0, 1.0))  # one Gaussian-scaled spark
+        return np.array(sparks)
+
+    def ask(self) -> list[np.ndarray]:
+        self._points = self.positions if not np.isfinite(self.fitness).all() else self._sparks()
+        return [self.theta0 + self.P @ p.astype(np.float32) for p in self._points]
+
+    def tell(self, candidates, losses) -> StepReport:
+        losses = np.where(np.isfinite(losses), np.asarray(losses, dtype=np.float64), np.inf)
+        self.step += 1
+        if self._points is self.positions:
+            self.fitness = losses
+        else:  # keep the best point, then the rest of the fireworks by fitness among all points
+            points = np.vstack([self.positions, self._points])
+            fitness = np.concatenate([self.fitness, losses])
+            order = np.argsort(fitness, kind="stable")[: self.config.fireworks]
+            self.positions, self.fitness = points[order], fitness[order]
+        return StepReport(self.step, float(np.median(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else float("nan"),
+                          float(self.config.sigma))
+
+    def state_dict(self):
+        return {"theta0": self.theta0, "positions": self.positions, "fitness": self.fitness}, {"step": self.step}
+
+    def load_state_dict(self, arrays, scalars):
+        self.theta0 = np.array(arrays["theta0"], dtype=np.float32)
+        self.positions, self.fitness = np.array(arrays["positions"]), np.array(arrays["fitness"])
+        self.step = int(scalars["step"])
+
+
+class Layerwise:
+    """One CMA-ES per layer; each generation changes one layer's adapters only."""
+
+    name = "dfo-layerwise"
+
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, **_):
+        self.config = config
+        self.theta0 = np.array(theta, dtype=np.float32, copy=True)
+        shapes = shapes or [(self.theta0.size,)]
+        groups = groups or [0] * len(shapes)
+        offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+        self.layers = sorted(set(groups))
+        self.index = {g: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, gi in enumerate(groups) if gi == g])
+                      for g in self.layers}
+        self.shapes = {g: [s for s, gi in zip(shapes, groups) if gi == g] for g in self.layers}
+        self._start()
+
+    def _start(self):
+        c = self.config
+        self.current = self.theta0.copy()
+        self.members = {g: CMA(self.current[self.index[g]], PopulationConfig(**{**asdict(c), "seed": c.seed + 100 * (i + 1)}),
+                               self.shapes[g]) for i, g in enumerate(self.layers)}
+        self.step, self.history = 0, []
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self.current
+
+    def active(self) -> int:
+        return self.layers[(self.step // self.config.generations_per_layer) % len(self.layers)]
+
+    def ask(self) -> list[np.ndarray]:
+        layer = self.active()
+        out = []
+        for part in self.members[layer].ask():
+            candidate = self.current.copy()
+            candidate[self.index[layer]] = part
+            out.append(candidate)
+        return out
+
+    def tell(self, candidates, losses) -> StepReport:
+        layer = self.active()
+        report = self.members[layer].tell(candidates, losses)
+        self.history.append(np.asarray(self.members[layer].history[-1]))
+        self.current[self.index[layer]] = self.members[layer].theta
+        self.step += 1
+        report.step = self.step
+        report.message = f"layer {layer}"
+        return report
+
+    def state_dict(self):
+        return {"theta0": self.theta0, "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, \
+               {"step": self.step}
+
+    def load_state_dict(self, arrays, scalars):
+        self.theta0 = np.array(arrays["theta0"], dtype=np.float32)
+        self._start()
+        for row in arrays["history"]:
+            self.ask()
+            self.tell(None, row)

@@ -1,0 +1,139 @@
+"""Zeroth-order optimizers built from pieces: a direction family, an update rule, a query schedule.
+
+For each query i: z_i = direction(step, i); losses at θ+εz_i and θ−εz_i give the
+projected gradient g_i = (L+ − L−) / 2ε (or its sign, ZO-SGD-Sign). The estimate
+ĝ = mean_i g_i·z_i (+ wd·θ) goes through the update rule (SGD, momentum, Adam,
+Kalman), and θ ← θ − update. ``conservative`` also evaluates θ itself and skips a
+step whose direction has θ as the best of the three points (ZO-SGD-Cons, 3 forwards).
+
+MeZO (Malladi et al. 2023) = Gaussian directions + SGD; the registry builds every
+named variant from these pieces (``optimizers/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .base import StepReport
+from .directions import FAMILIES
+from .updates import RULES
+
+NONFINITE_LR_FACTOR = 0.5  # a step with non-finite losses is skipped and the lr multiplied by this
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    lr: float = 1e-4
+    eps: float = 1e-3
+    queries: int | str = 1  # an int, or "auto": AdaZeta's schedule (grows with the epoch)
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" | "linear" (to zero at total_steps)
+    total_steps: int = 1000
+    seed: int = 0
+    directions: str = "gaussian"  # gaussian | subspace | lowrank
+    update: str = "sgd"  # sgd | momentum | adam | kalman
+    sign: bool = False
+    conservative: bool = False
+    rank: int = 2  # subspace / lowrank directions
+    refresh: int = 50  # steps a subspace basis / LOZO's v is kept
+    max_queries: int = 15  # AdaZeta Q_max
+    shrink: float = 0.85  # AdaZeta
+    steps_per_epoch: int = 1  # AdaZeta counts epochs
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError("needs lr > 0, eps > 0, weight_decay >= 0")
+        if not (self.queries == "auto" or (isinstance(self.queries, int) and self.queries >= 1)):
+            raise ValueError(f"queries must be a positive integer or 'auto', not {self.queries!r}")
+        if self.schedule not in ("constant", "linear"):
+            raise ValueError(f"unknown lr schedule {self.schedule!r}")
+        if self.directions not in FAMILIES or self.update not in RULES:
+            raise ValueError(f"unknown directions {self.directions!r} or update {self.update!r}")
+
+
+def adazeta_queries(epoch: int, total_epochs: int, max_queries: int, shrink: float) -> int:
+    """Q_e = min(max(floor(shrink·e^inc), 1), Q_max), inc = log(Q_max/shrink)/log(total_epochs)."""
+    if total_epochs <= 1:
+        return max_queries
+    inc = math.log(max_queries / shrink) / math.log(total_epochs)
+    return int(min(max(math.floor(shrink * max(epoch, 1) ** inc), 1), max_queries))
+
+
+class ZeroOrder:
+    def __init__(self, theta: np.ndarray, config: ZOConfig = ZOConfig(), shapes=None, name: str = "zo"):
+        self.name = name
+        self.config = config
+        self._theta = np.array(theta, dtype=np.float32, copy=True)
+        shapes = shapes or [(self._theta.size,)]
+        self.directions = FAMILIES[config.directions](shapes, config.seed, rank=config.rank, refresh=config.refresh)
+        self.rule = RULES[config.update]()
+        self.state = self.rule.init(self._theta.size)
+        self.step = 0
+        self.lr_scale = 1.0
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self._theta
+
+    def lr(self) -> float:
+        c = self.config
+        decay = max(0.0, 1.0 - self.step / c.total_steps) if c.schedule == "linear" else 1.0
+        return c.lr * decay * self.lr_scale
+
+    def queries(self) -> int:
+        c = self.config
+        if c.queries != "auto":
+            return int(c.queries)
+        epochs = max(1, math.ceil(c.total_steps / c.steps_per_epoch))
+        return adazeta_queries(self.step // c.steps_per_epoch + 1, epochs, c.max_queries, c.shrink)
+
+    def seeds(self) -> list[list[int]]:
+        return [[self.config.seed, self.step, q] for q in range(self.queries())]
+
+    def ask(self) -> list[np.ndarray]:
+        eps = np.float32(self.config.eps)
+        candidates = []
+        for q in range(self.queries()):
+            z = self.directions(self.step, q)
+            candidates += [self._theta + eps * z, self._theta - eps * z]
+        if self.config.conservative:
+            candidates.append(self._theta.copy())
+        return candidates
+
+    def tell(self, candidates: list[np.ndarray], losses: np.ndarray) -> StepReport:
+        c = self.config
+        losses = np.asarray(losses, dtype=np.float64)
+        seeds, lr, step = self.seeds(), self.lr(), self.step
+        self.step += 1
+        if not np.all(np.isfinite(losses)):
+            self.lr_scale *= NONFINITE_LR_FACTOR
+            return StepReport(self.step, float("nan"), lr, skipped=True,
+                              message=f"non-finite loss at step {self.step}: step skipped, lr lowered to {self.lr():.3g}")
+        pairs = losses[: 2 * len(seeds)]
+        grads = (pairs[0::2] - pairs[1::2]) / (2 * c.eps)
+        report = StepReport(self.step, float(pairs.mean()), lr, seeds=seeds, projected_grads=[float(g) for g in grads])
+        if c.conservative and losses[-1] <= pairs.min():
+            report.message = "conservative: θ was the best of the three points, step skipped"
+            return report
+        if c.sign:
+            grads = np.sign(grads)
+        g_hat = np.zeros_like(self._theta)
+        for q, g in enumerate(grads):
+            g_hat += np.float32(g / len(grads)) * self.directions(step, q)
+        if c.weight_decay:
+            g_hat += np.float32(c.weight_decay) * self._theta
+        self._theta -= self.rule.apply(g_hat, self.state, lr, step)
+        return report
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {"theta": self._theta.copy(), **{f"rule.{k}": v.copy() for k, v in self.state.items()}}
+        return arrays, {"step": self.step, "lr_scale": self.lr_scale, "config": asdict(self.config)}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], scalars: dict) -> None:
+        self._theta = np.array(arrays["theta"], dtype=np.float32, copy=True)
+        self.state = {k[len("rule."):]: np.array(v, dtype=np.float32, copy=True) for k, v in arrays.items() if k.startswith("rule.")}
+        self.step = int(scalars["step"])
+        self.lr_scale = float(scalars["lr_scale"])
