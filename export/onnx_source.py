@@ -62,10 +62,13 @@ def add_lora_inputs(model: onnx.ModelProto, targets: list[str], rank: int, alpha
     graph.initializer.append(numpy_helper.from_array(np.array(alpha / rank, dtype=np.float32), scale_name))
     specs: list[AdapterTensor] = []
     new_nodes: list[onnx.NodeProto] = []
-    targets_nodes = {id(n) for n in check_lora_targets(model, targets)}
-    for node in graph.node:
+    # match by name and work on copies: protobuf hands out a new wrapper object on every access
+    targeted = {n.name for n in check_lora_targets(model, targets)}
+    for original in graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
         new_nodes.append(node)
-        if id(node) not in targets_nodes:
+        if node.name not in targeted:
             continue
         module = _module_of(node.name)
         fan_in, fan_out = (int(d) for d in weights[node.input[1]].dims)
@@ -148,9 +151,9 @@ def add_classification_loss(model: onnx.ModelProto, num_labels: int, pooling: st
     graph.input.append(helper.make_tensor_value_info("head.bias", TensorProto.FLOAT, [num_labels]))
     del graph.output[:]
     graph.output.extend([
-        helper.make_tensor_value_info("loss", TensorProto.FLOAT, None),
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
-        helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("loss", TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_labels]),
+        helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", hidden_size]),
     ])
     specs = [
         AdapterTensor("head.weight", [num_labels, hidden_size], "probe", None, None, "head_weight"),
@@ -229,7 +232,7 @@ def export_from_onnx(source: Path, out: Path, options, verify: bool = True) -> d
         onnx.save_model(model, str(tmp / MODEL_NAME))
         shutil.copy(tokenizer_path, tmp / TOKENIZER_NAME)
         manifest.save(tmp)
-        report = verify_no_op(source, tmp, manifest) if verify else {}
+        report = verify_no_op(source, tmp, manifest, int(config.get("vocab_size") or 100)) if verify else {}
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()
@@ -240,7 +243,7 @@ def export_from_onnx(source: Path, out: Path, options, verify: bool = True) -> d
     return report
 
 
-def verify_no_op(source: Path, bundle_dir: Path, manifest) -> dict:
+def verify_no_op(source: Path, bundle_dir: Path, manifest, vocab: int) -> dict:
     """With B = 0 the surgery must not change the encoder: pooled features vs the original graph
     (pooled in numpy), at batch 3 and sequence 11."""
     import onnxruntime as ort
@@ -249,7 +252,6 @@ def verify_no_op(source: Path, bundle_dir: Path, manifest) -> dict:
 
     original = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     patched = ort.InferenceSession(str(bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    vocab = 100
     feeds = sample_batch(manifest, vocab, batch=3, seq=11, seed=1)
     adapters = random_adapters(manifest, seed=1)
     for t in manifest.adapter.tensors:

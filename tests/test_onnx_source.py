@@ -15,10 +15,14 @@ from edgeft.export import ExportOptions, export_bundle
 def onnx_source(bert_folder, tmp_path_factory):
     """What `optimum-cli export onnx --task feature-extraction` writes: model.onnx with scoped node
     names, tokenizer.json and config.json in one folder (made here with the TorchScript exporter)."""
-    from transformers import AutoModel
+    from transformers import BertModel
+
+    class Encoder(BertModel):  # a subclass keeps the node scopes of BertModel itself (/encoder/layer.0/...)
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
 
     folder = tmp_path_factory.mktemp("optimum")
-    model = AutoModel.from_pretrained(bert_folder, attn_implementation="eager").eval()
+    model = Encoder.from_pretrained(bert_folder, attn_implementation="eager").eval()
     ids = torch.randint(5, 50, (2, 9))
     with torch.no_grad():
         torch.onnx.export(
