@@ -249,14 +249,16 @@ def info(bundle):
 
 
 @main.command(cls=_Command)
+@click.option("--name", type=click.Choice(["smollm2-sentiment", "minilm-rotten-tomatoes"]), default="smollm2-sentiment",
+              show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("edgeft-demo"), show_default=True)
 @click.option("--steps", type=int, help="Fine-tuning steps (default: the demo's budget).")
 @click.option("--test-size", type=int, help="Held-out examples to evaluate on.")
-def demo(workdir, steps, test_size):
+def demo(name, workdir, steps, test_size):
     """Real model, real data, offline: export, evaluate, fine-tune forward-only, evaluate again."""
-    from edgeft.demo import run_demo
+    from edgeft.demo import DEMOS, run_demo
 
-    run_demo(workdir, steps=steps, test_size=test_size, log=lambda m: click.echo(m))
+    run_demo(workdir, DEMOS[name], steps=steps, test_size=test_size, log=lambda m: click.echo(m))
 
 
 if __name__ == "__main__":

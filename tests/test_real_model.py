@@ -11,10 +11,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_end_to_end_small(tmp_path):
-    from edgeft.demo import run_demo
+def test_minilm_demo_end_to_end_small(tmp_path):
+    from edgeft.demo import DEMOS, run_demo
 
-    result = run_demo(tmp_path, steps=8, test_size=200, log=lambda m: None)
+    result = run_demo(tmp_path, DEMOS["minilm-rotten-tomatoes"], steps=8, test_size=200, log=lambda m: None)
     before, after, summary = result["before"], result["after"], result["summary"]
     # a linear probe on real sentence embeddings beats guessing on real reviews
     assert before["accuracy"] > 0.58, before
@@ -50,3 +50,16 @@ def test_real_bundle_matches_sentence_embeddings(tmp_path):
     mask = batch["attention_mask"].unsqueeze(-1).float()
     want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
     assert np.abs(pooled - want).max() < 1e-4
+
+
+def test_default_demo_end_to_end_small(tmp_path):
+    """SmolLM2 from GGUF, prompt mode: export (checked against torch), zero-shot, a few MeZO steps."""
+    from edgeft.demo import run_demo
+
+    result = run_demo(tmp_path, steps=3, test_size=48, log=lambda m: None)
+    before, after = result["before"], result["after"]
+    assert before["examples"] == after["examples"] == 48
+    # a 135M instruction-tuned model reads sentiment from a plain prompt better than a coin
+    assert before["accuracy"] > 0.55, before
+    assert after["accuracy"] >= before["accuracy"]
+    assert result["summary"]["forward_passes"] == 6
