@@ -249,6 +249,35 @@ def info(bundle):
 
 
 @main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="Adapter folder from edgeft train.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--merge", is_flag=True, help="Fold the adapter into the weights: a plain inference graph.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation of the frozen weights.")
+def deploy(bundle, adapter, out, merge, quantize):
+    """Package a trained adapter for inference: ORT adapter file (default) or merged graph."""
+    from edgeft.export.deploy import deploy as run_deploy
+
+    report = run_deploy(bundle, adapter, out, merge=merge, quantize=quantize)
+    for key, value in report.items():
+        click.echo(f"check: {key} {value:.4g}" if key != "size_mb" else f"size: {value} MB")
+    click.echo(f"deployed to {out}")
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@click.option("--quantize", type=click.Choice(["int8"]), required=True,
+              help="int8 frozen weights, adapters kept fp32 and trainable.")
+def compress(bundle, out, quantize):
+    """A lighter bundle to train on: frozen weights int8, adapters and loss untouched."""
+    from edgeft.export.compress import quantize_bundle
+
+    excluded = quantize_bundle(bundle, out)
+    click.echo(f"int8 bundle written to {out} ({excluded} adapter nodes kept fp32)")
+
+
+@main.command(cls=_Command)
 @click.option("--name", type=click.Choice(["smollm2-sentiment", "minilm-rotten-tomatoes"]), default="smollm2-sentiment",
               show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("edgeft-demo"), show_default=True)

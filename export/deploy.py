@@ -1,0 +1,118 @@
+"""``edgeft deploy``: a trained adapter → what ships to users.
+
+* default: the bundle's graph without its loss + one ONNX Runtime adapter file
+  (``adapter.onnx_adapter``, loaded with ``onnxruntime.LoraAdapter`` and activated
+  per run with ``RunOptions.add_active_adapter``): one small file per user or task;
+* ``merge``: adapters folded into the weights, a plain inference graph;
+* ``quantize="int8"``: ORT dynamic quantisation of the frozen weights on top.
+
+Every output is checked against the unmerged fp32 bundle on sample texts: agreement
+of predicted labels and the largest logit difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgeft.adapters import AdapterLayout, load_adapter
+from edgeft.errors import EdgeftError
+from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
+
+from .merge import inference_only, merge_adapters
+from .quantize import quantize_int8
+
+ADAPTER_FILE = "adapter.onnx_adapter"
+SAMPLE_TEXTS = [
+    "An absolute delight from start to finish.", "I want those two hours of my life back.",
+    "The plot meanders but the performances hold it together.", "A tedious, overlong mess.",
+    "Funny, warm and surprisingly moving.", "Nothing here you have not seen before, and done better.",
+    "The soundtrack is the only good thing about it.", "One of the best films of the year.",
+]
+
+
+def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize: str | None = None,
+           texts: list[str] | None = None) -> dict:
+    bundle, out = Path(bundle), Path(out)
+    manifest = Manifest.load(bundle)
+    if manifest.task == "causal-lm" and merge:
+        outputs = ["loss", "token_count"]
+    else:
+        outputs = [o for o in ("logits",) if o in manifest.outputs] or list(manifest.outputs)
+    if out.exists() and any(out.iterdir()):
+        raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
+    layout = AdapterLayout(manifest.adapter)
+    vector = load_adapter(adapter, layout)
+    values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
+    model = onnx.load(str(bundle / MODEL_NAME))
+    out.mkdir(parents=True, exist_ok=True)
+    if merge:
+        deployed = inference_only(merge_adapters(model, manifest, values), outputs)
+    else:
+        deployed = inference_only(model, outputs)
+    path = out / MODEL_NAME
+    onnx.save_model(deployed, str(path))
+    if quantize == "int8":
+        fp32 = out / "model.fp32.onnx"
+        path.rename(fp32)
+        quantize_int8(fp32, path, None if merge else manifest)
+        fp32.unlink()
+    elif quantize:
+        raise EdgeftError(f"unknown --quantize {quantize!r} (int8)")
+    if not merge:
+        _save_ort_adapter(out / ADAPTER_FILE, values)
+    shutil.copy(bundle / TOKENIZER_NAME, out / TOKENIZER_NAME)
+    info = {"task": manifest.task, "labels": manifest.labels, "template": manifest.template,
+            "inputs": [i.name for i in deployed.graph.input], "outputs": outputs, "merged": merge,
+            "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE, "max_length": manifest.max_length,
+            "pad_token_id": manifest.pad_token_id}
+    (out / "deploy.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    report = check(bundle, vector, out, info, texts or SAMPLE_TEXTS)
+    report["size_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 2)
+    return report
+
+
+def _save_ort_adapter(path: Path, values: dict[str, np.ndarray]) -> None:
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+                            for k, v in values.items()})
+    adapter.export_adapter(str(path))
+
+
+def run_deployed(folder: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a deployed folder the way an app would: plain session, plus the adapter file when there is one."""
+    import onnxruntime as ort
+
+    info = json.loads((Path(folder) / "deploy.json").read_text())
+    session = ort.InferenceSession(str(Path(folder) / MODEL_NAME), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    options = ort.RunOptions()
+    if info["adapter_file"]:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(Path(folder) / info["adapter_file"]))
+        options.add_active_adapter(adapter)
+    return session.run(info["outputs"], {k: v for k, v in feeds.items() if k in wanted}, options)
+
+
+def check(bundle: Path, vector: np.ndarray, out: Path, info: dict, texts: list[str]) -> dict:
+    """Deployed vs unmerged fp32 bundle on ``texts``."""
+    from edgeft.runtime import Bundle
+
+    reference = Bundle(bundle)
+    labels = np.zeros(len(texts), dtype=np.int64)
+    encoded = reference.encode(texts, labels if reference.task != "causal-lm" else None)
+    feeds = reference.feeds(encoded, np.arange(len(encoded)))
+    want = reference.run(feeds, vector, info["outputs"])
+    got = run_deployed(out, feeds)
+    report = {name: float(np.abs(g.astype(np.float64) - w).max()) for name, g, w in zip(info["outputs"], got, want)}
+    if "logits" in info["outputs"]:
+        report["label_agreement"] = float((got[0].argmax(-1) == want[0].argmax(-1)).mean())
+    return report

@@ -1,0 +1,151 @@
+"""Merge pass: fold adapter values into the frozen weights → a plain inference graph.
+
+LoRA: for every adapted layer, W ← W + scale·Aᵀ·Bᵀ (W stored [in, out] for MatMul,
+[out, in] for a Gemm with transB), and the branch x·Aᵀ·Bᵀ·scale + base(x) is cut back
+to base(x). Any other adapter input (the classification head) becomes a constant.
+Then outputs that need ``labels`` (the loss) are dropped and the graph is pruned:
+what remains takes the bundle's original inputs and returns logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeft.errors import EdgeftError
+from edgeft.manifest import Manifest
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.refresh()
+
+    def refresh(self):
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.inits = {i.name: i for i in self.graph.initializer}
+
+    def only_consumer(self, tensor: str, op: str):
+        users = [n for n in self.consumers.get(tensor, []) if n.op_type == op]
+        if len(users) != 1:
+            raise EdgeftError(f"merge: expected one {op} after {tensor}, found {len(users)}")
+        return users[0]
+
+    def constant(self, name: str) -> np.ndarray:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        raise EdgeftError(f"merge: {name} is not a constant")
+
+
+def _base_weight(g: _Graph, base_out: str, fan_in: int, fan_out: int, depth: int = 4):
+    """Walk up from the base branch's output to the MatMul/Gemm holding W; return (initializer, layout)."""
+    frontier = [base_out]
+    for _ in range(depth):
+        next_frontier = []
+        for tensor in frontier:
+            node = g.producer.get(tensor)
+            if node is None:
+                continue
+            if node.op_type in ("MatMul", "Gemm"):
+                w = node.input[1]
+                if w in g.inits:
+                    dims = list(g.inits[w].dims)
+                    trans_b = any(a.name == "transB" and a.i for a in node.attribute) if node.op_type == "Gemm" else False
+                    if not trans_b and dims == [fan_in, fan_out]:
+                        return g.inits[w], "in_out"
+                    if trans_b and dims == [fan_out, fan_in]:
+                        return g.inits[w], "out_in"
+            next_frontier += list(node.input)
+        frontier = next_frontier
+    raise EdgeftError(f"merge: no frozen weight of shape [{fan_in}, {fan_out}] under {base_out}")
+
+
+def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = _Graph(model)
+    removed: set[str] = set()
+    renames: dict[str, str] = {}
+    pairs = {}
+    for t in manifest.adapter.tensors:
+        if t.role in ("lora_A", "lora_B"):
+            pairs.setdefault(t.module, {})[t.role] = t
+    for module, pair in pairs.items():
+        a_t, b_t = pair["lora_A"], pair["lora_B"]
+        a, b = values[a_t.name].astype(np.float64), values[b_t.name].astype(np.float64)
+        ta = g.only_consumer(a_t.name, "Transpose")
+        m1 = g.only_consumer(ta.output[0], "MatMul")
+        m2 = g.only_consumer(m1.output[0], "MatMul")
+        tb = g.producer[[i for i in m2.input if i != m1.output[0]][0]]
+        mul = g.only_consumer(m2.output[0], "Mul")
+        scale = float(g.constant([i for i in mul.input if i != m2.output[0]][0]))
+        add = g.only_consumer(mul.output[0], "Add")
+        base_out = [i for i in add.input if i != mul.output[0]][0]
+        init, layout = _base_weight(g, base_out, a.shape[1], b.shape[0])
+        w = numpy_helper.to_array(init).astype(np.float64)
+        delta = scale * (a.T @ b.T)  # [in, out]
+        merged = w + (delta if layout == "in_out" else delta.T)
+        init.CopyFrom(numpy_helper.from_array(merged.astype(np.float32), init.name))
+        removed.update(n.name for n in (ta, tb, m1, m2, mul, add))
+        renames[add.output[0]] = base_out
+    # cut the branches out and point their users at the base outputs
+    keep = [n for n in g.graph.node if n.name not in removed]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in renames:
+                n.input[i] = renames[name]
+    for o in g.graph.output:
+        if o.name in renames:
+            raise EdgeftError("merge: an adapted layer's output is a graph output")
+    del g.graph.node[:]
+    g.graph.node.extend(keep)
+    # every other adapter input (the head) becomes a constant
+    lora_names = {t.name for t in manifest.adapter.tensors if t.role.startswith("lora")}
+    for t in manifest.adapter.tensors:
+        if t.name not in lora_names:
+            g.graph.initializer.append(numpy_helper.from_array(values[t.name].astype(np.float32), t.name))
+    adapter_names = {t.name for t in manifest.adapter.tensors}
+    inputs = [i for i in g.graph.input if i.name not in adapter_names]
+    del g.graph.input[:]
+    g.graph.input.extend(inputs)
+    return model
+
+
+def inference_only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """Keep ``outputs``, drop every node, initializer and input they do not need (e.g. labels, loss)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, stack, live = set(), list(outputs), []
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None:
+            stack += [i for i in node.input if i]
+            for attr in node.attribute:  # subgraphs (If/Loop) read outer names
+                for sub in list(attr.g.node if attr.HasField("g") else []):
+                    stack += list(sub.input)
+    live = [n for n in graph.node if any(o in needed for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(live)
+    for field in ("initializer",):
+        kept = [i for i in getattr(graph, field) if i.name in needed]
+        graph.ClearField(field)
+        getattr(graph, field).extend(kept)
+    kept_inputs = [i for i in graph.input if i.name in needed]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    kept_outputs = [o for o in graph.output if o.name in outputs]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    return model

@@ -1,0 +1,97 @@
+"""Deploy passes: merge, ORT adapter file, int8 — each checked against the unmerged fp32 bundle."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.export.deploy import run_deployed
+
+TEXTS_A = ["the movie was great", "i hated this film it is boring", "a good story"]
+TEXTS_B = ["the plot was dull and the acting was bad and the music was terrible", "fun", "loved it", "not good",
+           "the scene was great and the actor was good"]
+
+
+@pytest.fixture(scope="module")
+def trained(bert_bundle, sentiment_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("deploy") / "run"
+    args = ["train", str(bert_bundle), "--data", str(sentiment_data), "-o", str(run), "--steps", "15",
+            "--batch-size", "4", "--lr", "0.05", "--eps", "1e-2", "--json"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    return run / "adapter"
+
+
+def _reference(bundle_dir, adapter_dir, texts):
+    from edgeft.adapters import load_adapter
+    from edgeft.runtime import Bundle
+
+    b = Bundle(bundle_dir)
+    vector = load_adapter(adapter_dir, b.layout)
+    enc = b.encode(texts, np.zeros(len(texts), dtype=np.int64))
+    feeds = b.feeds(enc, np.arange(len(texts)))
+    return feeds, b.run(feeds, vector, ["logits"])[0]
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter-file"])
+def test_deployed_model_matches_bundle_at_two_shapes(bert_bundle, trained, tmp_path, merge):
+    from edgeft.export.deploy import deploy
+
+    out = tmp_path / "out"
+    report = deploy(bert_bundle, trained, out, merge=merge)
+    assert report["logits"] < 1e-4 and report["label_agreement"] == 1.0
+    for texts in (TEXTS_A, TEXTS_B):
+        feeds, want = _reference(bert_bundle, trained, texts)
+        (got,) = run_deployed(out, feeds)
+        assert np.abs(got - want).max() < 1e-4
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    names = [i.name for i in graph.input]
+    assert "labels" not in names and [o.name for o in graph.output] == ["logits"]
+    if merge:
+        assert names == ["input_ids", "attention_mask"]
+    else:
+        assert (out / "adapter.onnx_adapter").stat().st_size > 0
+
+
+def test_merge_is_a_no_op_with_zero_adapters(bert_bundle, tmp_path):
+    """B = 0 and a zero head: the merged graph's logits are the unmerged ones (all zero)."""
+    from edgeft.adapters import AdapterLayout, save_adapter
+    from edgeft.export.deploy import deploy
+    from edgeft.manifest import Manifest
+
+    layout = AdapterLayout(Manifest.load(bert_bundle).adapter)
+    save_adapter(tmp_path / "zero", layout, layout.initial(0), "tiny", None)
+    report = deploy(bert_bundle, tmp_path / "zero", tmp_path / "out", merge=True)
+    assert report["logits"] == 0.0
+
+
+def test_int8_deploy_and_training_on_an_int8_base(bert_bundle, trained, sentiment_data, tmp_path):
+    result = CliRunner().invoke(main, ["deploy", str(bert_bundle), "--adapter", str(trained), "-o",
+                                       str(tmp_path / "q"), "--merge", "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert "check: label_agreement" in result.output
+    # an int8 base keeps its adapters as inputs and trains
+    result = CliRunner().invoke(main, ["compress", str(bert_bundle), "-o", str(tmp_path / "b8"), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "b8" / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer, starting_adapter
+    from tests.models import SENTIMENT
+
+    b = Bundle(tmp_path / "b8")
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta = b.layout.initial(0)
+    opt = MeZO(theta, MeZOConfig(lr=0.05, eps=1e-2, queries=4, total_steps=40))
+    trainer = Trainer(b, enc, opt, TrainConfig(steps=40, batch_size=12, eval_every=40))
+    start = trainer.evaluate()["loss"]
+    trainer.fit()
+    assert trainer.evaluate()["loss"] < start - 0.02
+    # and it agrees with the fp32 bundle to int8 precision
+    fp32 = Bundle(bert_bundle)
+    feeds = b.feeds(enc, np.arange(len(enc)))
+    probe, _ = starting_adapter(fp32, enc)
+    diff = np.abs(b.run(feeds, probe, ["logits"])[0] - fp32.run(feeds, probe, ["logits"])[0]).max()
+    assert diff < 0.5
