@@ -53,7 +53,7 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     if merge:
         deployed = inference_only(merge_adapters(model, manifest, values), outputs)
     else:
-        deployed = inference_only(model, outputs)
+        deployed = _with_default_adapters(inference_only(model, outputs), values)
     path = out / MODEL_NAME
     onnx.save_model(deployed, str(path))
     if quantize == "int8":
@@ -74,6 +74,17 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     report = check(bundle, vector, out, info, texts or SAMPLE_TEXTS)
     report["size_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 2)
     return report
+
+
+def _with_default_adapters(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Give every adapter input a zero default (an initializer of the same name), so a run needs no
+    adapter feeds: the adapter file, activated per run, overrides them; without one the graph is the
+    base model (B = 0) with a zero head."""
+    from onnx import numpy_helper
+
+    for name, value in values.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros_like(value, dtype=np.float32), name))
+    return model
 
 
 def _save_ort_adapter(path: Path, values: dict[str, np.ndarray]) -> None:
