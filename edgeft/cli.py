@@ -267,14 +267,26 @@ def deploy(bundle, adapter, out, merge, quantize):
 @main.command(cls=_Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
-@click.option("--quantize", type=click.Choice(["int8"]), required=True,
-              help="int8 frozen weights, adapters kept fp32 and trainable.")
-def compress(bundle, out, quantize):
-    """A lighter bundle to train on: frozen weights int8, adapters and loss untouched."""
-    from edgeft.export.compress import quantize_bundle
+@click.option("--params-ratio", type=float, help="LoRD: fraction of each linear layer's parameters to keep.")
+@click.option("--energy", type=float, help="LoRD: fraction of spectral energy to keep per layer.")
+@click.option("--calibrate", type=click.Path(path_type=Path), help="Activation-aware LoRD on this data's activations.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="int8 frozen weights, adapters kept fp32 and trainable.")
+def compress(bundle, out, params_ratio, energy, calibrate, quantize):
+    """A lighter bundle that still trains: LoRD low-rank and/or int8 frozen weights; adapters and loss untouched."""
+    from edgeft.export.compress import compress_bundle, quantize_bundle
 
-    excluded = quantize_bundle(bundle, out)
-    click.echo(f"int8 bundle written to {out} ({excluded} adapter nodes kept fp32)")
+    if params_ratio is None and energy is None:
+        if not quantize:
+            raise EdgeftError("compress needs --params-ratio, --energy or --quantize")
+        excluded = quantize_bundle(bundle, out)
+        click.echo(f"int8 bundle written to {out} ({excluded} adapter nodes kept fp32)")
+        return
+    report = compress_bundle(bundle, out, params_ratio, energy, calibrate, quantize, log=lambda m: click.echo(m, err=True))
+    for layer in report["layers"]:
+        state = f"rank {layer['rank']}" if layer["compressed"] else "kept"
+        click.echo(f"{layer['node']}: {layer['shape'][0]}x{layer['shape'][1]} {state} (energy {layer['energy']:.3f})")
+    click.echo(f"linear parameters {report['linear_params_before']:,} -> {report['linear_params_after']:,} "
+               f"({report['kept']:.1%} kept); bundle written to {out}")
 
 
 @main.command(cls=_Command)

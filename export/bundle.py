@@ -92,14 +92,24 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     )
     manifest.validate()
 
-    tmp = Path(tempfile.mkdtemp(prefix=".edgeft-export-", dir=out.parent if out.parent.exists() else None))
-    try:
+    def write(tmp: Path) -> dict:
         log(f"exporting {src.architecture} ({options.task}) to ONNX ...")
         export_onnx(wrapper, manifest, tensors, tmp / MODEL_NAME, vocab_size=src.model.config.vocab_size)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_NAME))
         manifest.save(tmp)
-        report = verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
-        out.parent.mkdir(parents=True, exist_ok=True)
+        return verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
+
+    return write_bundle(out, write)
+
+
+def write_bundle(out: Path, write) -> dict:
+    """Build the bundle in a temporary folder beside ``out`` and move it into place only when
+    ``write(tmp)`` (export and check) succeeded: a failed export leaves nothing half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".edgeft-export-", dir=out.parent))
+    try:
+        report = write(tmp)
         if out.exists():
             out.rmdir()
         shutil.move(str(tmp), str(out))

@@ -1,4 +1,4 @@
-"""``edgeft compress``: bundle → lighter bundle that still trains (int8 frozen weights)."""
+"""``edgeft compress``: bundle → lighter bundle that still trains (LoRD low-rank and/or int8 frozen weights)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,50 @@ from pathlib import Path
 from edgeft.errors import EdgeftError
 from edgeft.manifest import MANIFEST_NAME, MODEL_NAME, TOKENIZER_NAME, Manifest
 
+from .bundle import write_bundle
 from .quantize import quantize_int8
+
+
+def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, energy: float | None = None,
+                    calibrate: Path | None = None, quantize: str | None = None, log=print) -> dict:
+    """LoRD (and optionally int8) → a new bundle with the same inputs, adapters and loss."""
+    import onnx
+
+    from edgeft.data import load_dataset
+
+    from . import lord
+
+    bundle, out = Path(bundle), Path(out)
+    manifest = Manifest.load(bundle)
+    if out.exists() and any(out.iterdir()):
+        raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
+    model = onnx.load(str(bundle / MODEL_NAME))
+    covariances = None  # filled from --calibrate data
+    if calibrate is not None:
+        from edgeft.runtime import Bundle
+
+        b = Bundle(bundle)
+        data = load_dataset(calibrate, b.labels if b.task != "causal-lm" else None)
+        covariances = lord.collect_covariances(b, model, b.encode(data.texts, data.labels))
+        log(f"calibrated on {len(data)} texts")
+    plans, factors = lord.plan(model, params_ratio, energy, covariances)
+    compressed = lord.apply(model, plans, factors)
+
+    def write(tmp: Path) -> dict:
+        target = tmp / (MODEL_NAME if not quantize else "model.fp32.onnx")
+        onnx.save_model(compressed, str(target))
+        if quantize == "int8":
+            quantize_int8(target, tmp / MODEL_NAME, manifest)
+            target.unlink()
+        shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+        shutil.copy(bundle / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        return {}
+
+    write_bundle(out, write)
+    before = sum(p.shape[0] * p.shape[1] for p in plans)
+    after = sum(p.params for p in plans)
+    return {"layers": [vars(p) | {"compressed": p.compressed} for p in plans], "linear_params_before": before,
+            "linear_params_after": after, "kept": after / before if before else 1.0}
 
 
 def quantize_bundle(bundle: Path, out: Path) -> int:
@@ -17,8 +60,11 @@ def quantize_bundle(bundle: Path, out: Path) -> int:
     manifest = Manifest.load(bundle)
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
-    out.mkdir(parents=True, exist_ok=True)
-    excluded = quantize_int8(bundle / MODEL_NAME, out / MODEL_NAME, manifest)
-    shutil.copy(bundle / TOKENIZER_NAME, out / TOKENIZER_NAME)
-    shutil.copy(bundle / MANIFEST_NAME, out / MANIFEST_NAME)
-    return len(excluded)
+
+    def write(tmp: Path) -> dict:
+        excluded = quantize_int8(bundle / MODEL_NAME, tmp / MODEL_NAME, manifest)
+        shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+        shutil.copy(bundle / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        return {"excluded": len(excluded)}
+
+    return write_bundle(out, write)["excluded"]

@@ -23,6 +23,7 @@ from edgeft.adapters import AdapterLayout, load_adapter
 from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
+from .bundle import write_bundle
 from .merge import inference_only, merge_adapters
 from .quantize import quantize_int8
 
@@ -39,39 +40,41 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
            texts: list[str] | None = None) -> dict:
     bundle, out = Path(bundle), Path(out)
     manifest = Manifest.load(bundle)
-    if manifest.task == "causal-lm" and merge:
-        outputs = ["loss", "token_count"]
-    else:
-        outputs = [o for o in ("logits",) if o in manifest.outputs] or list(manifest.outputs)
+    # a causal-LM bundle returns its per-document loss (a scorer); the others their label logits
+    outputs = ["logits"] if "logits" in manifest.outputs else list(manifest.outputs)
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
+    if quantize not in (None, "int8"):
+        raise EdgeftError(f"unknown --quantize {quantize!r} (int8)")
     layout = AdapterLayout(manifest.adapter)
     vector = load_adapter(adapter, layout)
     values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
     model = onnx.load(str(bundle / MODEL_NAME))
-    out.mkdir(parents=True, exist_ok=True)
     if merge:
         deployed = inference_only(merge_adapters(model, manifest, values), outputs)
     else:
         deployed = _with_default_adapters(inference_only(model, outputs), values)
-    path = out / MODEL_NAME
-    onnx.save_model(deployed, str(path))
-    if quantize == "int8":
-        fp32 = out / "model.fp32.onnx"
-        path.rename(fp32)
-        quantize_int8(fp32, path, None if merge else manifest)
-        fp32.unlink()
-    elif quantize:
-        raise EdgeftError(f"unknown --quantize {quantize!r} (int8)")
-    if not merge:
-        _save_ort_adapter(out / ADAPTER_FILE, values)
-    shutil.copy(bundle / TOKENIZER_NAME, out / TOKENIZER_NAME)
     info = {"task": manifest.task, "labels": manifest.labels, "template": manifest.template,
-            "inputs": [i.name for i in deployed.graph.input], "outputs": outputs, "merged": merge,
-            "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE, "max_length": manifest.max_length,
-            "pad_token_id": manifest.pad_token_id}
-    (out / "deploy.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    report = check(bundle, vector, out, info, texts or SAMPLE_TEXTS)
+            "inputs": [i.name for i in deployed.graph.input if i.name not in values], "outputs": outputs,
+            "merged": merge, "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE,
+            "max_length": manifest.max_length, "pad_token_id": manifest.pad_token_id}
+
+    def write(tmp: Path) -> dict:
+        path = tmp / MODEL_NAME
+        if quantize == "int8":
+            fp32 = tmp / "model.fp32.onnx"
+            onnx.save_model(deployed, str(fp32))
+            quantize_int8(fp32, path, None if merge else manifest)
+            fp32.unlink()
+        else:
+            onnx.save_model(deployed, str(path))
+        if not merge:
+            _save_ort_adapter(tmp / ADAPTER_FILE, values)
+        shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+        (tmp / "deploy.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return check(bundle, vector, tmp, info, texts or SAMPLE_TEXTS)
+
+    report = write_bundle(out, write)
     report["size_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 2)
     return report
 

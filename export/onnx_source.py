@@ -195,10 +195,10 @@ def read_source(path: Path) -> tuple[onnx.ModelProto, dict]:
 def export_from_onnx(source: Path, out: Path, options, verify: bool = True) -> dict:
     """Bundle from an existing ONNX encoder (+ tokenizer.json and config.json beside it)."""
     import shutil
-    import tempfile
 
     from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, AdapterSpec, Manifest
 
+    from .bundle import write_bundle
     from .loading import _sentence_transformers_pooling
     from .lora import DEFAULT_TARGETS
 
@@ -227,20 +227,13 @@ def export_from_onnx(source: Path, out: Path, options, verify: bool = True) -> d
     )
     manifest.validate()
     onnx.checker.check_model(model)
-    tmp = Path(tempfile.mkdtemp(prefix=".edgeft-export-", dir=out.parent if out.parent.exists() else None))
-    try:
+    def write(tmp: Path) -> dict:
         onnx.save_model(model, str(tmp / MODEL_NAME))
         shutil.copy(tokenizer_path, tmp / TOKENIZER_NAME)
         manifest.save(tmp)
-        report = verify_no_op(source, tmp, manifest, int(config.get("vocab_size") or 100)) if verify else {}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        shutil.move(str(tmp), str(out))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return report
+        return verify_no_op(source, tmp, manifest, int(config.get("vocab_size") or 100)) if verify else {}
+
+    return write_bundle(out, write)
 
 
 def verify_no_op(source: Path, bundle_dir: Path, manifest, vocab: int) -> dict:

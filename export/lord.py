@@ -1,0 +1,174 @@
+"""LoRD pass (arXiv 2309.14021): replace frozen linear weights by two thinner ones from a truncated SVD.
+
+W [in, out] ≈ W1·W2 with W1 = U_k·S_k [in, k], W2 = V_kᵀ [k, out]: one MatMul becomes
+two and the layer keeps k·(in + out) parameters instead of in·out — done only where
+that is fewer. Adapter branches read the layer's input, not W, so LoRA trains on top
+of a compressed bundle unchanged.
+
+Activation-aware (``covariances``): the error that matters is ‖X(W − Ŵ)‖, not ‖W − Ŵ‖.
+With the input covariance C = XᵀX/n = L·Lᵀ, the SVD is taken of Lᵀ·W and mapped back
+with L⁻ᵀ, so the kept directions are those the data actually excites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeft.errors import EdgeftError
+
+
+@dataclass
+class LayerPlan:
+    node: str  # the MatMul node
+    weight: str  # its initializer
+    shape: tuple[int, int]  # (in, out)
+    rank: int  # kept rank; min(in, out) or more = left as it is
+    energy: float  # spectral energy kept (of the whitened weight when activation-aware)
+
+    @property
+    def compressed(self) -> bool:
+        return self.rank * sum(self.shape) < self.shape[0] * self.shape[1]
+
+    @property
+    def params(self) -> int:
+        return self.rank * sum(self.shape) if self.compressed else self.shape[0] * self.shape[1]
+
+
+def linear_weights(model: onnx.ModelProto, min_size: int = 16) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
+    """The MatMul nodes whose right operand is a 2-D float initializer (the frozen linear layers)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    out = []
+    for node in model.graph.node:
+        # a weight read by more than one node (tied embeddings) is left alone
+        if node.op_type == "MatMul" and node.input[1] in inits and uses[node.input[1]] == 1:
+            w = inits[node.input[1]]
+            if len(w.dims) == 2 and min(w.dims) >= min_size and w.data_type == onnx.TensorProto.FLOAT:
+                out.append((node, w))
+    return out
+
+
+def _factor(w: np.ndarray, cov: np.ndarray | None):
+    """Return (left, singular values, right) with w ≈ left[:, :k] @ diag(s[:k]) @ right[:k]."""
+    if cov is None:
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        return u, s, vt
+    # C = L Lᵀ (damped so a rank-deficient covariance still factors)
+    damp = 1e-5 * np.trace(cov) / len(cov)
+    chol = np.linalg.cholesky(cov + damp * np.eye(len(cov)))
+    u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
+    return np.linalg.solve(chol.T, u), s, vt
+
+
+def plan(model: onnx.ModelProto, params_ratio: float | None = None, energy: float | None = None,
+         covariances: dict[str, np.ndarray] | None = None) -> tuple[list[LayerPlan], dict]:
+    """Per-layer ranks. ``params_ratio``: keep that fraction of every compressible layer's parameters;
+    ``energy``: the smallest rank keeping that fraction of Σσ²."""
+    if (params_ratio is None) == (energy is None):
+        raise EdgeftError("LoRD needs exactly one of --params-ratio or --energy")
+    if params_ratio is not None and not 0 < params_ratio <= 1:
+        raise EdgeftError("--params-ratio must be in (0, 1]")
+    if energy is not None and not 0 < energy <= 1:
+        raise EdgeftError("--energy must be in (0, 1]")
+    plans, factors = [], {}
+    for node, init in linear_weights(model):
+        w = numpy_helper.to_array(init).astype(np.float64)
+        cov = covariances.get(node.input[0]) if covariances else None
+        left, s, right = _factor(w, cov)
+        sq = s**2
+        cumulative = np.cumsum(sq) / sq.sum()
+        n_in, n_out = w.shape
+        if params_ratio is not None:
+            rank = max(1, int(params_ratio * n_in * n_out / (n_in + n_out)))
+        else:
+            rank = int(np.searchsorted(cumulative, energy - 1e-12) + 1)
+        rank = min(rank, len(s))
+        p = LayerPlan(node.name, init.name, (n_in, n_out), rank, float(cumulative[rank - 1]))
+        plans.append(p)
+        factors[node.name] = (left, s, right)
+    return plans, factors
+
+
+def apply(model: onnx.ModelProto, plans: list[LayerPlan], factors: dict) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    by_node = {p.node: p for p in plans if p.compressed}
+    drop = {p.weight for p in by_node.values()}
+    new_nodes, new_inits = [], []
+    for original in graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        p = by_node.get(node.name)
+        if p is None:
+            new_nodes.append(node)
+            continue
+        left, s, right = factors[node.name]
+        k = p.rank
+        w1 = (left[:, :k] * s[:k]).astype(np.float32)  # [in, k]
+        w2 = right[:k].astype(np.float32)  # [k, out]
+        n1, n2, mid = f"{p.weight}.lord_in", f"{p.weight}.lord_out", f"{node.output[0]}/lord_mid"
+        new_inits += [numpy_helper.from_array(w1, n1), numpy_helper.from_array(w2, n2)]
+        new_nodes += [
+            helper.make_node("MatMul", [node.input[0], n1], [mid], name=node.name + "/lord_in"),
+            helper.make_node("MatMul", [mid, n2], list(node.output), name=node.name + "/lord_out"),
+        ]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [i for i in graph.initializer if i.name not in drop] + new_inits
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    return model
+
+
+def reconstructed(model: onnx.ModelProto, plans: list[LayerPlan], factors: dict) -> onnx.ModelProto:
+    """The reference for the pass: the original graph with each W replaced by W1·W2 in one MatMul."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    by_weight = {p.weight: p for p in plans if p.compressed}
+    for init in model.graph.initializer:
+        p = by_weight.get(init.name)
+        if p is not None:
+            left, s, right = factors[p.node]
+            w = (left[:, : p.rank] * s[: p.rank]) @ right[: p.rank]
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+    return model
+
+
+def collect_covariances(bundle, model: onnx.ModelProto, encoded, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """XᵀX/n of every linear layer's input over the real (unpadded) tokens of ``encoded``.
+
+    The inputs are exposed as extra graph outputs of a temporary session, then the
+    bundle runs forward with its starting adapters (B = 0: the frozen model).
+    """
+    import onnxruntime as ort
+
+    from edgeft.runtime.evaluate import length_sorted_batches
+
+    names = sorted({node.input[0] for node, _ in linear_weights(model)})
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(probe).graph.value_info}
+    present = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(inferred.get(name) or helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    adapters = bundle.layout.unflatten(bundle.layout.initial(0))
+    if encoded.labels is None and "labels" in bundle.manifest.inputs:  # the loss is not read: any label will do
+        encoded = type(encoded)(encoded.ids, np.zeros(len(encoded), dtype=np.int64))
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for index in length_sorted_batches(encoded, batch_size):
+        feeds = bundle.feeds(encoded, index)
+        values = session.run(names, {**feeds, **adapters})
+        mask = feeds["attention_mask"].astype(bool)
+        count += int(mask.sum())
+        for name, x in zip(names, values):
+            rows = x[mask].astype(np.float64) if x.ndim == 3 else x.reshape(-1, x.shape[-1]).astype(np.float64)
+            sums[name] = sums.get(name, 0) + rows.T @ rows
+    return {name: total / max(count, 1) for name, total in sums.items()}
