@@ -115,7 +115,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     else:
         log(f"start: {how}; {len(train_set)} training examples, batch {batch_size}, {bundle.layout.size:,} trainable values")
 
-    on_step, on_eval, close = _progress(req, optimizer.step, log)
+    on_step, on_eval, close = _progress(req, optimizer.step, trainer.records)
     started = time.perf_counter()
     try:
         summary = trainer.fit(on_step=on_step, on_eval=on_eval)
@@ -139,7 +139,7 @@ def _peft_task_type(task: str) -> str | None:
     return {"causal-lm": "CAUSAL_LM"}.get(task)
 
 
-def _progress(req: TrainRequest, done: int, log):
+def _progress(req: TrainRequest, done: int, trainer_records: list):
     """A tqdm bar with the running loss and steps/s; silent when --json asks for quiet."""
     if not req.progress:
         return None, None, lambda: None
@@ -159,5 +159,7 @@ def _progress(req: TrainRequest, done: int, log):
 
     def on_eval(step, metrics):
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "examples"))
+        if trainer_records and "rolled_back" in trainer_records[-1]:
+            bar.write(f"warning: diverged; {trainer_records[-1]['rolled_back']}")
 
     return on_step, on_eval, bar.close

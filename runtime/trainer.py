@@ -24,6 +24,9 @@ from .memory import peak_rss_mb
 from .optimizers import Optimizer, StepReport
 
 METRICS = "metrics.jsonl"
+# Divergence guard: an evaluation this much worse than the best so far (held-out loss ratio)
+# rolls a zeroth-order optimizer back to the best adapter with half the lr.
+DIVERGENCE_LOSS_RATIO = 1.5
 CHECKPOINT = "checkpoint"
 
 
@@ -99,14 +102,23 @@ class Trainer:
         return evaluate(self.bundle, adapter, self.eval_set, self.config.eval_batch_size)
 
     def _consider(self) -> dict:
-        """Evaluate the current adapter; keep it if it is the best so far."""
+        """Evaluate the current adapter; keep it if it is the best so far; roll back if it diverged."""
         metrics = self.evaluate()
         score = score_of(self.bundle.task, metrics)
+        record = {"step": self.optimizer.step, "eval": metrics}
         if score > self.best_score:
             self.best, self.best_score = np.array(self.optimizer.theta, copy=True), score
             self.best_step, self.best_metrics = self.optimizer.step, metrics
-        self._log({"step": self.optimizer.step, "eval": metrics})
+        elif self._diverged(metrics) and hasattr(self.optimizer, "roll_back"):
+            self.optimizer.roll_back(self.best)
+            record["rolled_back"] = f"eval loss {metrics['loss']:.4g} vs best {self.best_metrics['loss']:.4g}: " \
+                                    f"back to step {self.best_step}'s adapter, lr lowered to {self.optimizer.lr():.3g}"
+        self._log(record)
         return metrics
+
+    def _diverged(self, metrics: dict) -> bool:
+        loss, best = metrics["loss"], (self.best_metrics or {}).get("loss")
+        return not np.isfinite(loss) or (best is not None and loss > DIVERGENCE_LOSS_RATIO * best)
 
     # --- the loop -----------------------------------------------------------
 
@@ -141,6 +153,7 @@ class Trainer:
             "start": self.start_metrics,
             "best": self.best_metrics,
             "best_step": self.best_step,
+            "rollbacks": [r["rolled_back"] for r in self.records if "rolled_back" in r],
         }
 
     # --- metrics and checkpoints -------------------------------------------

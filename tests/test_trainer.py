@@ -106,3 +106,17 @@ def test_nonfinite_loss_never_reaches_the_adapter(bert_bundle):
     skipped = [r for r in trainer.records if r.get("skipped")]
     assert len(skipped) == 3
     assert np.all(np.isfinite(trainer.best)) and opt.lr() < 1e-2
+
+
+def test_divergence_rolls_back_to_the_best_adapter(bert_bundle):
+    from tests.models import SENTIMENT
+
+    b = Bundle(bert_bundle)
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta, _ = starting_adapter(b, enc)
+    opt = MeZO(theta, MeZOConfig(lr=200.0, eps=1e-2, total_steps=12))  # far too large: it must blow up
+    trainer = Trainer(b, enc, opt, TrainConfig(steps=12, batch_size=4, eval_every=3))
+    summary = trainer.fit()
+    assert summary["rollbacks"], "no rollback although the lr is absurd"
+    assert opt.lr_scale < 1.0
+    assert summary["best"]["loss"] <= summary["start"]["loss"]

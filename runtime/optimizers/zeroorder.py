@@ -128,6 +128,12 @@ class ZeroOrder:
         self._theta -= self.rule.apply(g_hat, self.state, lr, step)
         return report
 
+    def roll_back(self, theta: np.ndarray, lr_factor: float = 0.5) -> None:
+        """Return to a known-good adapter with a smaller lr (the trainer's divergence guard)."""
+        self._theta = np.array(theta, dtype=np.float32, copy=True)
+        self.state = self.rule.init(self._theta.size)
+        self.lr_scale *= lr_factor
+
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {"theta": self._theta.copy(), **{f"rule.{k}": v.copy() for k, v in self.state.items()}}
         return arrays, {"step": self.step, "lr_scale": self.lr_scale, "config": asdict(self.config)}
