@@ -62,7 +62,9 @@ def _verbalizer(value: str | None) -> dict[str, str]:
               help="Classification pooling (default: what the model was trained with).")
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare ONNX with torch at a second shape.")
-def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, targets, pooling, max_length, verify):
+@click.option("--quantize", type=click.Choice(["int8"]), help="Also write BUNDLE-int8: frozen weights int8, adapters fp32.")
+def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, targets, pooling, max_length,
+           verify, quantize):
     """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
     from edgeft.export import ExportOptions, export_bundle
 
@@ -75,6 +77,12 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
     for name, diff in report.items():
         click.echo(f"verify: {name} max |onnx - torch| = {diff:.2e} (batch 3, sequence 11)")
     click.echo(f"bundle written to {out}")
+    if quantize:
+        from edgeft.export.compress import quantize_bundle
+
+        int8 = out.with_name(out.name + "-int8")
+        excluded = quantize_bundle(out, int8)
+        click.echo(f"int8 bundle written to {int8} ({excluded} adapter nodes kept fp32)")
 
 
 # --- train -------------------------------------------------------------------
