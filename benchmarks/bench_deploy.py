@@ -27,7 +27,6 @@ import platform
 import resource
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -111,14 +110,16 @@ def worker_prep(cfg: dict, run_dir: Path) -> None:
     # Calibration file for activation-aware LoRD = the k-shot training texts. Calibrated bundles
     # are cached under a hash of this file, so another split or k never reuses a stale bundle.
     calib = run_dir / "kshot.jsonl"
-    calib.write_text("".join(json.dumps({"text": x, "label": LABELS[y]}) + "\n" for x, y in zip(train.texts, train.labels)))
+    rows = (json.dumps({"text": x, "label": LABELS[y]}) for x, y in zip(train.texts, train.labels))
+    calib.write_text("".join(r + "\n" for r in rows))
     calib_tag = hashlib.sha1(calib.read_bytes()).hexdigest()[:10]
 
     fp32 = BUNDLES / "fp32"
     if not (fp32 / "edgeft.json").is_file():  # export once (~20 s)
         from edgeft.export import ExportOptions, export_bundle
 
-        export_bundle(str(assets.minilm_folder()), fp32, ExportOptions(task="classification", labels=LABELS, max_length=128))
+        options = ExportOptions(task="classification", labels=LABELS, max_length=128)
+        export_bundle(str(assets.minilm_folder()), fp32, options)
     all_linear = sum(int(np.prod(w.dims)) for _, w in linear_weights(onnx.load(str(fp32 / "model.onnx"))))
 
     bundles, reports = {}, {}
@@ -186,7 +187,6 @@ def worker_measure(cfg: dict, key: str) -> dict:
 
     from edgeft.runtime import evaluate, starting_adapter
 
-    load = os.getloadavg()[0]
     bundle, encode = open_bundle(cfg, key)
     train, dev, test = encode("train"), encode("dev"), encode("test")
     # Before recovery: a linear-probe head fitted on THIS bundle's features (compression shifts them).
@@ -218,7 +218,7 @@ def worker_measure(cfg: dict, key: str) -> dict:
     return {"acc_before": before["accuracy"], "acc_after": after["accuracy"], "best_step": summary["best_step"],
             "dev_best": summary["best"]["accuracy"], "dev_start": summary["start"]["accuracy"],
             "rollbacks": len(summary["rollbacks"]), "latency_b1_s": latency[1], "latency_b16_s": latency[16],
-            "shapes": shapes, "step_s": float(np.median(step_s[WARMUP:] or step_s)), "load_at_start": load}
+            "shapes": shapes, "step_s": float(np.median(step_s[WARMUP:] or step_s))}
 
 
 def run_worker(what: str, run_dir: Path) -> None:
@@ -231,6 +231,16 @@ def run_worker(what: str, run_dir: Path) -> None:
 
 
 # --- parent: orchestrate and report ---------------------------------------------------
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(busy CPU s of the whole machine, steal s, CPU s of our finished children) so far.
+    Busy minus our children's share = what other processes took while a row ran: the noise."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = sum(fields[i] for i in (0, 1, 2, 5, 6))  # user nice system irq softirq
+    return busy / tick, fields[7] / tick, children.ru_utime + children.ru_stime
 
 
 def machine_facts() -> dict:
@@ -285,7 +295,8 @@ def plot(rows: dict, path: Path) -> None:
         shown.add(label)
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     if "fp32" in rows:
-        ax.axhline(100 * rows["fp32"]["acc_after"] - 1, color="gray", ls="--", lw=0.8, label="fp32 − 1 point (target)")
+        ax.axhline(100 * rows["fp32"]["acc_after"] - 1, color="gray", ls="--", lw=0.8,
+                   label="fp32 − 1 point (target)")
     ax.set(xlabel="linear-layer parameters (millions)", ylabel="test accuracy after ZO recovery (%)",
            title="MiniLM-L6 on Rotten Tomatoes (black edge: + int8)")
     ax.grid(alpha=0.3)
@@ -310,9 +321,10 @@ def render(cfg: dict, rows: dict, facts: dict, quick: bool, plot_name: str) -> t
     any_row = next(iter(rows.values()))
     acc = ref["acc_after"] if ref else 0.8
     se = 100 * (acc * (1 - acc) / cfg["test_size"]) ** 0.5
-    selection = "; ".join(f"{r['name']}: step {r['best_step']} ({100 * r['dev_start']:.1f}% → {100 * r['dev_best']:.1f}%)"
+    selection = "; ".join(f"{r['name']} step {r['best_step']} ({100 * r['dev_start']:.1f}→{100 * r['dev_best']:.1f}%)"
                           for r in rows.values())
-    loads = ", ".join(f"{r['name']} {r['load_at_start']:.1f}" for r in rows.values())
+    steal = lambda r: f" (+{r['steal_cores']:.2f} steal)" if r["steal_cores"] >= 0.01 else ""
+    noise = ", ".join(f"{r['name']} {r['others_cores']:.2f}{steal(r)}" for r in rows.values())
     quick_note = "**Check run (`--quick`): these numbers mean nothing.**\n\n" if quick else ""
     report = f"""# Deployment trade-offs: LoRD and int8 bundles on CPU
 
@@ -347,8 +359,9 @@ set can resolve.
   features of the k-shot set. **After**: {cfg['recovery_steps']} MeZO steps (lr {cfg['lr']:g}, eps {cfg['eps']:g},
   batch 16), keeping the adapter with the best dev accuracy (checked every {min(25, cfg['recovery_steps'])} steps
   and at the start). Dev selection: {selection}.
-- {cfg['threads']} ONNX Runtime intra-op threads. Rows ran one after another; load average (1 min) at each
-  row's start: {loads}. Timings are only comparable within one run.
+- {cfg['threads']} ONNX Runtime intra-op threads; rows ran one after another. Noise: CPU cores (of
+  {facts['cores']}) that other processes used on average while each row's measure process ran: {noise}.
+  Timings are only comparable within one run, and less so for rows where that number is high.
 
 ## Machine
 
@@ -372,23 +385,27 @@ def main(argv=None) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "quick", "worker", "run_dir")}
     (run_dir / "plan.json").write_text(json.dumps(settings))
 
-    def spawn(what: str, note: str) -> None:
+    def spawn(what: str, note: str) -> dict:
+        """Run one worker; return the cores other processes (and the hypervisor's steal) took meanwhile."""
         print(f"[{time.perf_counter() - t0:5.0f} s] {note} ...", flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", what, "--run-dir", str(run_dir)]
+        before, start = cpu_seconds(), time.perf_counter()
         subprocess.run(cmd, check=True)
+        (busy, steal, ours), wall = (b - a for a, b in zip(before, cpu_seconds())), time.perf_counter() - start
+        return {"others_cores": max(0.0, busy - ours) / wall, "steal_cores": steal / wall}
 
     spawn("prep", "split, export (first run only), compress (once per setting)")
     cfg = json.loads((run_dir / "plan.json").read_text())
     rows = {}
     for key in args.rows:
         spawn(f"rss:{key}", f"{ROWS[key][0]}: peak RSS of one ZO step")
-        spawn(f"measure:{key}", f"{ROWS[key][0]}: latency, recovery, accuracy")
-        result = {**json.loads((run_dir / f"rss-{key}.json").read_text()),
+        noise = spawn(f"measure:{key}", f"{ROWS[key][0]}: latency, recovery, accuracy")
+        result = {**noise, **json.loads((run_dir / f"rss-{key}.json").read_text()),
                   **json.loads((run_dir / f"measure-{key}.json").read_text())}
         report = cfg["reports"][key]
-        folder = Path(cfg["bundles"][key])
-        rows[key] = {**result, "name": ROWS[key][0], "linear_params": report["linear_params_after"], "kept": report["kept"],
-                     "file_mb": sum(f.stat().st_size for f in folder.glob("model*")) / (1 << 20)}
+        model_bytes = sum(f.stat().st_size for f in Path(cfg["bundles"][key]).glob("model*"))  # + external data
+        rows[key] = {**result, "name": ROWS[key][0], "linear_params": report["linear_params_after"],
+                     "kept": report["kept"], "file_mb": model_bytes / (1 << 20)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot_path = args.out.parent / ("deploy-tradeoff-quick.png" if args.quick else "deploy-tradeoff.png")
     report, table = render(cfg, rows, facts, args.quick, plot_path.name)

@@ -95,3 +95,16 @@ def test_int8_deploy_and_training_on_an_int8_base(bert_bundle, trained, sentimen
     probe, _ = starting_adapter(fp32, enc)
     diff = np.abs(b.run(feeds, probe, ["logits"])[0] - fp32.run(feeds, probe, ["logits"])[0]).max()
     assert diff < 0.5
+
+
+def test_export_with_quantize_writes_both_bundles(bert_folder, tmp_path):
+    from edgeft.runtime import Bundle
+
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["export", str(bert_folder), "-o", str(out), "--labels", "neg,pos",
+                                       "--quantize", "int8", "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+    assert "verify: logits" in result.output
+    fp32, int8 = Bundle(out), Bundle(tmp_path / "b-int8")
+    assert fp32.layout.names() == int8.layout.names()
+    assert (tmp_path / "b-int8" / "model.onnx").stat().st_size < (out / "model.onnx").stat().st_size
