@@ -70,6 +70,7 @@ class Trainer:
         self.start_metrics: dict | None = None
         self.wall_s = 0.0
         self.records: list[dict] = []  # what metrics.jsonl holds
+        self._whole_set: dict | None = None
 
     # --- data order ---------------------------------------------------------
 
@@ -85,9 +86,17 @@ class Trainer:
 
     # --- one step -----------------------------------------------------------
 
+    def _feeds(self, step: int) -> dict:
+        """Padded inputs for a step; a training set that fits one batch is padded once and reused."""
+        if len(self.train) <= self.config.batch_size:
+            if self._whole_set is None:
+                self._whole_set = self.bundle.feeds(self.train, np.arange(len(self.train)))
+            return self._whole_set
+        return self.bundle.feeds(self.train, self.batch_index(step))
+
     def step(self) -> StepReport:
         start = time.perf_counter()
-        feeds = self.bundle.feeds(self.train, self.batch_index(self.optimizer.step))
+        feeds = self._feeds(self.optimizer.step)
         candidates = self.optimizer.ask()
         losses = self.evaluator.losses(feeds, candidates)
         report = self.optimizer.tell(candidates, losses)
