@@ -38,6 +38,7 @@ CACHE = REPO / "benchmarks" / ".cache"
 BUNDLES = CACHE / "deploy"  # exported/compressed bundles, reused across runs
 LABELS = ["rotten", "fresh"]  # label ids 0, 1
 WARMUP = 3  # runs/steps left out of every median (allocator, thread pool, graph warm-up)
+NOISY = 0.25  # other processes using more CPU cores than this during a row → its timings are suspect
 # key -> (table name, LoRD params-ratio or None, activation-aware, int8)
 ROWS = {
     "fp32": ("fp32", None, False, False),
@@ -62,6 +63,7 @@ def parse_args(argv):
     p.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation size")
     p.add_argument("--repeats", type=int, default=20, help="timed inference runs per batch size (after warm-up)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--retries", type=int, default=1, help=f"re-measure a row when others used > {NOISY} cores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     p.add_argument("--out", type=Path, help="report (default docs/DEPLOY.md; --quick: in benchmarks/.cache)")
@@ -323,8 +325,10 @@ def render(cfg: dict, rows: dict, facts: dict, quick: bool, plot_name: str) -> t
     se = 100 * (acc * (1 - acc) / cfg["test_size"]) ** 0.5
     selection = "; ".join(f"{r['name']} step {r['best_step']} ({100 * r['dev_start']:.1f}→{100 * r['dev_best']:.1f}%)"
                           for r in rows.values())
-    steal = lambda r: f" (+{r['steal_cores']:.2f} steal)" if r["steal_cores"] >= 0.01 else ""
-    noise = ", ".join(f"{r['name']} {r['others_cores']:.2f}{steal(r)}" for r in rows.values())
+    notes = lambda r: ([f"+{r['steal_cores']:.2f} steal"] if r["steal_cores"] >= 0.01 else []) + \
+        ([f"quietest of {r['attempts']} runs"] if r["attempts"] > 1 else [])
+    noise = ", ".join(f"{r['name']} {r['others_cores']:.2f}" + (f" ({', '.join(notes(r))})" if notes(r) else "")
+                      for r in rows.values())
     quick_note = "**Check run (`--quick`): these numbers mean nothing.**\n\n" if quick else ""
     report = f"""# Deployment trade-offs: LoRD and int8 bundles on CPU
 
@@ -361,6 +365,7 @@ set can resolve.
   and at the start). Dev selection: {selection}.
 - {cfg['threads']} ONNX Runtime intra-op threads; rows ran one after another. Noise: CPU cores (of
   {facts['cores']}) that other processes used on average while each row's measure process ran: {noise}.
+  A row above {NOISY} was measured again (up to {cfg['retries']} time(s)) and the quieter run kept.
   Timings are only comparable within one run, and less so for rows where that number is high.
 
 ## Machine
@@ -399,9 +404,16 @@ def main(argv=None) -> None:
     rows = {}
     for key in args.rows:
         spawn(f"rss:{key}", f"{ROWS[key][0]}: peak RSS of one ZO step")
-        noise = spawn(f"measure:{key}", f"{ROWS[key][0]}: latency, recovery, accuracy")
-        result = {**noise, **json.loads((run_dir / f"rss-{key}.json").read_text()),
-                  **json.loads((run_dir / f"measure-{key}.json").read_text())}
+        # The machine is shared: when other processes took CPU during a row, measure it again and keep the
+        # quieter run (accuracy is seeded, so only the timings change).
+        runs = []
+        for attempt in range(1 + args.retries):
+            noise = spawn(f"measure:{key}", f"{ROWS[key][0]}: latency, recovery, accuracy" + " (again)" * attempt)
+            runs.append({**noise, **json.loads((run_dir / f"measure-{key}.json").read_text())})
+            if noise["others_cores"] <= NOISY:
+                break
+        result = {**min(runs, key=lambda r: r["others_cores"]), "attempts": len(runs),
+                  **json.loads((run_dir / f"rss-{key}.json").read_text())}
         report = cfg["reports"][key]
         model_bytes = sum(f.stat().st_size for f in Path(cfg["bundles"][key]).glob("model*"))  # + external data
         rows[key] = {**result, "name": ROWS[key][0], "linear_params": report["linear_params_after"],
