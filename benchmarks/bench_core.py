@@ -23,19 +23,17 @@ The torch workers never import onnxruntime either.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+
+from common import machine_facts  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "benchmarks" / ".cache"
@@ -286,15 +284,6 @@ def run_worker(key: str, run_dir: Path) -> None:
 # --- parent: orchestrate and report ---------------------------------------------------
 
 
-def machine_facts() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg(),
-            **{name: version(name) for name in ("torch", "onnxruntime", "transformers", "peft")},
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
-
-
 def render(cfg: dict, rows: list[dict], acc: dict, facts: dict, quick: bool) -> tuple[str, str]:
     """(the whole markdown report, its results table)."""
     n, w = cfg["steps"], cfg["wall_s"]
@@ -350,7 +339,7 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return run_worker(args.worker, args.plan)
-    t0, facts = time.perf_counter(), machine_facts()  # load average before our own work
+    t0, facts = time.perf_counter(), machine_facts(("torch", "onnxruntime", "transformers", "peft"))  # load average before our own work
     run_dir = CACHE / ("run-quick" if args.quick else "run")
     run_dir.mkdir(parents=True, exist_ok=True)
     (CACHE / ".gitignore").write_text("*\n")  # keep bundles and runs out of git

@@ -19,19 +19,17 @@ across fork+exec, so a child of a big parent would report the parent's peak.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
-import platform
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
+
+from common import machine_facts  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "benchmarks" / ".cache"
@@ -245,15 +243,6 @@ def cpu_seconds() -> tuple[float, float, float]:
     return busy / tick, fields[7] / tick, children.ru_utime + children.ru_stime
 
 
-def machine_facts() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg(),
-            **{n: version(n) for n in ("torch", "onnxruntime", "transformers", "onnx", "numpy")},
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
-
-
 def targets(rows: dict) -> list[str]:
     """The two stated targets, judged on accuracy after recovery against fp32 after recovery."""
     ref = rows.get("fp32")
@@ -383,7 +372,7 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return run_worker(args.worker, args.run_dir)
-    t0, facts = time.perf_counter(), machine_facts()  # load average before our own work
+    t0, facts = time.perf_counter(), machine_facts(("torch", "onnxruntime", "transformers", "onnx", "numpy"))  # load average before our own work
     run_dir = BUNDLES / ("run-quick" if args.quick else "run")
     run_dir.mkdir(parents=True, exist_ok=True)
     (CACHE / ".gitignore").write_text("*\n")  # keep bundles and runs out of git
