@@ -8,9 +8,11 @@ backward graph — starts the optimizer from a good point (linear-probe-then-fin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from edgeft.adapters import load_adapter
+from edgeft.adapters import HEAD_WEIGHTS, load_adapter
 
 from .bundle import Bundle, Encoded
 from .evaluate import pooled_features
@@ -25,7 +27,7 @@ def starting_adapter(bundle: Bundle, train: Encoded, seed: int = 0, init_adapter
     head_loaded = False
     if init_adapter is not None:
         vector = load_adapter(init_adapter, bundle.layout, base=vector)
-        head_loaded = has_head and (init_adapter / "head.safetensors").is_file()
+        head_loaded = has_head and (Path(init_adapter) / HEAD_WEIGHTS).is_file()
         how = f"adapter from {init_adapter}"
     if has_head and not head_loaded:
         features = pooled_features(bundle, vector, train, batch_size)

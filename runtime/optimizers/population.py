@@ -89,13 +89,13 @@ class CMA:
     def tell(self, candidates, losses) -> StepReport:
         losses = np.asarray(losses, dtype=np.float64)
         self.step += 1
-        finite = np.where(np.isfinite(losses), losses, np.nanmax(np.where(np.isfinite(losses), losses, np.nan)) + 1e3
-                          if np.isfinite(losses).any() else 1e30)
+        ok = np.isfinite(losses)
+        # CMA-ES ranks candidates, so a non-finite loss only needs to rank last
+        finite = np.where(ok, losses, (losses[ok].max() + 1e3) if ok.any() else 1e30)
         self.es.tell(self._ys, finite.tolist())
         self.history.append(finite.copy())
-        skipped = not np.isfinite(losses).all()
-        return StepReport(self.step, float(np.median(finite)), float(self.es.sigma), skipped=False,
-                          message="non-finite losses ranked last" if skipped else None)
+        return StepReport(self.step, float(np.median(finite)), float(self.es.sigma),
+                          message=None if ok.all() else "non-finite losses ranked last")
 
     def state_dict(self):
         return {"theta0": self.theta0, "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, \
