@@ -71,7 +71,7 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         manifest_extra["verbalizer"] = dict(options.verbalizer)
     else:
         wrapper = CausalLM(src.model, slots, [t.name for t in tensors])
-        outputs = ["loss", "token_count"]
+        outputs = ["loss", "token_count", "logits"]  # loss first: the runtime asks by name
     wrapper.eval()
     data_inputs = ["input_ids", "attention_mask"] + ([] if options.task == "causal-lm" else ["labels"])
 

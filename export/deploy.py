@@ -40,7 +40,8 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
            texts: list[str] | None = None) -> dict:
     bundle, out = Path(bundle), Path(out)
     manifest = Manifest.load(bundle)
-    # a causal-LM bundle returns its per-document loss (a scorer); the others their label logits
+    # label logits (classification, prompt) or next-token logits (causal LM); a causal-LM bundle
+    # exported before logits were a bundle output only has its per-document loss (a scorer)
     outputs = ["logits"] if "logits" in manifest.outputs else list(manifest.outputs)
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
@@ -128,5 +129,9 @@ def check(bundle: Path, vector: np.ndarray, out: Path, info: dict, texts: list[s
     got = run_deployed(out, feeds)
     report = {name: float(np.abs(g.astype(np.float64) - w).max()) for name, g, w in zip(info["outputs"], got, want)}
     if "logits" in info["outputs"]:
-        report["label_agreement"] = float((got[0].argmax(-1) == want[0].argmax(-1)).mean())
+        same = got[0].argmax(-1) == want[0].argmax(-1)
+        if reference.task == "causal-lm":  # next-token predictions at the real (unpadded) positions
+            report["next_token_agreement"] = float(same[feeds["attention_mask"].astype(bool)].mean())
+        else:
+            report["label_agreement"] = float(same.mean())
     return report

@@ -91,7 +91,12 @@ class Prompt(_Task):
 
 
 class CausalLM(_Task):
-    """Mean next-token negative log-likelihood per example over real (unpadded) tokens."""
+    """Mean next-token negative log-likelihood per example over real (unpadded) tokens.
+
+    Returns ``(loss, token_count, logits)``: the loss first (what training asks for), then
+    the scored-token count (perplexity weights), then the next-token logits [B, T, vocab]
+    the loss is made of — what a merged inference model keeps (``edgeft deploy --merge``).
+    """
 
     def forward(self, input_ids, attention_mask, *adapters):
         self._fill(adapters)
@@ -102,4 +107,4 @@ class CausalLM(_Task):
         mask = attention_mask[:, 1:].to(nll.dtype)
         count = mask.sum(1)
         loss = (nll * mask).sum(1) / count.clamp(min=1.0)
-        return loss, count
+        return loss, count, logits

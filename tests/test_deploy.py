@@ -108,3 +108,33 @@ def test_export_with_quantize_writes_both_bundles(bert_folder, tmp_path):
     fp32, int8 = Bundle(out), Bundle(tmp_path / "b-int8")
     assert fp32.layout.names() == int8.layout.names()
     assert (tmp_path / "b-int8" / "model.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+
+
+def test_merged_causal_lm_returns_next_token_logits(llama_lm_bundle, tmp_path):
+    """Causal-LM bundle → merged model with inputs input_ids, attention_mask and output logits, equal to the
+    unmerged bundle's logits (non-zero LoRA values) at two input shapes."""
+    import onnx
+
+    from edgeft.adapters import AdapterLayout, save_adapter
+    from edgeft.export.deploy import deploy
+    from edgeft.manifest import Manifest
+    from edgeft.runtime import Bundle
+
+    manifest = Manifest.load(llama_lm_bundle)
+    assert manifest.outputs == ["loss", "token_count", "logits"]
+    layout = AdapterLayout(manifest.adapter)
+    vector = (np.random.default_rng(0).standard_normal(layout.size) * 0.1).astype(np.float32)
+    save_adapter(tmp_path / "adapter", layout, vector, "tiny", "CAUSAL_LM")
+    report = deploy(llama_lm_bundle, tmp_path / "adapter", tmp_path / "out", merge=True)
+    assert report["logits"] < 1e-4 and report["next_token_agreement"] == 1.0
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == ["logits"]
+    assert not [n for n in graph.node if n.op_type in ("SoftmaxCrossEntropyLoss", "LogSoftmax")]
+    b = Bundle(llama_lm_bundle)
+    for texts in (TEXTS_A, TEXTS_B):
+        feeds = b.feeds(b.encode(texts), np.arange(len(texts)))
+        (want,) = b.run(feeds, vector, ["logits"])
+        (got,) = run_deployed(tmp_path / "out", feeds)
+        assert got.shape == want.shape and got.shape[:2] == feeds["input_ids"].shape
+        assert np.abs(got - want).max() < 1e-4
