@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,12 @@ from edgeft.manifest import AdapterSpec, AdapterTensor
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
+
+
+def layer_of(name: str) -> int:
+    """The transformer layer an adapter tensor belongs to (-1: not in a layer, e.g. the head)."""
+    match = re.search(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
 
 
 class AdapterLayout:

@@ -298,6 +298,21 @@ def compress(bundle, out, params_ratio, energy, calibrate, quantize):
 
 
 @main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--at", "layers", required=True, help="Comma-separated layer numbers to cut the graph at, e.g. 4.")
+def split(bundle, layers):
+    """Cut the graph at layer boundaries: training steps whose candidates differ only in the
+    adapters of layers >= AT then run the layers below once per batch (layer-wise DFO,
+    adapters on top layers only)."""
+    from edgeft.export.split import split_bundle
+
+    for layer in _split(layers):
+        if not layer.strip().isdigit():
+            raise EdgeftError(f"--at: {layer!r} is not a layer number")
+        split_bundle(bundle, int(layer), log=lambda m: click.echo(m))
+
+
+@main.command(cls=_Command)
 @click.option("--name", type=click.Choice(["smollm2-sentiment", "minilm-rotten-tomatoes"]), default="smollm2-sentiment",
               show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("edgeft-demo"), show_default=True)

@@ -48,6 +48,18 @@ class AdapterSpec:
 
 
 @dataclass
+class SplitSpec:
+    """The bundle graph cut at layer ``at`` (``edgeft split``): ``lower`` runs once per batch,
+    ``upper`` per candidate, valid while only the ``varying`` adapter tensors change."""
+
+    at: int
+    lower: str  # file names inside the bundle
+    upper: str
+    boundary: list[str]  # tensors the lower graph hands to the upper one
+    varying: list[str]  # adapter inputs of the upper graph
+
+
+@dataclass
 class Manifest:
     task: str
     source: str
@@ -66,6 +78,7 @@ class Manifest:
     edgeft_version: str = "0.1.0"
     format_version: int = FORMAT_VERSION
     peft_base: dict = field(default_factory=dict)  # how to rebuild the torch model for PEFT
+    splits: list[SplitSpec] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -82,6 +95,10 @@ class Manifest:
                 raise EdgeftError(f"manifest: adapter tensor {t.name!r} is not among the graph inputs")
             if not t.shape or any(int(d) <= 0 for d in t.shape):
                 raise EdgeftError(f"manifest: adapter tensor {t.name!r} has an invalid shape {t.shape}")
+        for s in self.splits:
+            unknown = sorted(set(s.varying) - set(names))
+            if unknown:
+                raise EdgeftError(f"manifest: split at layer {s.at} names unknown adapter tensors ({', '.join(unknown[:3])})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -97,8 +114,9 @@ class Manifest:
             tensors = [_known(AdapterTensor, t) for t in adapter_raw.pop("tensors", [])]
             adapter = _known(AdapterSpec, adapter_raw)
             adapter.tensors = tensors
-            body = {k: v for k, v in raw.items() if k != "adapter"}
-            manifest = _known(cls, {**body, "adapter": adapter})
+            body = {k: v for k, v in raw.items() if k not in ("adapter", "splits")}
+            splits = [_known(SplitSpec, s) for s in raw.get("splits", [])]
+            manifest = _known(cls, {**body, "adapter": adapter, "splits": splits})
         except (KeyError, TypeError, ValueError) as err:
             raise EdgeftError(f"manifest: malformed ({err})") from None
         if manifest.format_version > FORMAT_VERSION:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .bundle import Bundle, Encoded
+from .split import SplitRunner
 
 
 class CandidateEvaluator:
@@ -20,20 +21,35 @@ class CandidateEvaluator:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.forward_passes = 0
+        self.split_passes = 0  # candidates evaluated on the upper part of a split graph only
+        self._splits: list[SplitRunner] | None = None
 
     def losses(self, feeds: dict[str, np.ndarray], candidates: list[np.ndarray]) -> np.ndarray:
+        run = self.bundle.run
+        split = self._split_for(candidates)
+        if split is not None:
+            run = split.run
+            self.split_passes += len(candidates)
         out = np.empty(len(candidates), dtype=np.float64)
         for i, candidate in enumerate(candidates):
-            out[i] = self._loss(feeds, candidate)
+            out[i] = self._loss(run, feeds, candidate)
         return out
 
-    def _loss(self, feeds, candidate) -> float:
+    def _split_for(self, candidates: list[np.ndarray]) -> SplitRunner | None:
+        """The highest split below which all candidates agree (None: run the whole graph)."""
+        if len(candidates) < 2 or not self.bundle.manifest.splits:
+            return None
+        if self._splits is None:  # sessions are opened on first use: bundles without splits pay nothing
+            self._splits = [SplitRunner(self.bundle, s) for s in sorted(self.bundle.manifest.splits, key=lambda s: -s.at)]
+        return next((s for s in self._splits if s.covers(candidates)), None)
+
+    def _loss(self, run, feeds, candidate) -> float:
         self.forward_passes += 1
         if self.bundle.task == "causal-lm":
-            loss, count = self.bundle.run(feeds, candidate, ["loss", "token_count"])
+            loss, count = run(feeds, candidate, ["loss", "token_count"])
             total = float(count.sum())
             return float((loss.astype(np.float64) * count).sum() / total) if total else 0.0
-        (loss,) = self.bundle.run(feeds, candidate, ["loss"])
+        (loss,) = run(feeds, candidate, ["loss"])
         return float(loss.astype(np.float64).mean())
 
 

@@ -7,11 +7,12 @@ see ``zeroorder.py``); population methods work in a random intrinsic subspace
 
 from __future__ import annotations
 
-import re
 from dataclasses import fields
 from functools import partial
 
 import numpy as np
+
+from edgeft.adapters import layer_of
 
 from .base import Optimizer, StepReport
 from .population import CMA, Fireworks, Layerwise, PopulationConfig
@@ -54,12 +55,6 @@ REGISTRY = {
 def _config(cls, settings: dict):
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in settings.items() if k in known and v is not None})
-
-
-def layer_of(name: str) -> int:
-    """The transformer layer an adapter tensor belongs to (-1: not in a layer, e.g. the head)."""
-    match = re.search(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.", name)
-    return int(match.group(1)) if match else -1
 
 
 def make_optimizer(name: str, theta, layout=None, **settings) -> Optimizer:
