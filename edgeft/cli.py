@@ -299,17 +299,17 @@ def compress(bundle, out, params_ratio, energy, calibrate, quantize):
 
 @main.command(cls=_Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--at", "layers", required=True, help="Comma-separated layer numbers to cut the graph at, e.g. 4.")
+@click.option("--at", "layers", required=True, help="Comma-separated layers to cut the graph at, e.g. 1,2,3,4,5.")
 def split(bundle, layers):
-    """Cut the graph at layer boundaries: training steps whose candidates differ only in the
-    adapters of layers >= AT then run the layers below once per batch (layer-wise DFO,
-    adapters on top layers only)."""
+    """Cut the graph into segments at layer boundaries: a training step whose candidates differ
+    only above a cut runs the layers below it once per batch (layer-wise DFO, adapters on
+    the top layers only). Replaces an earlier split of BUNDLE."""
     from edgeft.export.split import split_bundle
 
-    for layer in _split(layers):
-        if not layer.strip().isdigit():
-            raise EdgeftError(f"--at: {layer!r} is not a layer number")
-        split_bundle(bundle, int(layer), log=lambda m: click.echo(m))
+    bad = [x for x in _split(layers) if not x.isdigit()]
+    if bad:
+        raise EdgeftError(f"--at: {bad[0]!r} is not a layer number")
+    split_bundle(bundle, [int(x) for x in _split(layers)], log=lambda m: click.echo(m))
 
 
 @main.command(cls=_Command)

@@ -48,15 +48,14 @@ class AdapterSpec:
 
 
 @dataclass
-class SplitSpec:
-    """The bundle graph cut at layer ``at`` (``edgeft split``): ``lower`` runs once per batch,
-    ``upper`` per candidate, valid while only the ``varying`` adapter tensors change."""
+class Segments:
+    """The bundle graph cut at layers ``cuts`` (``edgeft split``) into ``files``; segment i
+    reads the adapter tensors ``adapters[i]``. The runtime re-runs only the segments from
+    the lowest one whose adapters changed."""
 
-    at: int
-    lower: str  # file names inside the bundle
-    upper: str
-    boundary: list[str]  # tensors the lower graph hands to the upper one
-    varying: list[str]  # adapter inputs of the upper graph
+    cuts: list[int]
+    files: list[str]  # inside the bundle, bottom to top
+    adapters: list[list[str]]
 
 
 @dataclass
@@ -78,7 +77,7 @@ class Manifest:
     edgeft_version: str = "0.1.0"
     format_version: int = FORMAT_VERSION
     peft_base: dict = field(default_factory=dict)  # how to rebuild the torch model for PEFT
-    splits: list[SplitSpec] = field(default_factory=list)
+    segments: Segments | None = None
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -95,10 +94,9 @@ class Manifest:
                 raise EdgeftError(f"manifest: adapter tensor {t.name!r} is not among the graph inputs")
             if not t.shape or any(int(d) <= 0 for d in t.shape):
                 raise EdgeftError(f"manifest: adapter tensor {t.name!r} has an invalid shape {t.shape}")
-        for s in self.splits:
-            unknown = sorted(set(s.varying) - set(names))
-            if unknown:
-                raise EdgeftError(f"manifest: split at layer {s.at} names unknown adapter tensors ({', '.join(unknown[:3])})")
+        if self.segments and (sorted(n for group in self.segments.adapters for n in group) != sorted(names)
+                              or len(self.segments.files) != len(self.segments.adapters)):
+            raise EdgeftError("manifest: segments do not cover the adapter tensors exactly once")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -114,9 +112,9 @@ class Manifest:
             tensors = [_known(AdapterTensor, t) for t in adapter_raw.pop("tensors", [])]
             adapter = _known(AdapterSpec, adapter_raw)
             adapter.tensors = tensors
-            body = {k: v for k, v in raw.items() if k not in ("adapter", "splits")}
-            splits = [_known(SplitSpec, s) for s in raw.get("splits", [])]
-            manifest = _known(cls, {**body, "adapter": adapter, "splits": splits})
+            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments")}
+            segments = _known(Segments, raw["segments"]) if raw.get("segments") else None
+            manifest = _known(cls, {**body, "adapter": adapter, "segments": segments})
         except (KeyError, TypeError, ValueError) as err:
             raise EdgeftError(f"manifest: malformed ({err})") from None
         if manifest.format_version > FORMAT_VERSION:

@@ -1,24 +1,24 @@
-"""Split a bundle graph at a layer boundary: compute the part below it once per batch.
+"""Cut a bundle graph into segments at layer boundaries, so unchanged layers run once per batch.
 
 When the candidates of one step differ only in the adapters of layers ≥ ℓ (layer-wise
-DFO, adapters only on the top layers), every tensor that does not depend on those
-adapters is the same for all candidates on a batch. This pass finds that part by data
-flow, not by architecture: a node is *varying* if it reads a varying adapter input
-(directly or through other nodes), *per-batch* if it reads any other graph input, and
-*constant* otherwise. The ``lower`` graph computes every per-batch tensor a varying
-node reads (the boundary: hidden states entering layer ℓ, attention-mask expansions,
-even the frozen projections of layer ℓ's input); the ``upper`` graph takes the
-boundary plus the varying adapters and computes the loss. Constant subgraphs (weight
-transposes and the like) stay in whichever graph uses them, so no weight copy crosses
-the boundary.
+DFO, adapters only on the top layers), everything below ℓ is the same for all of them
+on a batch. This pass cuts the graph at layers c1 < c2 < ... into segments by data
+flow, not by architecture: a node belongs to the segment of the highest cut whose
+adapters it (transitively) reads; nodes that read only the token inputs belong to
+segment 0; nodes that read no input at all (weight transposes, constants) go into
+whichever segment uses them. A segment's inputs are the tensors of earlier segments it
+reads (hidden states entering layer ℓ, attention-mask expansions, even the frozen
+projections of layer ℓ's input) plus its own adapters. Each weight lives in the
+segment that uses it, so the segments together weigh about one model.
 
-The split files are written into the bundle and listed in its manifest; the runtime
-uses them when a step's candidates qualify (``edgeft.runtime.split``).
+The segments are written into the bundle and listed in its manifest; the runtime
+(``edgeft.runtime.split``) re-runs only the segments from the lowest changed one up.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import onnx
@@ -26,53 +26,64 @@ from onnx import shape_inference, utils
 
 from edgeft.adapters import layer_of
 from edgeft.errors import EdgeftError
-from edgeft.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, SplitSpec
+from edgeft.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Segments
+
+FOLDER = "segments"
 
 
-def varying_tensors(manifest: Manifest, at: int) -> list[str]:
-    """Adapter inputs of layers ≥ ``at``; the head (no layer) sits above every layer."""
-    return [t.name for t in manifest.adapter.tensors if layer_of(t.name) >= at or layer_of(t.name) < 0]
+def adapter_groups(manifest: Manifest, cuts: list[int]) -> list[list[str]]:
+    """Adapter inputs per segment: segment i holds layers [cuts[i-1], cuts[i]); the head
+    (not in a layer) sits above every layer, in the top segment."""
+    bounds = [-1] + list(cuts)
+    groups: list[list[str]] = [[] for _ in bounds]
+    for t in manifest.adapter.tensors:
+        layer = layer_of(t.name)
+        index = len(bounds) - 1 if layer < 0 else max(i for i, b in enumerate(bounds) if layer >= b)
+        groups[index].append(t.name)
+    return groups
 
 
-def split_graph(model: onnx.ModelProto, varying: list[str]) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
-    """(lower, upper, boundary) for a graph whose inputs ``varying`` change between candidates."""
+def segment_graph(model: onnx.ModelProto, groups: list[list[str]]) -> list[onnx.ModelProto]:
+    """One model per adapter group; segment i's adapters are inputs of segment i only."""
     graph = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         raise EdgeftError("cannot split a graph with control flow (If/Loop/Scan)")
-    inputs = {i.name for i in graph.input}
-    moving = set(varying)
-    per_batch = inputs - moving
-    consumed_by_varying: set[str] = set()
-    for node in graph.node:  # nodes are stored in topological order
+    level = {i.name: 0 for i in graph.input}  # tensor -> segment that computes it (absent: constant)
+    for index, names in enumerate(groups):
+        level.update({name: index for name in names})
+    readers: dict[str, set[int]] = {}  # tensor -> segments that read it
+    nodes_of: list[int] = [0] * len(groups)
+    for node in graph.node:  # stored in topological order
         reads = [x for x in node.input if x]
-        if any(x in moving for x in reads):
-            moving.update(o for o in node.output if o)
-            consumed_by_varying.update(reads)
-        elif any(x in per_batch for x in reads):
-            per_batch.update(o for o in node.output if o)
-    boundary = sorted(consumed_by_varying & per_batch)
+        levels = [level[x] for x in reads if x in level]
+        if not levels:
+            continue  # constant: pulled into each segment that needs it
+        mine = max(levels)
+        nodes_of[mine] += 1
+        level.update({o: mine for o in node.output if o})
+        for x in reads:
+            readers.setdefault(x, set()).add(mine)
     outputs = [o.name for o in graph.output]
-    upper_outputs = [o for o in outputs if o in moving]
-    lower_outputs = [b for b in boundary if b not in inputs] + [o for o in outputs if o not in moving and o in per_batch]
-    if not upper_outputs:
-        raise EdgeftError("no graph output depends on the adapters above the split")
+    empty = [i for i, n in enumerate(nodes_of) if n == 0]
+    if empty:
+        raise EdgeftError(f"segment {empty[0]} would be empty: cut where the graph has adapters")
 
-    model = _with_value_info(model, boundary)
-    extractor = utils.Extractor(model)
-    lower_inputs = sorted(i for i in inputs if i not in varying)
-    lower = extractor.extract_model(lower_inputs, lower_outputs)
-    upper = extractor.extract_model(boundary + list(varying), upper_outputs)
-    # The extractor keeps every input it was given; drop the ones a part never reads.
-    for part in (lower, upper):
-        read = {x for n in part.graph.node for x in n.input} | {o.name for o in part.graph.output}
-        keep = [i for i in part.graph.input if i.name in read]
-        del part.graph.input[:]
-        part.graph.input.extend(keep)
-    return lower, upper, boundary
+    inputs = {i.name for i in graph.input}
+    # tensors computed in one segment and read in a later one: a segment's outputs
+    crossing = sorted(t for t, rs in readers.items() if t in level and any(r > level[t] for r in rs))
+    extractor = utils.Extractor(_with_value_info(model, [t for t in crossing if t not in inputs]))
+    parts = []
+    for index in range(len(groups)):
+        ins = [t for t in sorted(readers) if t in level and level[t] <= index and index in readers[t]
+               and (t in inputs or level[t] < index)]
+        outs = [t for t in crossing if level[t] == index and t not in inputs]
+        outs += [o for o in outputs if level.get(o) == index and o not in outs]
+        parts.append(extractor.extract_model(ins, outs))
+    return parts
 
 
 def _with_value_info(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """The extractor needs a type for every tensor that becomes a graph input or output."""
+    """The extractor needs a type for every tensor that becomes a segment's input or output."""
     known = {v.name for v in model.graph.value_info} | {i.name for i in model.graph.input}
     if all(n in known for n in names):
         return model
@@ -83,31 +94,36 @@ def _with_value_info(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProt
     return inferred
 
 
-def split_bundle(folder: Path, at: int, log=print) -> SplitSpec:
-    """Write ``split-AT/{lower,upper}.onnx`` into the bundle and list the split in its manifest."""
+def split_bundle(folder: Path, cuts: list[int], log=print) -> Segments:
+    """Write ``segments/segment-I.onnx`` into the bundle and list them in its manifest
+    (replacing an earlier split). The manifest changes last, atomically."""
     folder = Path(folder)
     manifest = Manifest.load(folder)
     layers = sorted({layer_of(t.name) for t in manifest.adapter.tensors} - {-1})
-    if at not in layers or at == layers[0]:
-        choices = ", ".join(str(x) for x in layers[1:]) or "none: the adapters sit in fewer than two layers"
-        raise EdgeftError(f"--at {at}: split at a layer that has adapters, above the lowest (choices: {choices})")
-    varying = varying_tensors(manifest, at)
-    model = onnx.load(str(folder / MODEL_NAME))
-    lower, upper, boundary = split_graph(model, varying)
-    sub = folder / f"split-{at}"
-    sub.mkdir(exist_ok=True)
-    for name, part in (("lower.onnx", lower), ("upper.onnx", upper)):
-        _save(part, sub / name)
-    spec = SplitSpec(at=at, lower=f"split-{at}/lower.onnx", upper=f"split-{at}/upper.onnx",
-                     boundary=boundary, varying=varying)
-    manifest.splits = [s for s in manifest.splits if s.at != at] + [spec]
-    manifest.splits.sort(key=lambda s: s.at)
+    cuts = sorted(set(cuts))
+    bad = [c for c in cuts if not 0 < c <= (layers[-1] if layers else -1)]
+    if not cuts or bad:
+        raise EdgeftError(f"--at {bad[0] if bad else ''}: cut above layer 0 and at most at the top adapted layer "
+                          f"(adapted layers: {', '.join(map(str, layers)) or 'none'})")
+    groups = adapter_groups(manifest, cuts)
+    parts = segment_graph(onnx.load(str(folder / MODEL_NAME)), groups)
+    staging = folder / (FOLDER + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    files = []
+    for index, part in enumerate(parts):
+        _save(part, staging / f"segment-{index}.onnx")
+        files.append(f"{FOLDER}/segment-{index}.onnx")
+    manifest.segments = Segments(cuts=cuts, files=files, adapters=groups)
+    manifest.validate()
+    shutil.rmtree(folder / FOLDER, ignore_errors=True)
+    os.replace(staging, folder / FOLDER)
     tmp = folder / (MANIFEST_NAME + ".tmp")
     tmp.write_text(manifest.to_json() + "\n")
-    os.replace(tmp, folder / MANIFEST_NAME)  # atomic: the bundle is never left with a half-written manifest
-    log(f"split at layer {at}: {len(boundary)} boundary tensors, {len(varying)} adapter tensors above, "
-        f"{len(lower.graph.node)} nodes below / {len(upper.graph.node)} above")
-    return spec
+    os.replace(tmp, folder / MANIFEST_NAME)
+    log(f"cut at layers {', '.join(map(str, cuts))}: " + ", ".join(
+        f"segment {i} {len(p.graph.node)} nodes, {len(groups[i])} adapter tensors" for i, p in enumerate(parts)))
+    return manifest.segments
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

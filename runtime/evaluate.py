@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .bundle import Bundle, Encoded
-from .split import SplitRunner
+from .split import SegmentChain
 
 
 class CandidateEvaluator:
@@ -21,27 +21,21 @@ class CandidateEvaluator:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.forward_passes = 0
-        self.split_passes = 0  # candidates evaluated on the upper part of a split graph only
-        self._splits: list[SplitRunner] | None = None
+        self.split_passes = 0  # candidates that re-ran only the upper segments of a split bundle
+        self._chain: SegmentChain | None = None
 
     def losses(self, feeds: dict[str, np.ndarray], candidates: list[np.ndarray]) -> np.ndarray:
         run = self.bundle.run
-        split = self._split_for(candidates)
-        if split is not None:
-            run = split.run
-            self.split_passes += len(candidates)
+        if len(candidates) > 1 and self.bundle.manifest.segments:
+            if self._chain is None:  # opened on first use: bundles without segments pay nothing
+                self._chain = SegmentChain(self.bundle)
+            if self._chain.first_changed(candidates) > 0:  # otherwise the whole graph is as fast
+                run = self._chain.run
+                self.split_passes += len(candidates)
         out = np.empty(len(candidates), dtype=np.float64)
         for i, candidate in enumerate(candidates):
             out[i] = self._loss(run, feeds, candidate)
         return out
-
-    def _split_for(self, candidates: list[np.ndarray]) -> SplitRunner | None:
-        """The highest split below which all candidates agree (None: run the whole graph)."""
-        if len(candidates) < 2 or not self.bundle.manifest.splits:
-            return None
-        if self._splits is None:  # sessions are opened on first use: bundles without splits pay nothing
-            self._splits = [SplitRunner(self.bundle, s) for s in sorted(self.bundle.manifest.splits, key=lambda s: -s.at)]
-        return next((s for s in self._splits if s.covers(candidates)), None)
 
     def _loss(self, run, feeds, candidate) -> float:
         self.forward_passes += 1

@@ -43,13 +43,13 @@ def _bpe_tokenizer():
     return tok, tok.get_vocab_size()
 
 
-def tiny_bert(folder: Path, masked_lm: bool = False) -> Path:
+def tiny_bert(folder: Path, masked_lm: bool = False, layers: int = 2) -> Path:
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
 
     tok, vocab = _wordpiece_tokenizer()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
     model = (BertForMaskedLM if masked_lm else BertModel)(config)
     model.save_pretrained(folder)

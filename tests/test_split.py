@@ -16,7 +16,7 @@ def split_copy(request, bert_bundle, llama_lm_bundle, tmp_path):
     source = {"bert-cls": bert_bundle, "llama-lm": llama_lm_bundle}[request.param]
     folder = tmp_path / request.param
     shutil.copytree(source, folder)
-    split_bundle(folder, 1, log=lambda m: None)
+    split_bundle(folder, [1], log=lambda m: None)
     return folder
 
 
@@ -48,9 +48,8 @@ def test_split_matches_whole_graph_at_two_shapes(split_copy, shape):
     split_losses = evaluator.losses(feeds, candidates)
     assert evaluator.split_passes == 3
     whole = [bundle.run(feeds, c, ["loss"])[0] for c in candidates]
-    runner = evaluator._splits[0]
     for c, ref in zip(candidates, whole):
-        (loss,) = runner.run(feeds, c, ["loss"])
+        (loss,) = evaluator._chain.run(feeds, c, ["loss"])
         np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
     assert len(set(split_losses.tolist())) == 3  # the upper adapters do change the loss
 
@@ -66,20 +65,64 @@ def test_candidates_that_differ_below_the_split_run_the_whole_graph(split_copy):
     assert evaluator.split_passes == 0
     assert evaluator.forward_passes == 3
     whole = Bundle(split_copy)
-    whole.manifest.splits = []
+    whole.manifest.segments = None
     np.testing.assert_array_equal(losses, CandidateEvaluator(whole).losses(feeds, candidates))
 
 
-def test_layerwise_training_uses_the_split(bert_bundle, sentiment_data, tmp_path):
+@pytest.fixture(scope="module")
+def bert3_bundles(tmp_path_factory, export_bundle_for):
+    """A three-layer BERT bundle and its copy cut at layers 1 and 2."""
+    from tests.models import tiny_bert
+
+    root = tmp_path_factory.mktemp("bert3")
+    whole = export_bundle_for("bert3-cls", tiny_bert(root / "model", layers=3), task="classification",
+                              labels=["neg", "pos"], pooling="mean")
+    cut = root / "cut"
+    shutil.copytree(whole, cut)
+    split_bundle(cut, [1, 2], log=lambda m: None)
+    return whole, cut
+
+
+def test_only_segments_above_the_change_run_again(bert3_bundles):
+    from edgeft.adapters import layer_of
+    from edgeft.runtime import Bundle
+    from edgeft.runtime.split import SegmentChain
+
+    whole, cut = (Bundle(p) for p in bert3_bundles)
+    chain = SegmentChain(cut)
+    runs = [0, 0, 0]
+    for i, session in enumerate(chain.sessions):  # count each segment's runs
+        chain.sessions[i] = _Counting(session, runs, i)
+    feeds = sample_batch(cut.manifest, 60, 3, 10, seed=5)
+    base = cut.layout.flatten(random_adapters(cut.manifest, 1))
+    # each pair: the base (re-runs what the previous pair changed), then a change in one layer
+    for changed_layer, expected_runs in ((2, [1, 1, 2]), (1, [1, 2, 4]), (0, [2, 4, 6])):
+        c = base.copy()
+        for t in cut.layout.tensors:
+            if layer_of(t.name) == changed_layer:
+                c[cut.layout.slice_of(t.name)] += 0.1
+        for candidate in (base, c):
+            (loss,) = chain.run(feeds, candidate, ["loss"])
+            np.testing.assert_allclose(loss, whole.run(feeds, candidate, ["loss"])[0], rtol=1e-5, atol=1e-6)
+        assert runs == expected_runs, (changed_layer, runs)
+
+
+class _Counting:
+    def __init__(self, session, runs, index):
+        self.session, self.runs, self.index = session, runs, index
+
+    def run(self, *args):
+        self.runs[self.index] += 1
+        return self.session.run(*args)
+
+
+def test_layerwise_training_uses_the_split(bert3_bundles, sentiment_data):
     """Same run with and without the split: the same losses step by step; the split was used."""
     from edgeft.data import load_dataset
     from edgeft.runtime import Bundle, TrainConfig, Trainer, make_optimizer
 
-    folder = tmp_path / "b"
-    shutil.copytree(bert_bundle, folder)
-    split_bundle(folder, 1, log=lambda m: None)
     runs = []
-    for path in (bert_bundle, folder):
+    for path in bert3_bundles:
         bundle = Bundle(path)
         data = load_dataset(sentiment_data, bundle.labels)
         enc = bundle.encode(data.texts, data.labels)
@@ -93,7 +136,7 @@ def test_layerwise_training_uses_the_split(bert_bundle, sentiment_data, tmp_path
     np.testing.assert_allclose(split, whole, rtol=1e-4)
 
 
-@pytest.mark.parametrize("at, message", [("0", "above the lowest"), ("7", "choices: 1"), ("x", "not a layer number")])
+@pytest.mark.parametrize("at, message", [("0", "above layer 0"), ("7", "adapted layers: 0, 1"), ("x", "not a layer number")])
 def test_split_at_a_wrong_layer_is_refused(bert_bundle, tmp_path, at, message):
     folder = tmp_path / "b"
     shutil.copytree(bert_bundle, folder)
