@@ -34,13 +34,14 @@ def adapter_nodes(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
     return sorted(found)
 
 
-def quantize_int8(src: Path, dst: Path, manifest: Manifest | None) -> list[str]:
-    """Quantise ``src`` into ``dst``; returns the excluded node names."""
+def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: bool = False,
+                  reduce_range: bool = False, keep_fp32: list[str] | None = None) -> list[str]:
+    """Quantise ``src`` into ``dst``; returns the excluded node names. ``keep_fp32``: more node names left fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(str(src))
-    exclude = adapter_nodes(model, manifest) if manifest is not None else []
+    exclude = (adapter_nodes(model, manifest) if manifest is not None else []) + list(keep_fp32 or [])
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:  # shape inference + graph cleanup recommended before quantising; optional
@@ -49,5 +50,6 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest | None) -> list[str]:
         except Exception:
             source = src
         quantize_dynamic(str(source), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+                         per_channel=per_channel, reduce_range=reduce_range, nodes_to_exclude=exclude,
+                         extra_options={"MatMulConstBOnly": True})
     return exclude
