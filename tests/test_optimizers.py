@@ -121,3 +121,15 @@ def test_layerwise_changes_one_layer_per_generation():
     for candidate in opt.ask():
         moved = np.flatnonzero(candidate != opt.theta)
         assert moved.min() >= 0 and moved.max() < 20  # layer 0 first
+
+
+ZERO_ORDER = [name for name, (settings, _) in TABLE.items() if "intrinsic_dim" not in settings]
+
+
+@pytest.mark.parametrize("name", ZERO_ORDER)
+def test_default_step_size_lowers_the_loss(name):
+    """No lr given: the RMS-normalised, size-scaled default step (with warm-up) still converges."""
+    opt = make_optimizer(name, np.zeros(40, dtype=np.float32), layout=LAYOUT, seed=0, total_steps=300)
+    assert opt.config.lr is None and opt.warmup_steps() == 15
+    advance(opt, 300)
+    assert quadratic([opt.theta])[0] < quadratic([np.zeros(40)])[0] / 5
