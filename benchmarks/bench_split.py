@@ -33,10 +33,12 @@ from common import machine_facts  # benchmarks/ is on sys.path when run as a scr
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "benchmarks" / ".cache" / "split"
 LABELS = ["rotten", "fresh"]
-CASES = {  # name -> (bundle, optimizer)
-    "layerwise": ("all-layers", "dfo-layerwise"),
-    "mezo-top2": ("top2", "mezo"),
+CASES = {  # name -> (bundle, optimizer, settings)
+    # one generation per layer, so that the timed steps cover whole cycles over the 7 groups (6 layers + head)
+    "layerwise": ("all-layers", "dfo-layerwise", {"generations_per_layer": 1}),
+    "mezo-top2": ("top2", "mezo", {}),
 }
+LAYERWISE_STEPS = 14  # two cycles
 BATCHES = {"whole set (32)": 32, "batches of 16": 16}
 WARMUP = 3
 
@@ -85,7 +87,8 @@ def worker(spec: dict) -> dict:
     data = k_shot(Dataset(texts, np.array([LABELS.index(n) for n in names])), 16, seed=0)
     train = bundle.encode(data.texts, data.labels)
     theta, _ = starting_adapter(bundle, train, 0, None)
-    opt = make_optimizer(spec["optimizer"], theta, layout=bundle.layout, seed=0, total_steps=spec["steps"] + WARMUP)
+    opt = make_optimizer(spec["optimizer"], theta, layout=bundle.layout, seed=0, total_steps=spec["steps"] + WARMUP,
+                         **spec["settings"])
     trainer = Trainer(bundle, train, opt, TrainConfig(steps=spec["steps"] + WARMUP, batch_size=spec["batch"]))
     times, losses = [], []
     for _ in range(spec["steps"] + WARMUP):
@@ -93,7 +96,7 @@ def worker(spec: dict) -> dict:
         losses.append(trainer.step().loss)
         times.append(time.perf_counter() - start)
     timed = times[WARMUP:]
-    return {"step_ms": 1000 * statistics.median(timed), "passes_per_step": trainer.evaluator.forward_passes / len(times),
+    return {"step_ms": 1000 * statistics.mean(timed), "passes_per_step": trainer.evaluator.forward_passes / len(times),
             "split_share": trainer.evaluator.split_passes / max(trainer.evaluator.forward_passes, 1),
             "final_loss": float(np.mean(losses[-5:])), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -110,10 +113,11 @@ def render(args, facts, results) -> str:
              f"{facts['date']} · {facts['cpu']} · {facts['cores']} cores · load {facts['load'][0]:.2f} at start · "
              f"onnxruntime {facts['onnxruntime']} · `{facts['command']}`", "",
              f"MiniLM-L6 classification, Rotten Tomatoes k=16 per class (32 examples), linear-probe start, "
-             f"{args.threads} ORT threads, {args.steps} timed steps after {WARMUP} warm-up, median over {args.rounds} "
+             f"{args.threads} ORT threads, mean step time over {args.steps} steps (layer-wise, one generation per layer: "
+             f"{LAYERWISE_STEPS} steps = two cycles over the 6 layers and the head) after {WARMUP} warm-up; median over {args.rounds} "
              "rounds (each variant in its own process). Losses are the same with and without the split "
              "(tests/test_split.py checks ORT split vs whole graph at two shapes); final loss is shown as a check.", "",
-             "| case | batch | graph | step median | speed-up | forward passes/step | on split | peak RSS | final train loss |",
+             "| case | batch | graph | step time | speed-up | forward passes/step | on split | peak RSS | final train loss |",
              "|---|---|---|---|---|---|---|---|---|"]
     for case in CASES:
         for batch_name in BATCHES:
@@ -137,11 +141,12 @@ def main(argv=None) -> None:
                     "import bench_split; bench_split.prep()"], check=True)
     runs: dict[tuple, list[dict]] = {}
     for round_ in range(args.rounds):
-        for case, (bundle, optimizer) in CASES.items():
+        for case, (bundle, optimizer, settings) in CASES.items():
             for batch_name, batch in BATCHES.items():
                 for graph in ("whole", "split"):
                     folder = CACHE / (bundle if graph == "whole" else f"{bundle}-split")
-                    spec = {"bundle": str(folder), "optimizer": optimizer, "batch": batch, "steps": args.steps,
+                    spec = {"bundle": str(folder), "optimizer": optimizer, "batch": batch, "settings": settings,
+                            "steps": LAYERWISE_STEPS if optimizer == "dfo-layerwise" else args.steps,
                             "threads": args.threads}
                     r = json.loads(spawn(["--worker", json.dumps(spec)]).strip().splitlines()[-1])
                     runs.setdefault((case, batch_name, graph), []).append(r)
