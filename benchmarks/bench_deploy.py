@@ -45,7 +45,8 @@ CACHE = REPO / "benchmarks" / ".cache"
 LABELS = ["rotten", "fresh"]  # MiniLM label ids 0, 1
 NOISY = 0.25  # other processes using more CPU cores than this during a row → its timings are suspect
 TITLE = "# Deployment trade-offs: LoRD and int8 bundles on CPU"
-# key -> (table name, LoRD params-ratio or None, activation-aware, int8)
+# key -> (table name, LoRD params-ratio or None, activation-aware, int8: False, True (the quantiser's
+# defaults: per-channel, FFN down projections of gated-FFN decoders kept fp32) or "all" (every linear MatMul))
 ROWS = {
     "fp32": ("fp32", None, False, False),
     "lord0.8": ("LoRD 0.8 plain", 0.8, False, False),
@@ -55,20 +56,23 @@ ROWS = {
     "lord0.6a": ("LoRD 0.6 aware", 0.6, True, False),
     "lord0.4a": ("LoRD 0.4 aware", 0.4, True, False),
     "int8": ("int8", None, False, True),
+    "int8-all": ("int8, all MatMuls", None, False, "all"),
     "lord0.6a-int8": ("LoRD 0.6 aware + int8", 0.6, True, True),
 }
+# int8 bundles are cached under a name that says how they were quantised (older caches: per-tensor "int8")
+INT8_TAG = "int8pc"
 # Per model: where its bundles live, its plot, and the settings a flag left unset takes (then --quick's).
 MODELS = {
     "minilm": {
         "title": "all-MiniLM-L6-v2 on Rotten Tomatoes (accuracy)", "bundles": CACHE / "deploy",
-        "plot": "deploy-tradeoff.png",
+        "plot": "deploy-tradeoff.png", "rows": [k for k in ROWS if k != "int8-all"],  # no gated FFN: the same
         "defaults": dict(recovery_steps=100, lr=1e-3, eps=1e-3, repeats=20, warmup=3, batch_size=16, eval_every=25,
                          retries=1),
         "quick": dict(test_size=64, dev_size=64, recovery_steps=5, repeats=3),
     },
     "smollm2": {
         "title": "SmolLM2-135M on Shakespeare (perplexity)", "bundles": CACHE / "deploy-smollm2",
-        "plot": "deploy-tradeoff-smollm2.png",
+        "plot": "deploy-tradeoff-smollm2.png", "rows": list(ROWS),
         # one fp32 forward of 4 x 128 tokens takes ~3.5 s here: 20 steps keep the whole model to ~40 min
         "defaults": dict(recovery_steps=20, lr=1e-3, eps=1e-3, repeats=3, warmup=1, batch_size=4, eval_every=10,
                          retries=0),
@@ -98,15 +102,15 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--retries", type=int, help=f"re-measure a row when others used > {NOISY} cores (minilm 1, smollm2 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    p.add_argument("--rows", help="comma-separated subset of: " + ", ".join(ROWS) + " (default: all the model has)")
     p.add_argument("--out", type=Path, help="report (default docs/DEPLOY.md; --quick: in benchmarks/.cache)")
     p.add_argument("--quick", action="store_true", help="a few examples, steps and repeats: checks that the script runs")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: prep, rss:ROW, measure:ROW
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = list(MODELS) if args.model == "all" else [args.model]
-    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in args.rows if r not in ROWS]
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    unknown = [r for r in args.rows or [] if r not in ROWS]
     if unknown:
         p.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     # a check run never overwrites the real numbers
@@ -120,7 +124,7 @@ def settings(args, model: str) -> dict:
     cfg = {**MODELS[model]["defaults"], **{k: v for k, v in given.items() if v is not None}}
     if args.quick:
         cfg.update(MODELS[model]["quick"])
-    cfg.update(model=model, bundles_dir=str(MODELS[model]["bundles"]))
+    cfg.update(model=model, bundles_dir=str(MODELS[model]["bundles"]), rows=args.rows or MODELS[model]["rows"])
     return cfg
 
 
@@ -149,10 +153,11 @@ def worker_prep(cfg: dict, run_dir: Path) -> None:
         if ratio is None and not int8:
             bundles[key], reports[key] = str(fp32), {"linear_params_after": all_linear, "kept": 1.0}
             continue
+        tag = (INT8_TAG + ("-all" if int8 == "all" else "")) if int8 else ""
         if ratio is None:
-            name = "int8"
+            name = tag
         else:
-            name = f"lord{ratio}-" + (f"aware-{calib_tag}" if aware else "plain") + ("-int8" if int8 else "")
+            name = f"lord{ratio}-" + (f"aware-{calib_tag}" if aware else "plain") + (f"-{tag}" if int8 else "")
         out, report_file = bundles_dir / name, bundles_dir / f"{name}.report.json"
         if not ((out / "edgeft.json").is_file() and report_file.is_file()):
             shutil.rmtree(out, ignore_errors=True)  # a bundle without its report: redo both
@@ -160,9 +165,10 @@ def worker_prep(cfg: dict, run_dir: Path) -> None:
 
             print(f"    making {name} ...", flush=True)
             if ratio is None:
-                quantize_bundle(fp32, out)
+                quantize_bundle(fp32, out, keep_fp32=[] if int8 == "all" else None)
                 report = {"linear_params_after": all_linear, "kept": 1.0}
             else:
+                assert int8 != "all", "LoRD + int8 rows use the quantiser's defaults"
                 report = compress_bundle(fp32, out, params_ratio=ratio, energy=None, calibrate=calib if aware else None,
                                          quantize="int8" if int8 else None, log=lambda m: print("    " + m, flush=True))
             report_file.write_text(json.dumps(report))
@@ -361,12 +367,13 @@ def targets(model: str, rows: dict) -> list[str]:
     out = [f"- ≥30% fewer linear-layer parameters with {limit} after recovery: "
            f"{'**met**' if met else '**missed**'}. Within: {', '.join(met) or 'none'}. "
            f"Beyond: {', '.join(missed) or 'none'}."]
-    if "int8" in rows:
-        r = rows["int8"]
-        speed = ref["step_s"] / r["step_s"]
-        change = f"{loss(r):+.1f} pts" if model == "minilm" else f"perplexity {ppl_change(r, ref)}"
-        out.append(f"- int8 ZO step ≥1.6× faster than fp32 with {limit}: "
-                   f"{'**met**' if speed >= 1.6 and ok(r) else '**missed**'} ({speed:.2f}× faster, {change}).")
+    for key in ("int8", "int8-all"):
+        if key in rows:
+            r = rows[key]
+            speed = ref["step_s"] / r["step_s"]
+            change = f"{loss(r):+.1f} pts" if model == "minilm" else f"perplexity {ppl_change(r, ref)}"
+            out.append(f"- {r['name']} ZO step ≥1.6× faster than fp32 with {limit}: "
+                       f"{'**met**' if speed >= 1.6 and ok(r) else '**missed**'} ({speed:.2f}× faster, {change}).")
     return out
 
 
@@ -379,14 +386,15 @@ def plot(model: str, rows: dict, path: Path) -> None:
 
     # kind -> (marker, colour, legend); a black edge marks LoRD + int8
     style = {"plain": ("o", "tab:blue", "LoRD, plain SVD"), "aware": ("^", "tab:orange", "LoRD, activation-aware"),
-             "fp32": ("*", "black", "fp32"), "int8": ("s", "tab:gray", "int8")}
+             "fp32": ("*", "black", "fp32"), "int8": ("s", "tab:gray", "int8"),
+             "int8-all": ("D", "tab:red", "int8, all MatMuls")}
     causal = model == "smollm2"
     value = (lambda r: r["perplexity_after"]) if causal else (lambda r: 100 * r["acc_after"])
     fig, ax = plt.subplots(figsize=(9, 4.5))
     shown = set()
     for key, r in rows.items():
         _, ratio, aware, int8 = ROWS[key]
-        kind = ("aware" if aware else "plain") if ratio else ("int8" if int8 else "fp32")
+        kind = ("aware" if aware else "plain") if ratio else ("int8-all" if int8 == "all" else "int8" if int8 else "fp32")
         marker, color, label = style[kind]
         x, y = r["linear_params"] / 1e6, value(r)
         ax.scatter(x, y, marker=marker, s=90, color=color, edgecolors="black" if int8 and ratio else "none",
@@ -499,6 +507,8 @@ set can resolve.
 
 - **Linear-layer parameters**: frozen MatMul weights (attention and feed-forward), from the LoRD report;
   fp32 and int8 keep all {cfg['all_linear'] / 1e6:.2f} M. Embeddings are not counted. **Model file**: `model.onnx`.
+- **int8**: ONNX Runtime dynamic quantisation (`edgeft compress --quantize int8`): frozen MatMul weights int8 with
+  per-channel scales, activations quantised per tensor at run time; adapters and the head stay fp32.
 - **Latency**: `Bundle.run(..., ["logits"])`, median of {cfg['repeats']} runs after {warmup} warm-up runs, on
   fixed test rows (shapes: batch 1 {any_row['shapes']['1']}, batch 16 {any_row['shapes']['16']} token ids).
 - **Peak RSS**: `ru_maxrss` of a process that only imports the runtime, loads the bundle, tokenises the
@@ -545,6 +555,10 @@ The int8 target was stated for accuracy; for this model it is judged with the sa
 - **Linear-layer parameters**: frozen MatMul weights (q, k, v, o, gate, up, down of the 30 layers), from the LoRD
   report; fp32 and int8 keep all {cfg['all_linear'] / 1e6:.2f} M. The embedding, tied to the LM head, is not counted
   and never compressed. **Model file**: `model.onnx`.
+- **int8**: ONNX Runtime dynamic quantisation (`edgeft compress --quantize int8`): frozen MatMul weights int8 with
+  per-channel scales, activations quantised per tensor at run time, adapters fp32; by default the 30 feed-forward
+  down projections stay fp32 (their input, silu(gate)·up, has outlier channels). **int8, all MatMuls**: those
+  quantised too (`keep_fp32=[]`), the quantiser's behaviour before that default.
 - **Latency**: `Bundle.run(..., ["logits"])` (all positions through the LM head), median of {cfg['repeats']} runs after
   {warmup} warm-up run(s), on the first test windows (shapes: batch 1 {any_row['shapes']['1']}, batch 16
   {any_row['shapes']['16']} token ids).

@@ -54,15 +54,16 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
             "linear_params_after": after, "kept": after / before if before else 1.0}
 
 
-def quantize_bundle(bundle: Path, out: Path) -> int:
-    """Copy ``bundle`` to ``out`` with int8 MatMul weights; adapter inputs and the loss stay fp32."""
+def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None) -> int:
+    """Copy ``bundle`` to ``out`` with int8 MatMul weights; adapter inputs and the loss stay fp32.
+    ``keep_fp32``: see :func:`quantize_int8` (None: the architecture's default). Returns the adapter nodes kept."""
     bundle, out = Path(bundle), Path(out)
     manifest = Manifest.load(bundle)
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
 
     def write(tmp: Path) -> dict:
-        excluded = quantize_int8(bundle / MODEL_NAME, tmp / MODEL_NAME, manifest)
+        excluded = quantize_int8(bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32)
         shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
         shutil.copy(bundle / MANIFEST_NAME, tmp / MANIFEST_NAME)
         return {"excluded": len(excluded)}

@@ -65,7 +65,7 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
         if quantize == "int8":
             fp32 = tmp / "model.fp32.onnx"
             onnx.save_model(deployed, str(fp32))
-            quantize_int8(fp32, path, None if merge else manifest)
+            quantize_int8(fp32, path, None if merge else manifest, architecture=manifest.architecture)
             fp32.unlink()
         else:
             onnx.save_model(deployed, str(path))

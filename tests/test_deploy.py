@@ -138,3 +138,26 @@ def test_merged_causal_lm_returns_next_token_logits(llama_lm_bundle, tmp_path):
         (got,) = run_deployed(tmp_path / "out", feeds)
         assert got.shape == want.shape and got.shape[:2] == feeds["input_ids"].shape
         assert np.abs(got - want).max() < 1e-4
+
+
+def test_int8_keeps_gated_ffn_down_projections_fp32(llama_lm_bundle, bert_bundle, tmp_path):
+    """Llama: by default the feed-forward down projections (one per layer) stay fp32, every other frozen MatMul
+    goes int8; keep_fp32=[] quantises them too. BERT (no gated FFN) keeps none."""
+    import onnx
+
+    from edgeft.export.compress import quantize_bundle
+    from edgeft.export.lord import linear_weights
+    from edgeft.runtime import Bundle, evaluate
+    from tests.models import CORPUS
+
+    fp32_left = lambda folder: [w.dims for _, w in linear_weights(onnx.load(str(folder / "model.onnx")))]
+    quantize_bundle(llama_lm_bundle, tmp_path / "q")
+    assert fp32_left(tmp_path / "q") == [[64, 32], [64, 32]]  # down_proj [intermediate, hidden] of both layers
+    quantize_bundle(llama_lm_bundle, tmp_path / "all", keep_fp32=[])
+    assert fp32_left(tmp_path / "all") == []
+    quantize_bundle(bert_bundle, tmp_path / "bert")
+    assert fp32_left(tmp_path / "bert") == []
+    ref, q = Bundle(llama_lm_bundle), Bundle(tmp_path / "q")
+    theta = ref.layout.initial(0)
+    want, got = (evaluate(b, theta, b.encode(CORPUS[:5]), 8)["loss"] for b in (ref, q))
+    assert abs(got - want) < 0.05
