@@ -11,9 +11,12 @@ fixed random projection: θ = θ0 + P·y. P is regenerated from the seed, never 
 * ``Layerwise``   the DFO-for-LoRA method (arXiv 2403.01754): one CMA-ES per layer on
                   that layer's adapters, layers optimised in turn (round-robin).
 
-Projection scale: each adapter tensor's block of P is scaled by 1/sqrt(fan-in) of that
-tensor (the LoRA init scale). The paper scales from hidden-state statistics of each
-layer; that needs per-layer activations from the graph and is not done here.
+Projection scale: each adapter tensor's block of P is scaled by 1/sqrt(its larger side):
+1/sqrt(fan-in) for LoRA A and the head (the LoRA init scale), 1/sqrt(fan-out) for LoRA B
+[out, r]. Scaling B by 1/sqrt(r) instead made one unit of σ change B·A by more than the
+frozen weight itself, and CMA-ES at σ=1 wrecked the model within two generations (20NG:
+67% → 12.5%). The paper scales from hidden-state statistics of each layer; that needs
+per-layer activations from the graph and is not done here.
 
 Resuming: pycma keeps its random state in numpy's global generator, so its state is
 rebuilt by replaying the recorded losses (ask/tell without running the model): a
@@ -47,11 +50,11 @@ class PopulationConfig:
 
 
 def projection(shapes, dim: int, seed: int, rows: slice | None = None) -> np.ndarray:
-    """P [n, dim]: Gaussian, each tensor's rows scaled by 1/sqrt(its fan-in) and 1/sqrt(dim)."""
+    """P [n, dim]: Gaussian, each tensor's rows scaled by 1/sqrt(its larger side) and 1/sqrt(dim)."""
     blocks = []
     for index, shape in enumerate(shapes):
         n = int(np.prod(shape))
-        fan_in = shape[-1] if len(shape) > 1 else max(n, 1)
+        fan_in = max(shape) if len(shape) > 1 else max(n, 1)
         rng = np.random.default_rng([seed, 11, index])
         blocks.append(rng.standard_normal((n, dim), dtype=np.float32) / np.float32(np.sqrt(fan_in) * np.sqrt(dim)))
     return np.concatenate(blocks)
