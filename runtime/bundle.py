@@ -67,6 +67,9 @@ class Bundle:
             first = str(err).strip().splitlines()[0][:300]
             raise EdgeftError(f"{model_path}: cannot load ONNX graph ({first})") from None
         self._check_graph()
+        missing = [f for f in (self.manifest.segments.files if self.manifest.segments else []) if not (self.folder / f).is_file()]
+        if missing:
+            raise EdgeftError(f"{self.folder}: manifest lists graph segment {missing[0]}, which is missing (run edgeft split again)")
         tok_path = self.folder / TOKENIZER_NAME
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))

@@ -145,3 +145,16 @@ def test_split_at_a_wrong_layer_is_refused(bert_bundle, tmp_path, at, message):
     assert result.exit_code == 2
     assert message in result.output
     assert (folder / "edgeft.json").read_text() == before
+
+
+def test_a_corrupt_segment_file_is_one_error_line(bert_bundle, sentiment_data, tmp_path):
+    folder = tmp_path / "b"
+    shutil.copytree(bert_bundle, folder)
+    split_bundle(folder, [1], log=lambda m: None)
+    (folder / "segments" / "segment-1.onnx").write_bytes(b"not onnx")
+    args = ["train", str(folder), "--data", str(sentiment_data), "-o", str(tmp_path / "run"), "--steps", "2",
+            "--optimizer", "dfo-layerwise", "--set", "popsize=4", "--batch-size", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot load graph segment" in errors[0] and "segment-1.onnx" in errors[0]
