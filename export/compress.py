@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from edgeft.errors import EdgeftError
-from edgeft.manifest import MANIFEST_NAME, MODEL_NAME, TOKENIZER_NAME, Manifest
+from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
 from .quantize import quantize_int8
@@ -44,7 +44,7 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
             quantize_int8(target, tmp / MODEL_NAME, manifest)
             target.unlink()
         shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-        shutil.copy(bundle / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        _derived_manifest(manifest, tmp)
         return {}
 
     write_bundle(out, write)
@@ -65,7 +65,13 @@ def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None)
     def write(tmp: Path) -> dict:
         excluded = quantize_int8(bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32)
         shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-        shutil.copy(bundle / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        _derived_manifest(manifest, tmp)
         return {"excluded": len(excluded)}
 
     return write_bundle(out, write)["excluded"]
+
+
+def _derived_manifest(manifest: Manifest, folder: Path) -> None:
+    """The source's manifest without its graph segments: they hold the source's weights."""
+    manifest.segments = None
+    manifest.save(folder)

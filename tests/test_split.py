@@ -158,3 +158,15 @@ def test_a_corrupt_segment_file_is_one_error_line(bert_bundle, sentiment_data, t
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot load graph segment" in errors[0] and "segment-1.onnx" in errors[0]
+
+
+def test_a_compressed_bundle_drops_the_segments(bert_bundle, tmp_path):
+    from edgeft.export.compress import quantize_bundle
+    from edgeft.manifest import Manifest
+
+    folder = tmp_path / "b"
+    shutil.copytree(bert_bundle, folder)
+    split_bundle(folder, [1], log=lambda m: None)
+    quantize_bundle(folder, tmp_path / "int8")
+    assert Manifest.load(tmp_path / "int8").segments is None
+    assert Manifest.load(folder).segments is not None
