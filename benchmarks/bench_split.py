@@ -132,6 +132,9 @@ def render(args, facts, results) -> str:
                 lines.append(f"| {case} | {batch_name} | {graph} | {r['cpu_ms']:.0f} ms | {base['cpu_ms'] / r['cpu_ms']:.2f}x | "
                              f"{r['step_ms']:.0f} ms | {base['step_ms'] / r['step_ms']:.2f}x | "
                              f"{r['passes_per_step']:.1f} | {r['split_share']:.0%} | {r['peak_rss_mb']:.0f} MB | {r['final_loss']:.4f} |")
+    lines += ["", "The price is memory: the whole graph stays loaded for evaluation, each segment is its own ONNX Runtime "
+              "session with its own memory arena, and each segment's outputs are cached for the batch. Sharing one "
+              "allocator across the sessions is not done yet."]
     return "\n".join(lines) + "\n"
 
 
