@@ -16,11 +16,26 @@ from edgeft.errors import EdgeftError
 from .bundle import Bundle, session_options
 
 
+_shared_arena = False
+
+
+def _share_one_arena(options: ort.SessionOptions) -> None:
+    """All segment sessions draw from one CPU arena registered with ORT's environment, instead of
+    one arena each (a segment's arena would otherwise grow to its own peak and stay there)."""
+    global _shared_arena
+    if not _shared_arena:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 class SegmentChain:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         spec = bundle.manifest.segments
         options = session_options(bundle.profile)
+        _share_one_arena(options)
         providers = [p for p in bundle.profile.providers if p in ort.get_available_providers()]
         self.sessions = []
         for name in spec.files:
