@@ -105,6 +105,8 @@ def parse_args(argv):
     p.add_argument("--rows", help="comma-separated subset of: " + ", ".join(ROWS) + " (default: all the model has)")
     p.add_argument("--out", type=Path, help="report (default docs/DEPLOY.md; --quick: in benchmarks/.cache)")
     p.add_argument("--quick", action="store_true", help="a few examples, steps and repeats: checks that the script runs")
+    p.add_argument("--render-only", action="store_true",
+                   help="re-write the report and plot from the last run's results (nothing is measured)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: prep, rss:ROW, measure:ROW
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,7 +122,8 @@ def parse_args(argv):
 
 def settings(args, model: str) -> dict:
     """The plan one model runs with: the flags, the model's defaults where a flag was left unset."""
-    given = {k: v for k, v in vars(args).items() if k not in ("out", "quick", "worker", "run_dir", "model", "models")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("out", "quick", "worker", "run_dir", "model", "models", "render_only")}
     cfg = {**MODELS[model]["defaults"], **{k: v for k, v in given.items() if v is not None}}
     if args.quick:
         cfg.update(MODELS[model]["quick"])
@@ -378,11 +381,14 @@ def targets(model: str, rows: dict) -> list[str]:
 
 
 def plot(model: str, rows: dict, path: Path) -> None:
-    """Quality after recovery against linear-layer parameters, one point per row."""
+    """Quality after recovery against linear-layer parameters, one point per row. SmolLM2: a second panel
+    zooms in on the rows within 10x of fp32's perplexity (plain LoRD is orders of magnitude above)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import ScalarFormatter
 
     # kind -> (marker, colour, legend); a black edge marks LoRD + int8
     style = {"plain": ("o", "tab:blue", "LoRD, plain SVD"), "aware": ("^", "tab:orange", "LoRD, activation-aware"),
@@ -390,30 +396,40 @@ def plot(model: str, rows: dict, path: Path) -> None:
              "int8-all": ("D", "tab:red", "int8, all MatMuls")}
     causal = model == "smollm2"
     value = (lambda r: r["perplexity_after"]) if causal else (lambda r: 100 * r["acc_after"])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    shown = set()
-    for key, r in rows.items():
-        _, ratio, aware, int8 = ROWS[key]
-        kind = ("aware" if aware else "plain") if ratio else ("int8-all" if int8 == "all" else "int8" if int8 else "fp32")
-        marker, color, label = style[kind]
-        x, y = r["linear_params"] / 1e6, value(r)
-        ax.scatter(x, y, marker=marker, s=90, color=color, edgecolors="black" if int8 and ratio else "none",
-                   linewidths=1.5, label=None if label in shown else label, zorder=3)
-        shown.add(label)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if "fp32" in rows:
-        ref = value(rows["fp32"])
-        ax.axhline(ref * 1.05 if causal else ref - 1, color="gray", ls="--", lw=0.8,
-                   label="fp32 + 5% (target)" if causal else "fp32 − 1 point (target)")
-    if causal:
-        ax.set_yscale("log")  # compressed rows can be far above fp32
-        ax.set(ylabel="held-out perplexity after ZO recovery (log scale)",
-               title="SmolLM2-135M on Shakespeare, Macbeth held out (black edge: + int8)")
-    else:
-        ax.set(ylabel="test accuracy after ZO recovery (%)", title="MiniLM-L6 on Rotten Tomatoes (black edge: + int8)")
-    ax.set_xlabel("linear-layer parameters (millions)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: never hides a point
+    ref = value(rows["fp32"]) if "fp32" in rows else None
+    fig, axes = plt.subplots(1, 2 if causal and ref else 1, figsize=(13 if causal and ref else 9, 4.5), squeeze=False)
+    for panel, ax in enumerate(axes[0]):
+        zoom = panel == 1
+        shown = set()
+        points = {k: (r["linear_params"] / 1e6, value(r)) for k, r in rows.items() if not zoom or value(r) <= 10 * ref}
+        near = lambda a, b: abs(a[0] - b[0]) < 1 and (abs(np.log(a[1] / b[1])) < 0.15 if causal else abs(a[1] - b[1]) < 0.6)
+        for key, (x, y) in points.items():
+            _, ratio, aware, int8 = ROWS[key]
+            r = rows[key]
+            # points on top of each other: their labels one under the other, highest point first
+            stack = sum(1 for k, p in points.items() if k != key and near(p, (x, y)) and (p[1], k) > (y, key))
+            kind = ("aware" if aware else "plain") if ratio else ("int8-all" if int8 == "all" else "int8" if int8 else "fp32")
+            marker, color, label = style[kind]
+            ax.scatter(x, y, marker=marker, s=90, color=color, edgecolors="black" if int8 and ratio else "none",
+                       linewidths=1.5, label=None if label in shown else label, zorder=3)
+            shown.add(label)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(7, 3 - 11 * stack), fontsize=8)
+        if ref is not None:
+            ax.axhline(ref * 1.05 if causal else ref - 1, color="gray", ls="--", lw=0.8,
+                       label="fp32 + 5% (target)" if causal else "fp32 − 1 point (target)")
+        if causal:
+            ax.set_yscale("log")  # compressed rows can be far above fp32
+            ax.set(ylabel="held-out perplexity after ZO recovery (log scale)",
+                   title="within 10× of fp32" if zoom else "SmolLM2-135M on Shakespeare, Macbeth held out")
+            if zoom:
+                for axis in (ax.yaxis,):
+                    axis.set_major_formatter(ScalarFormatter())
+                    axis.set_minor_formatter(ScalarFormatter())
+        else:
+            ax.set(ylabel="test accuracy after ZO recovery (%)", title="MiniLM-L6 on Rotten Tomatoes (black edge: + int8)")
+        ax.set_xlabel("linear-layer parameters (millions)" + (" — black edge: + int8" if causal and not zoom else ""))
+        ax.grid(alpha=0.3, which="both" if zoom else "major")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: never hides a point
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -550,6 +566,8 @@ Activation-aware LoRD is calibrated on those {cfg['train_windows']} training win
 
 The int8 target was stated for accuracy; for this model it is judged with the same ≤5% perplexity criterion.
 
+{chr(10).join(smollm2_notes(cfg, rows))}
+
 ### How each column is measured
 
 - **Linear-layer parameters**: frozen MatMul weights (q, k, v, o, gate, up, down of the 30 layers), from the LoRD
@@ -573,6 +591,45 @@ The int8 target was stated for accuracy; for this model it is judged with the sa
 {noise_line(cfg, rows, facts)}
 
 {machine_section(facts)}"""
+
+
+def smollm2_notes(cfg: dict, rows: dict) -> list[str]:
+    """What the table says, in numbers taken from it (nothing hand-written that a re-run could contradict)."""
+    out, ref = [], rows.get("fp32")
+    energy, n_layers = {}, 0
+    for key in rows:
+        _, ratio, aware, int8 = ROWS[key]
+        if ratio and not int8:
+            layers = cfg["reports"][key]["layers"]
+            energy[(ratio, aware)], n_layers = sum(l["energy"] for l in layers) / len(layers), len(layers)
+    if energy:
+        say = lambda aware: ", ".join(f"{100 * e:.0f}% at {r}" for (r, a), e in sorted(energy.items(), reverse=True)
+                                      if a == aware)
+        out.append(f"- Spectral energy kept per weight, mean over the {n_layers} linear layers: plain SVD {say(False) or '-'}; "
+                   f"activation-aware (of the whitened weight) {say(True) or '-'}. Every layer loses that much and the "
+                   "errors compound through the 30 layers.")
+    sane = {k: r for k, r in rows.items() if r["perplexity_before"] < 1000}
+    if sane:
+        change = [100 * (r["perplexity_after"] / r["perplexity_before"] - 1) for r in sane.values()]
+        out.append(f"- Recovery ({cfg['recovery_steps']} MeZO steps on LoRA r=8, `q_proj,v_proj`) changed the test perplexity "
+                   f"of the rows below 1000 by {min(change):+.1f}% to {max(change):+.1f}%.")
+    lord = [r for k, r in rows.items() if ROWS[k][1] is not None]
+    if ref and lord:
+        best = min(lord, key=lambda r: r["perplexity_after"])
+        out.append(f"- Closest LoRD row to fp32 after recovery: {best['name']} ({100 * (1 - best['kept']):.0f}% fewer "
+                   f"linear parameters), perplexity {ppl_change(best, ref)}.")
+    if "fp32" in rows and "int8" in rows and "int8-all" in rows:
+        ref, a, b = rows["fp32"], rows["int8"], rows["int8-all"]
+        out.append(f"- int8 trade-off: the feed-forward down projections in fp32 cost speed-up "
+                   f"({ref['step_s'] / b['step_s']:.2f}× → {ref['step_s'] / a['step_s']:.2f}× per ZO step) and size "
+                   f"({b['file_mb']:.0f} → {a['file_mb']:.0f} MB) and buy perplexity ({ppl_change(b, ref)} → "
+                   f"{ppl_change(a, ref)}).")
+    noise = [r["others_cores"] for r in rows.values()]
+    if max(noise) > NOISY:
+        out.append(f"- Timings: other processes used {min(noise):.2f}–{max(noise):.2f} of the 2 cores throughout this run, "
+                   "so absolute times are inflated; every row ran under about the same load, so the speed-up ratios are "
+                   "the comparable numbers, and only roughly.")
+    return out
 
 
 def write_report(path: Path, sections: dict[str, str]) -> None:
@@ -627,6 +684,12 @@ def run_model(model: str, args, facts: dict, t0: float) -> tuple[str, dict]:
         rows[key] = {**result, "name": ROWS[key][0], "linear_params": report["linear_params_after"],
                      "kept": report["kept"], "file_mb": model_bytes / (1 << 20)}
     (run_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    (run_dir / "facts.json").write_text(json.dumps(facts))
+    return finish(model, cfg, rows, facts, args)
+
+
+def finish(model: str, cfg: dict, rows: dict, facts: dict, args) -> tuple[str, dict]:
+    """Plot and report section of one model's rows."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot_name = MODELS[model]["plot"].replace(".png", "-quick.png") if args.quick else MODELS[model]["plot"]
     plot(model, rows, args.out.parent / plot_name)  # matplotlib only now, after every worker has run
@@ -644,7 +707,12 @@ def main(argv=None) -> None:
     (CACHE / ".gitignore").write_text("*\n")  # keep bundles and runs out of git
     sections = {}
     for model in args.models:
-        sections[model], _ = run_model(model, args, facts, t0)
+        if args.render_only:
+            run_dir = MODELS[model]["bundles"] / ("run-quick" if args.quick else "run")
+            saved = [json.loads((run_dir / f"{name}.json").read_text()) for name in ("plan", "results", "facts")]
+            sections[model], _ = finish(model, *saved, args)
+        else:
+            sections[model], _ = run_model(model, args, facts, t0)
         write_report(args.out, sections)  # after each model: a later failure keeps the finished section
     print(f"written to {args.out} ({time.perf_counter() - t0:.0f} s in all)")
 
