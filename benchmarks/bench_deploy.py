@@ -116,14 +116,17 @@ def parse_args(argv):
     if unknown:
         p.error(f"unknown row(s) {unknown}; known: {', '.join(ROWS)}")
     # a check run never overwrites the real numbers
-    args.out = args.out or (CACHE / "DEPLOY-quick.md" if args.quick else REPO / "docs" / "DEPLOY.md")
+    default_out = CACHE / "DEPLOY-quick.md" if args.quick else REPO / "docs" / "DEPLOY.md"
+    # runs for another report keep their results apart, so they never replace the real run's results.json
+    args.run_name = ("run-quick" if args.quick else "run") + ("" if args.out in (None, default_out) else f"-{args.out.stem}")
+    args.out = args.out or default_out
     return args
 
 
 def settings(args, model: str) -> dict:
     """The plan one model runs with: the flags, the model's defaults where a flag was left unset."""
     given = {k: v for k, v in vars(args).items()
-             if k not in ("out", "quick", "worker", "run_dir", "model", "models", "render_only")}
+             if k not in ("out", "quick", "worker", "run_dir", "model", "models", "render_only", "run_name")}
     cfg = {**MODELS[model]["defaults"], **{k: v for k, v in given.items() if v is not None}}
     if args.quick:
         cfg.update(MODELS[model]["quick"])
@@ -369,7 +372,8 @@ def targets(model: str, rows: dict) -> list[str]:
     met, missed = [say(r) for r in small if ok(r)], [say(r) for r in small if not ok(r)]
     out = [f"- ≥30% fewer linear-layer parameters with {limit} after recovery: "
            f"{'**met**' if met else '**missed**'}. Within: {', '.join(met) or 'none'}. "
-           f"Beyond: {', '.join(missed) or 'none'}."]
+           f"Beyond: {', '.join(missed) or 'none'}." if small else
+           f"- ≥30% fewer linear-layer parameters with {limit}: not judged (no LoRD row at ≤70% was run)."]
     for key in ("int8", "int8-all"):
         if key in rows:
             r = rows[key]
@@ -650,7 +654,7 @@ def write_report(path: Path, sections: dict[str, str]) -> None:
 
 def run_model(model: str, args, facts: dict, t0: float) -> tuple[str, dict]:
     bundles_dir = MODELS[model]["bundles"]
-    run_dir = bundles_dir / ("run-quick" if args.quick else "run")
+    run_dir = bundles_dir / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = settings(args, model)
     (run_dir / "plan.json").write_text(json.dumps(cfg))
@@ -708,7 +712,7 @@ def main(argv=None) -> None:
     sections = {}
     for model in args.models:
         if args.render_only:
-            run_dir = MODELS[model]["bundles"] / ("run-quick" if args.quick else "run")
+            run_dir = MODELS[model]["bundles"] / args.run_name
             saved = [json.loads((run_dir / f"{name}.json").read_text()) for name in ("plan", "results", "facts")]
             sections[model], _ = finish(model, *saved, args)
         else:
