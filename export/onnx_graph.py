@@ -7,14 +7,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from edgeft.errors import EdgeftError
 from edgeft.manifest import AdapterTensor, Manifest
 
-# protobuf cannot hold a message over 2 GB: larger graphs keep weights in a side file.
-EXTERNAL_DATA_BYTES = 1_800_000_000
+from .onnx_files import save_model
 
 
 def export_onnx(wrapper: torch.nn.Module, manifest: Manifest, tensors: list[AdapterTensor], path: Path, vocab_size: int) -> None:
@@ -48,10 +46,7 @@ def export_onnx(wrapper: torch.nn.Module, manifest: Manifest, tensors: list[Adap
     names = [i.name for i in model.graph.input]
     if names != manifest.inputs:
         raise EdgeftError(f"export produced inputs {names}, expected {manifest.inputs}")
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", all_tensors_to_one_file=True)
-    else:
-        onnx.save_model(model, str(path))
+    save_model(model, path)
 
 
 def verify_against_torch(wrapper: torch.nn.Module, manifest: Manifest, path: Path, vocab_size: int) -> dict:

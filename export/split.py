@@ -28,6 +28,8 @@ from edgeft.adapters import layer_of
 from edgeft.errors import EdgeftError
 from edgeft.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Segments
 
+from .onnx_files import save_model
+
 FOLDER = "segments"
 
 
@@ -112,7 +114,7 @@ def split_bundle(folder: Path, cuts: list[int], log=print) -> Segments:
     staging.mkdir()
     files = []
     for index, part in enumerate(parts):
-        _save(part, staging / f"segment-{index}.onnx")
+        save_model(part, staging / f"segment-{index}.onnx")
         files.append(f"{FOLDER}/segment-{index}.onnx")
     manifest.segments = Segments(cuts=cuts, files=files, adapters=groups)
     manifest.validate()
@@ -125,10 +127,3 @@ def split_bundle(folder: Path, cuts: list[int], log=print) -> Segments:
         f"segment {i} {len(p.graph.node)} nodes, {len(groups[i])} adapter tensors" for i, p in enumerate(parts)))
     return manifest.segments
 
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() > 1_800_000_000:  # protobuf's 2 GB limit
-        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data",
-                        all_tensors_to_one_file=True)
-    else:
-        onnx.save_model(model, str(path))
