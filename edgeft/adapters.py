@@ -1,10 +1,22 @@
-"""Adapter values: a flat vector for optimizers, named tensors for the graph, PEFT files on disk.
+"""Adapter values: a flat vector for optimizers, named tensors for the graph, adapter folders on disk.
 
-Optimizers see one float32 vector (the *adapter vector*); the graph sees named
-inputs; users and PEFT see ``adapter_config.json`` + ``adapter_model.safetensors``
-with keys ``base_model.model.<module>.lora_A.weight``. The classification head is
-not a PEFT module: it is saved beside the adapter as ``head.safetensors``
-(``weight`` [labels, hidden], ``bias`` [labels]), applied after pooling.
+Optimizers see one float32 vector (the *adapter vector*); the graph sees named inputs; users
+see an adapter folder, ``adapter_config.json`` + ``adapter_model.safetensors``:
+
+* ``lora``: PEFT's LoRA layout (keys ``base_model.model.<module>.lora_A.weight``/``lora_B``).
+  A PiSSA-initialised LoRA trains on residual weights; it is saved the way PEFT converts
+  PiSSA for the original model: rank 2r, alpha 2·alpha, A' = [A; −A₀], B' = [B, B₀], so
+  W + scale·B'A' is the trained weight.
+* ``bone``: PEFT's MiSS layout with ``init_weights: "bat"`` (key ``<module>.miss_block``,
+  [out/r, r, r]).
+* ``loldu`` and ``tt``: edgeft's own layout (PEFT has neither): the same two files,
+  ``peft_type`` ``EDGEFT_LOLDU`` / ``EDGEFT_TT``; keys ``base_model.model.<module>.loldu_z`` [r]
+  and ``.loldu_scale`` [1] (W_eff = W_res + scale·(P L_r D_r)·diag(z)·U_r, the frozen factors
+  recomputed from the base weight by LU with partial pivoting), or ``.tt_core_<j>``
+  [r_{j-1}, o_j, i_j, r_j] (ΔW = (alpha/r)·TT-matrix of the cores; ``tt_cores`` in the config).
+
+The classification head is not a PEFT module: it is saved beside the adapter as
+``head.safetensors`` (``weight`` [labels, hidden], ``bias`` [labels]), applied after pooling.
 """
 
 from __future__ import annotations
@@ -18,11 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError
-from edgeft.manifest import AdapterSpec, AdapterTensor
+from edgeft.manifest import AdapterSpec, AdapterTensor, Manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
+PEFT_TYPES = {"lora": "LORA", "bone": "MISS", "loldu": "EDGEFT_LOLDU", "tt": "EDGEFT_TT"}
 
 
 def layer_of(name: str) -> int:
@@ -34,8 +47,9 @@ def layer_of(name: str) -> int:
 class AdapterLayout:
     """Where each adapter tensor lives in the flat adapter vector."""
 
-    def __init__(self, spec: AdapterSpec):
+    def __init__(self, spec: AdapterSpec, stored: dict[str, np.ndarray] | None = None):
         self.spec = spec
+        self.stored = stored or {}  # start values of "stored" tensors (the bundle's init file)
         self.tensors: list[AdapterTensor] = list(spec.tensors)
         self.offsets: list[int] = []
         offset = 0
@@ -73,10 +87,11 @@ class AdapterLayout:
         return vector
 
     def initial(self, seed: int = 0) -> np.ndarray:
-        """PEFT's LoRA init: A ~ kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+        """Where training starts: every adapter type at a zero update, so the model is the base model.
 
-        B = 0 makes the adapted model start exactly at the base model. The head
-        starts at zero until a linear probe fits it.
+        LoRA as PEFT: A ~ kaiming-uniform(a=sqrt(5)) i.e. U(-1/sqrt(in), 1/sqrt(in)), B = 0 (or
+        PiSSA's stored A₀, B₀ on residual weights); LoLDU z = 1, scale = 1; TT: Gaussian cores,
+        the last zero; Bone: B = 0. The head starts at zero until a linear probe fits it.
         """
         rng = np.random.default_rng(seed)
         vector = np.zeros(self.size, dtype=np.float32)
@@ -85,22 +100,74 @@ class AdapterLayout:
             if t.init == "kaiming-uniform":
                 bound = 1.0 / math.sqrt(t.shape[-1])
                 vector[off : off + n] = rng.uniform(-bound, bound, size=n).astype(np.float32)
+            elif t.init == "tt-normal":  # core [r_prev, o, i, r_next]
+                std = 1.0 / math.sqrt(t.shape[0] * t.shape[2])
+                vector[off : off + n] = (rng.standard_normal(n) * std).astype(np.float32)
+            elif t.init == "ones":
+                vector[off : off + n] = 1.0
+            elif t.init == "stored":
+                if t.name not in self.stored:
+                    raise EdgeftError(f"adapter tensor {t.name}: its start value is not in the bundle's init file")
+                vector[off : off + n] = np.asarray(self.stored[t.name], dtype=np.float32).ravel()
         return vector
 
-    def lora_mask(self) -> np.ndarray:
-        """True where the vector holds LoRA values (not the head)."""
+    def adapter_mask(self) -> np.ndarray:
+        """True where the vector holds adapter values (not the classification head)."""
         mask = np.zeros(self.size, dtype=bool)
         for t, off in zip(self.tensors, self.offsets):
-            if t.role.startswith("lora"):
+            if not t.role.startswith("head"):
                 mask[off : off + int(np.prod(t.shape))] = True
         return mask
 
+    @property
+    def trainable_adapter_values(self) -> int:
+        return int(self.adapter_mask().sum())
 
-# --- PEFT-format files -------------------------------------------------------
+
+def bundle_layout(folder: Path, manifest: Manifest) -> AdapterLayout:
+    """The layout of a bundle folder, with its stored start values when it has any."""
+    stored = None
+    if manifest.adapter.init_file:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = Path(folder) / manifest.adapter.init_file
+        try:
+            stored = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise EdgeftError(f"{path}: the bundle's adapter start values are missing or unreadable ({err})") from None
+    return AdapterLayout(manifest.adapter, stored)
+
+
+# --- adapter folders ----------------------------------------------------------
+
+
+def _config(spec: AdapterSpec, base_model: str, task_type: str | None) -> dict:
+    common = {"peft_type": PEFT_TYPES[spec.kind], "r": spec.rank, "target_modules": sorted(spec.targets),
+              "base_model_name_or_path": base_model, "task_type": task_type, "inference_mode": True,
+              "bias": "none", "fan_in_fan_out": False, "modules_to_save": None}
+    if spec.kind == "lora":
+        pissa = spec.init == "pissa"  # saved converted: rank 2r on the original weights
+        return {**common, "r": spec.rank * (2 if pissa else 1), "lora_alpha": spec.alpha * (2 if pissa else 1),
+                "lora_dropout": 0.0, "init_lora_weights": True}
+    if spec.kind == "bone":
+        return {**common, "init_weights": "bat", "mini_r": 1, "miss_dropout": 0.0}
+    if spec.kind == "tt":
+        return {**common, "alpha": spec.alpha, "tt_cores": spec.tt_cores}
+    return common
+
+
+def _pissa_pairs(layout: AdapterLayout):
+    """(A spec, B spec) per module of a PiSSA LoRA."""
+    pairs: dict[str, dict] = {}
+    for t in layout.tensors:
+        if t.role in ("lora_A", "lora_B"):
+            pairs.setdefault(t.module, {})[t.role] = t
+    return [(p["lora_A"], p["lora_B"]) for p in pairs.values()]
 
 
 def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_model: str, task_type: str | None) -> None:
-    """Write a PEFT LoRA adapter folder (+ head.safetensors when the bundle has a head).
+    """Write an adapter folder (+ head.safetensors when the bundle has a head); layouts in the module doc.
 
     Files are written under temporary names and renamed, so a crash never leaves a
     half-written adapter over a good one.
@@ -110,47 +177,39 @@ def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_m
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     named = layout.unflatten(np.asarray(vector, dtype=np.float32))
-    lora, head = {}, {}
+    weights, head = {}, {}
     for t in layout.tensors:
         value = np.ascontiguousarray(named[t.name])
         if t.peft_key:
-            lora[t.peft_key] = value
+            weights[t.peft_key] = value
         elif t.role == "head_weight":
             head["weight"] = value
         elif t.role == "head_bias":
             head["bias"] = value
     spec = layout.spec
-    config = {
-        "peft_type": "LORA",
-        "r": spec.rank,
-        "lora_alpha": spec.alpha,
-        "target_modules": sorted(spec.targets),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "base_model_name_or_path": base_model,
-        "task_type": task_type,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
+    if spec.kind == "lora" and spec.init == "pissa":
+        for a, b in _pissa_pairs(layout):
+            weights[a.peft_key] = np.ascontiguousarray(np.concatenate([named[a.name], -layout.stored[a.name]], axis=0))
+            weights[b.peft_key] = np.ascontiguousarray(np.concatenate([named[b.name], layout.stored[b.name]], axis=1))
+    config = _config(spec, base_model, task_type)
     _atomic_write(folder / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-    _atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(lora, str(p), metadata={"format": "pt"}))
+    _atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     if head:
         _atomic_write(folder / HEAD_WEIGHTS, lambda p: save_file(head, str(p)))
 
 
 def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = None) -> np.ndarray:
-    """Read a PEFT LoRA adapter folder into an adapter vector for this bundle.
+    """Read an adapter folder into an adapter vector for this bundle.
 
     Tensors absent from the file keep their value in ``base`` (e.g. the head when a
-    plain PEFT adapter is loaded). A different ``lora_alpha/r`` in the file is folded
-    into B so that the adapted weights are the same.
+    plain PEFT adapter is loaded). A LoRA with another ``lora_alpha/r`` is folded into B
+    so that the adapted weights are the same.
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     folder = Path(folder)
+    spec = layout.spec
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         raise EdgeftError(f"{folder}: not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
@@ -158,19 +217,31 @@ def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = 
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EdgeftError(f"{config_path}: not valid JSON ({err})") from None
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise EdgeftError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if not isinstance(config, dict):
+        raise EdgeftError(f"{config_path}: not an adapter config object")
+    want = PEFT_TYPES[spec.kind]
+    if str(config.get("peft_type", "")).upper() != want:
+        raise EdgeftError(f"{config_path}: peft_type {config.get('peft_type')!r} does not fit this {spec.kind} bundle ({want})")
+    pissa = spec.kind == "lora" and spec.init == "pissa"
     rank = int(config.get("r", 0))
-    if rank != layout.spec.rank:
-        raise EdgeftError(f"{folder}: adapter rank {rank} does not fit the bundle's rank {layout.spec.rank}")
+    want_rank = spec.rank * (2 if pissa else 1)
+    if rank != want_rank:
+        raise EdgeftError(f"{folder}: adapter rank {rank} does not fit the bundle's rank {want_rank}"
+                          + (" (a PiSSA bundle takes the rank-2r adapters it saves)" if pissa else ""))
+    if spec.kind == "bone" and config.get("init_weights") != "bat":
+        raise EdgeftError(f"{config_path}: a MiSS adapter without init_weights 'bat' is not a Bone adapter")
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise EdgeftError(f"{weights_path}: not a readable safetensors file ({err})") from None
     # PEFT saves keys without the adapter name ("default"); accept both spellings.
-    weights = {k.replace(".default.weight", ".weight"): v for k, v in weights.items()}
-    file_scale = float(config.get("lora_alpha", rank)) / rank
-    rescale = file_scale / layout.spec.scale
+    weights = {k.replace(".default.weight", ".weight").removesuffix(".default"): v for k, v in weights.items()}
+    rescale = 1.0
+    if spec.kind == "lora":
+        file_scale = float(config.get("lora_alpha", rank)) / rank
+        rescale = file_scale / spec.scale
+        if pissa and abs(rescale - 1.0) > 1e-6:
+            raise EdgeftError(f"{folder}: lora_alpha/r {file_scale:g} differs from the PiSSA bundle's {spec.scale:g}")
 
     named = layout.unflatten(np.array(base if base is not None else layout.initial(), dtype=np.float32, copy=True))
     matched = 0
@@ -180,6 +251,8 @@ def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = 
         if t.peft_key not in weights:
             raise EdgeftError(f"{weights_path}: missing tensor {t.peft_key}")
         value = np.asarray(weights[t.peft_key], dtype=np.float32)
+        if pissa:
+            value = _pissa_half(weights_path, t, value, layout.stored[t.name])
         if list(value.shape) != list(t.shape):
             raise EdgeftError(f"{weights_path}: {t.peft_key} has shape {list(value.shape)}, the bundle expects {t.shape}")
         if t.role == "lora_B":
@@ -205,6 +278,18 @@ def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = 
     if not np.all(np.isfinite(vector)):
         raise EdgeftError(f"{folder}: adapter holds non-finite values")
     return vector
+
+
+def _pissa_half(path: Path, t: AdapterTensor, value: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The trained half of a converted PiSSA tensor; the other half must be this bundle's start (±)."""
+    r = start.shape[0] if t.role == "lora_A" else start.shape[1]
+    if t.role == "lora_A":
+        trained, fixed, expected = value[:r], value[r:], -start
+    else:
+        trained, fixed, expected = value[:, :r], value[:, r:], start
+    if fixed.shape != expected.shape or not np.allclose(fixed, expected, rtol=1e-4, atol=1e-6):
+        raise EdgeftError(f"{path}: {t.peft_key} was not saved from this PiSSA bundle (its start half differs)")
+    return trained
 
 
 def _atomic_write(path: Path, write) -> None:

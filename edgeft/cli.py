@@ -54,24 +54,30 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 @click.option("--labels", help="Comma-separated label names (classification, prompt).")
 @click.option("--template", help='Prompt template with {text}; masked LMs also need {mask}, e.g. "{text} It was {mask}."')
 @click.option("--verbalizer", help='Label words, e.g. "neg=terrible,pos=great".')
-@click.option("--adapter", type=click.Choice(["lora"]), default="lora")
-@click.option("--rank", default=8, show_default=True)
-@click.option("--alpha", default=16.0, show_default=True)
+@click.option("--adapter", type=click.Choice(["lora", "loldu", "tt", "bone"]), default="lora", show_default=True,
+              help="lora: x·Aᵀ·Bᵀ beside each layer; loldu: LDU of W, diagonal + scale trained; "
+                   "tt: tensor-train cores form ΔW; bone: block affine ΔW from W's own blocks.")
+@click.option("--rank", default=8, show_default=True, help="LoRA/TT rank, LoLDU kept rank, Bone block size.")
+@click.option("--alpha", default=16.0, show_default=True, help="LoRA/TT update scale is alpha/rank.")
+@click.option("--init", "init", type=click.Choice(["zeros", "pissa"]), default="zeros", show_default=True,
+              help="LoRA start: B = 0, or PiSSA (principal singular vectors; residual weights frozen).")
+@click.option("--tt-cores", default=3, show_default=True, help="Tensor-train cores per adapted layer (--adapter tt).")
 @click.option("--targets", help="Comma-separated module names to adapt (default: per architecture).")
 @click.option("--pooling", type=click.Choice(["mean", "mean-normalized", "cls", "cls-pooler", "last-token"]),
               help="Classification pooling (default: what the model was trained with).")
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare ONNX with torch at a second shape.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write BUNDLE-int8: frozen weights int8, adapters fp32.")
-def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, targets, pooling, max_length,
-           verify, quantize):
+def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, init, tt_cores, targets,
+           pooling, max_length, verify, quantize):
     """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
     from edgeft.export import ExportOptions, export_bundle
 
     if source.endswith(".gguf") and not gguf_file:
         source, gguf_file = str(Path(source).parent), Path(source).name
     options = ExportOptions(task=task, labels=_split(labels), template=template, verbalizer=_verbalizer(verbalizer),
-                            rank=rank, alpha=alpha, targets=_split(targets) or None, max_length=max_length,
+                            adapter=adapter, rank=rank, alpha=alpha, init=init, tt_cores=tt_cores,
+                            targets=_split(targets) or None, max_length=max_length,
                             pooling=pooling, gguf_file=gguf_file)
     report = export_bundle(source, out, options, verify=verify, log=lambda m: click.echo(m, err=True))
     for name, diff in report.items():
@@ -237,11 +243,11 @@ def predict(bundle, texts, adapter, device, as_json):
 @click.argument("bundle", type=click.Path(path_type=Path))
 def info(bundle):
     """Describe a bundle: task, labels, adapters, graph inputs and outputs."""
-    from edgeft.adapters import AdapterLayout
+    from edgeft.adapters import bundle_layout
     from edgeft.manifest import MODEL_NAME, Manifest
 
     m = Manifest.load(bundle)
-    layout = AdapterLayout(m.adapter)
+    layout = bundle_layout(bundle, m)
     size = sum(p.stat().st_size for p in Path(bundle).glob(MODEL_NAME + "*")) / 1e6
     click.echo(f"task: {m.task}   architecture: {m.architecture}   source: {m.source}")
     if m.labels:
@@ -250,8 +256,10 @@ def info(bundle):
         click.echo(f"template: {m.template!r}   verbalizer: {m.verbalizer}")
     if m.pooling:
         click.echo(f"pooling: {m.pooling}")
-    click.echo(f"adapter: {m.adapter.kind} r={m.adapter.rank} alpha={m.adapter.alpha} on {', '.join(m.adapter.targets)}: "
-               f"{len(layout.tensors)} tensors, {layout.size:,} trainable values")
+    kind = m.adapter.kind + (f" ({m.adapter.init} init)" if m.adapter.init != "zeros" else "")
+    click.echo(f"adapter: {kind} r={m.adapter.rank} alpha={m.adapter.alpha} on {', '.join(m.adapter.targets)}: "
+               f"{len(layout.tensors)} tensors, {layout.trainable_adapter_values:,} adapter values"
+               + (f" + {layout.size - layout.trainable_adapter_values:,} head values" if layout.size > layout.trainable_adapter_values else ""))
     click.echo(f"inputs: {', '.join(n for n in m.inputs if n not in layout.names())} + adapters")
     click.echo(f"outputs: {', '.join(m.outputs)}   max length: {m.max_length}   model: {size:.1f} MB")
 

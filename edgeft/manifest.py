@@ -18,6 +18,7 @@ from edgeft.errors import EdgeftError
 MANIFEST_NAME = "edgeft.json"
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
+ADAPTER_INIT_NAME = "adapter_init.safetensors"  # start values computed at export (init "stored")
 FORMAT_VERSION = 1
 TASKS = ("classification", "prompt", "causal-lm")
 
@@ -28,19 +29,25 @@ class AdapterTensor:
 
     name: str  # graph input name
     shape: list[int]
-    init: str  # "zeros" | "kaiming-uniform" | "probe" (fitted on device)
-    peft_key: str | None = None  # key in a PEFT adapter_model.safetensors; None for the head
+    # "zeros" | "ones" | "kaiming-uniform" | "tt-normal" | "probe" (fitted on device)
+    # | "stored" (computed at export, in the bundle's adapter_init.safetensors)
+    init: str
+    peft_key: str | None = None  # key in the saved adapter_model.safetensors; None for the head
     module: str | None = None  # the torch module it adapts (PEFT target)
-    role: str = "lora_A"  # "lora_A" | "lora_B" | "head_weight" | "head_bias"
+    # lora_A | lora_B | loldu_z | loldu_scale | tt_core | bone_block | head_weight | head_bias
+    role: str = "lora_A"
 
 
 @dataclass
 class AdapterSpec:
-    kind: str = "lora"
-    rank: int = 8
+    kind: str = "lora"  # lora | loldu | tt | bone
+    rank: int = 8  # LoRA/TT rank, LoLDU kept rank, Bone block size
     alpha: float = 16.0
     targets: list[str] = field(default_factory=list)
     tensors: list[AdapterTensor] = field(default_factory=list)
+    init: str = "zeros"  # how LoRA starts: "zeros" (B = 0) | "pissa"
+    tt_cores: int | None = None
+    init_file: str | None = None  # ADAPTER_INIT_NAME when a tensor's init is "stored"
 
     @property
     def scale(self) -> float:

@@ -43,7 +43,7 @@ class CorrectionLearner:
             return  # a probe needs two classes; wait for the second one
         # refit the head on everything the user has said so far, keep the LoRA values learned so far
         start, _ = starting_adapter(self.bundle, memory)
-        lora = self.bundle.layout.lora_mask()
+        lora = self.bundle.layout.adapter_mask()
         start[lora] = self.adapter[lora]
         optimizer = MeZO(start, MeZOConfig(lr=1e-3, eps=1e-3, total_steps=self.steps, seed=len(self.texts)))
         trainer = Trainer(self.bundle, memory, optimizer, TrainConfig(steps=self.steps, batch_size=16, eval_every=self.steps))

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from edgeft.errors import EdgeftError
-from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, AdapterSpec, Manifest
+from edgeft.manifest import ADAPTER_INIT_NAME, MODEL_NAME, TOKENIZER_NAME, AdapterSpec, Manifest
 
+from .adapters import DEFAULT_TARGETS, KINDS, LORA_INITS, inject_adapters
 from .loading import Source, load_source
-from .lora import DEFAULT_TARGETS, inject_lora
 from .onnx_graph import export_onnx, verify_against_torch
 from .tasks import CausalLM, Classification, Prompt, head_tensors
 
@@ -25,8 +25,11 @@ class ExportOptions:
     labels: list[str] = field(default_factory=list)
     template: str | None = None
     verbalizer: dict[str, str] = field(default_factory=dict)
+    adapter: str = "lora"  # lora | loldu | tt | bone
     rank: int = 8
     alpha: float = 16.0
+    init: str = "zeros"  # LoRA only: zeros | pissa
+    tt_cores: int = 3
     targets: list[str] | None = None
     max_length: int = 128
     pooling: str | None = None
@@ -47,8 +50,9 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     src = load_source(source, options.task, options.gguf_file)
     targets = options.targets or DEFAULT_TARGETS.get(src.architecture)
     if not targets:
-        raise EdgeftError(f"no default LoRA targets for architecture {src.architecture!r}: pass --targets")
-    slots, tensors = inject_lora(src.model, targets, options.rank, options.alpha)
+        raise EdgeftError(f"no default adapter targets for architecture {src.architecture!r}: pass --targets")
+    slots, tensors, stored = inject_adapters(src.model, targets, options.adapter, options.rank, options.alpha,
+                                             options.init, options.tt_cores)
     manifest_extra: dict = {}
     tokenizer = src.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -79,7 +83,9 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         task=options.task,
         source=src.name if not src.gguf_file else f"{src.name}::{src.gguf_file}",
         architecture=src.architecture,
-        adapter=AdapterSpec("lora", options.rank, options.alpha, list(targets), tensors),
+        adapter=AdapterSpec(options.adapter, options.rank, options.alpha, list(targets), tensors, init=options.init,
+                            tt_cores=options.tt_cores if options.adapter == "tt" else None,
+                            init_file=ADAPTER_INIT_NAME if stored else None),
         inputs=data_inputs + [t.name for t in tensors],
         outputs=outputs,
         labels=list(options.labels),
@@ -96,6 +102,11 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         log(f"exporting {src.architecture} ({options.task}) to ONNX ...")
         export_onnx(wrapper, manifest, tensors, tmp / MODEL_NAME, vocab_size=src.model.config.vocab_size)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_NAME))
+        if stored:
+            from safetensors.numpy import save_file
+
+            # safetensors writes an array's raw buffer: strided views must be made contiguous first
+            save_file({k: np.ascontiguousarray(v) for k, v in stored.items()}, str(tmp / ADAPTER_INIT_NAME))
         manifest.save(tmp)
         return verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
 
@@ -130,6 +141,12 @@ def _check_options(o: ExportOptions) -> None:
             raise EdgeftError(f"--verbalizer has no word for label(s) {', '.join(missing)}")
     if o.rank < 1 or o.alpha <= 0:
         raise EdgeftError("--rank must be >= 1 and --alpha > 0")
+    if o.adapter not in KINDS:
+        raise EdgeftError(f"--adapter {o.adapter}: unknown (expected one of {', '.join(KINDS)})")
+    if o.init not in LORA_INITS or (o.init != "zeros" and o.adapter != "lora"):
+        raise EdgeftError(f"--init {o.init}: LoRA only, one of {', '.join(LORA_INITS)}")
+    if o.adapter == "tt" and o.tt_cores < 2:
+        raise EdgeftError("--tt-cores must be at least 2")
     if o.max_length < 4:
         raise EdgeftError("--max-length must be at least 4")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeft.adapters import AdapterLayout, load_adapter
+from edgeft.adapters import bundle_layout, load_adapter
 from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
@@ -47,14 +47,14 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
     if quantize not in (None, "int8"):
         raise EdgeftError(f"unknown --quantize {quantize!r} (int8)")
-    layout = AdapterLayout(manifest.adapter)
+    layout = bundle_layout(bundle, manifest)
     vector = load_adapter(adapter, layout)
     values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
     model = onnx.load(str(bundle / MODEL_NAME))
     if merge:
         deployed = inference_only(merge_adapters(model, manifest, values), outputs)
     else:
-        deployed = _with_default_adapters(inference_only(model, outputs), values)
+        deployed = _with_default_adapters(inference_only(model, outputs), layout.unflatten(layout.initial(0)))
     info = {"task": manifest.task, "labels": manifest.labels, "template": manifest.template,
             "inputs": [i.name for i in deployed.graph.input if i.name not in values], "outputs": outputs,
             "merged": merge, "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE,
@@ -80,14 +80,14 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     return report
 
 
-def _with_default_adapters(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """Give every adapter input a zero default (an initializer of the same name), so a run needs no
-    adapter feeds: the adapter file, activated per run, overrides them; without one the graph is the
-    base model (B = 0) with a zero head."""
+def _with_default_adapters(model: onnx.ModelProto, start: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Give every adapter input a default (an initializer of the same name): its start value, a zero
+    update (LoRA B = 0, LoLDU z = 1, ...) and a zero head. A run then needs no adapter feeds: the
+    adapter file, activated per run, overrides them; without one the graph is the base model."""
     from onnx import numpy_helper
 
-    for name, value in values.items():
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros_like(value, dtype=np.float32), name))
+    for name, value in start.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
     return model
 
 

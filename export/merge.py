@@ -2,7 +2,9 @@
 
 LoRA: for every adapted layer, W ← W + scale·Aᵀ·Bᵀ (W stored [in, out] for MatMul,
 [out, in] for a Gemm with transB), and the branch x·Aᵀ·Bᵀ·scale + base(x) is cut back
-to base(x). Any other adapter input (the classification head) becomes a constant.
+to base(x). Weight-side adapters (LoLDU, TT, Bone) compute W + ΔW from constants and
+their inputs only: that subgraph is evaluated once and its result stored as the weight
+(``fold_weight_updates``). Any other adapter input (the classification head) becomes a constant.
 Then outputs that need ``labels`` (the loss) are dropped and the graph is pruned:
 what remains takes the bundle's original inputs and returns logits.
 """
@@ -106,16 +108,63 @@ def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str,
             raise EdgeftError("merge: an adapted layer's output is a graph output")
     del g.graph.node[:]
     g.graph.node.extend(keep)
+    weight_side = {t.name: values[t.name] for t in manifest.adapter.tensors if not t.role.startswith(("lora", "head"))}
+    if weight_side:
+        fold_weight_updates(model, weight_side)
     # every other adapter input (the head) becomes a constant
-    lora_names = {t.name for t in manifest.adapter.tensors if t.role.startswith("lora")}
     for t in manifest.adapter.tensors:
-        if t.name not in lora_names:
+        if t.role.startswith("head"):
             g.graph.initializer.append(numpy_helper.from_array(values[t.name].astype(np.float32), t.name))
     adapter_names = {t.name for t in manifest.adapter.tensors}
     inputs = [i for i in g.graph.input if i.name not in adapter_names]
     del g.graph.input[:]
     g.graph.input.extend(inputs)
     return model
+
+
+def fold_weight_updates(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Evaluate every tensor computed from constants and ``values`` alone where the rest of the graph
+    reads it (e.g. W + ΔW before its MatMul), store it as an initializer and drop the nodes that made it.
+
+    Evaluated with ONNX Runtime, the kernels training used. In place; ``values`` stop being inputs.
+    """
+    import onnxruntime as ort
+
+    graph = model.graph
+    constant = {i.name for i in graph.initializer} | set(values)
+    depends = set(values)  # constant tensors that depend on the adapter values
+    folded_nodes = []
+    for node in graph.node:  # graph nodes are in topological order
+        inputs = [i for i in node.input if i]
+        has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if not has_subgraph and all(i in constant for i in inputs):
+            constant.update(node.output)
+            if any(i in depends for i in inputs):
+                depends.update(node.output)
+                folded_nodes.append(node)
+    folded_ids = {id(n) for n in folded_nodes}
+    readers = [n for n in graph.node if id(n) not in folded_ids]
+    frontier = sorted({i for n in readers for i in n.input if i in depends} | {o.name for o in graph.output if o.name in depends})
+    if not frontier:
+        return
+    # a graph that computes only the frontier, from initializers and the adapter values
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in values.items())
+    kept_inputs = [i for i in probe.graph.input if i.name not in values]
+    del probe.graph.input[:]
+    probe.graph.input.extend(kept_inputs)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in frontier)
+    probe = inference_only(probe, frontier)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    folded = dict(zip(frontier, session.run(frontier, {})))
+    keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in readers]
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(numpy_helper.from_array(folded[name], name) for name in frontier)
+    inputs = [i for i in graph.input if i.name not in values]
+    del graph.input[:]
+    graph.input.extend(inputs)
 
 
 def inference_only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:

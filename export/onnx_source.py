@@ -200,8 +200,10 @@ def export_from_onnx(source: Path, out: Path, options, verify: bool = True) -> d
 
     from .bundle import write_bundle
     from .loading import _sentence_transformers_pooling
-    from .lora import DEFAULT_TARGETS
+    from .adapters import DEFAULT_TARGETS
 
+    if options.adapter != "lora" or options.init != "zeros":
+        raise EdgeftError("ONNX sources take --adapter lora with its zero init only (export other adapters from the HF model)")
     if options.task != "classification":
         raise EdgeftError("ONNX sources support --task classification only (export prompt/causal-lm from the HF model)")
     original, config = read_source(source)

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeft.manifest import AdapterTensor
 
-from .lora import AdapterSlots
+from .adapters import AdapterSlots
 
 
 class _Task(nn.Module):

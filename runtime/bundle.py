@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edgeft.adapters import AdapterLayout
+from edgeft.adapters import bundle_layout
 from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
@@ -75,7 +75,7 @@ class Bundle:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as err:
             raise EdgeftError(f"{tok_path}: cannot load tokenizer ({err})") from None
-        self.layout = AdapterLayout(self.manifest.adapter)
+        self.layout = bundle_layout(self.folder, self.manifest)
         self.max_length = min(self.manifest.max_length, self.profile.max_length)
         self.tokenizer.no_padding()
         if self.task == "causal-lm":

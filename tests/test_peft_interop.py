@@ -37,7 +37,7 @@ def test_saved_adapter_loads_in_peft_and_matches_ort(bert_bundle, bert_folder, s
     from edgeft.adapters import load_adapter
 
     vector = load_adapter(run / "adapter", b.layout)
-    assert np.abs(vector[b.layout.lora_mask()]).max() > 0
+    assert np.abs(vector[b.layout.adapter_mask()]).max() > 0
     enc = b.encode(TEXTS, np.zeros(3, dtype=np.int64))
     ort_logits = b.run(b.feeds(enc, np.arange(3)), vector, ["logits"])[0]
     torch_logits = recipe_logits(bert_folder, run / "adapter", TEXTS, bert_folder)
