@@ -43,8 +43,7 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
         if quantize == "int8":
             quantize_int8(target, tmp / MODEL_NAME, manifest)
             target.unlink()
-        shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-        _derived_manifest(manifest, tmp)
+        _derived_manifest(bundle, manifest, tmp)
         return {}
 
     write_bundle(out, write)
@@ -64,14 +63,17 @@ def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None)
 
     def write(tmp: Path) -> dict:
         excluded = quantize_int8(bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32)
-        shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
-        _derived_manifest(manifest, tmp)
+        _derived_manifest(bundle, manifest, tmp)
         return {"excluded": len(excluded)}
 
     return write_bundle(out, write)["excluded"]
 
 
-def _derived_manifest(manifest: Manifest, folder: Path) -> None:
-    """The source's manifest without its graph segments: they hold the source's weights."""
+def _derived_manifest(source: Path, manifest: Manifest, folder: Path) -> None:
+    """The tokenizer, the adapters' stored start values and the source's manifest without its graph
+    segments (they hold the source's weights)."""
+    shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
+    if manifest.adapter.init_file:
+        shutil.copy(source / manifest.adapter.init_file, folder / manifest.adapter.init_file)
     manifest.segments = None
     manifest.save(folder)

@@ -186,3 +186,11 @@ def test_cli_export_info_train_and_merge_a_bone_classifier(bert_folder, sentimen
                                     "--adapter", "bone", "--rank", "5"])
     assert bad.exit_code != 0 and "not divisible into 5x5 blocks" in bad.output
     assert not (tmp_path / "b2").exists()
+
+
+def test_derived_bundles_keep_the_stored_start_values(export_bundle_for, llama_folder, tmp_path):
+    from edgeft.export.compress import quantize_bundle
+
+    source = export_bundle_for("llama-pissa", llama_folder, task="causal-lm", rank=4, **KINDS["pissa"])
+    quantize_bundle(source, tmp_path / "int8")
+    assert Bundle(tmp_path / "int8").layout.initial(0).tobytes() == Bundle(source).layout.initial(0).tobytes()
