@@ -6,6 +6,7 @@
     python benchmarks/bench_optimizers.py --tasks shakespeare --lm-optimizers mezo,zo-adam
     python benchmarks/bench_optimizers.py --render-only        # re-render the report from the saved runs
     python benchmarks/bench_optimizers.py --resume             # reuse finished runs made with the same settings
+    python benchmarks/bench_optimizers.py --adapter loldu --no-backprop --tag loldu --out /tmp/loldu.md
 
 Tasks (all few-shot, all from the same start point per seed):
 
@@ -20,6 +21,12 @@ and driven through ``edgeft.runtime.Trainer`` until the training forward passes 
 The held-out test set is scored every ``--eval-every`` forward passes (those passes do not count).
 MeZO is always run: it is the reference. Backprop LoRA + AdamW (peft) is the reference line for the
 MiniLM tasks, counted as one forward pass per step (each step also takes one backward pass).
+
+``--adapter SPEC`` exports another adapter type: ``KIND[:KEY=VALUE,...]`` with KIND an
+``ExportOptions.adapter`` (lora, loldu, tt, bone) and the keys ``ExportOptions`` fields, e.g.
+``lora:rank=2,alpha=4``, ``lora:init=pissa``, ``tt:rank=4,tt_cores=3``. Its bundles are cached under
+their own folder name, and the spec is part of every run's settings (``--resume`` never mixes types).
+The peft backprop line needs a plain LoRA (zero init): it is skipped for any other spec.
 
 Process layout: the parent never imports numpy, torch or onnxruntime (Linux carries ru_maxrss across
 fork+exec, so a child of a big parent would report the parent's peak). A "prep" subprocess per task
@@ -80,6 +87,8 @@ def parse_args(argv):
     p.add_argument("--lm-windows", type=int, default=256, help="training windows drawn per seed from the pool")
     p.add_argument("--lm-max-length", type=int, default=128, help="window length (tokens) of the LM bundle")
     p.add_argument("--lm-batch-size", type=int, default=8)
+    p.add_argument("--adapter", metavar="KIND[:KEY=VALUE,...]",
+                   help="adapter type and export options (default: the exporter's LoRA r=8, like before)")
     p.add_argument("--no-backprop", action="store_true", help="skip the peft LoRA + AdamW reference line")
     p.add_argument("--backprop-steps", type=int, help="AdamW steps (default: --budget, one forward pass each)")
     p.add_argument("--adam-lr", type=float, default=1e-3, help="AdamW learning rate of the backprop reference")
@@ -113,9 +122,41 @@ def parse_args(argv):
     args.out = args.out or (CACHE / args.tag / "OPTIMIZERS.md" if args.quick else REPO / "docs" / "OPTIMIZERS.md")
     try:
         args.overrides = parse_overrides(args.overrides)
+        args.adapter = parse_adapter(args.adapter) if args.adapter else None
     except ValueError as err:
         p.error(str(err))
     return args
+
+
+def parse_adapter(spec: str) -> dict:
+    """'lora:rank=2,alpha=4' → {'adapter': 'lora', 'rank': 2, 'alpha': 4} (ExportOptions keywords)."""
+    kind, _, rest = spec.partition(":")
+    if not kind.strip():
+        raise ValueError(f"--adapter {spec!r}: expected KIND[:KEY=VALUE,...]")
+    options = {"adapter": kind.strip()}
+    for item in filter(str.strip, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or key.strip() == "adapter":
+            raise ValueError(f"--adapter {spec!r}: {item!r} is not KEY=VALUE")
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+def adapter_slug(options: dict | None) -> str:
+    """A file-name-safe, order-independent name of an adapter spec: 'lora-alpha4-rank2' ('' for the default)."""
+    if not options:
+        return ""
+    return "-".join([options["adapter"]] + [f"{k}{v}" for k, v in sorted(options.items()) if k != "adapter"])
+
+
+def adapter_text(options: dict) -> str:
+    rest = ",".join(f"{k}={v}" for k, v in options.items() if k != "adapter")
+    return options["adapter"] + (f":{rest}" if rest else "")
+
+
+def backprop_possible(options: dict | None) -> bool:
+    """bench_core's peft model is a plain LoRA over the unmodified base weights."""
+    return not options or (options["adapter"] == "lora" and options.get("init", "zeros") == "zeros")
 
 
 def parse_value(text: str):
@@ -189,22 +230,35 @@ def export_once(task: str, cfg: dict) -> tuple[Path, str]:
     from edgeft import assets
 
     t = cfg["tasks"][task]
+    adapter = dict(t.get("adapter") or {})
     if task == "shakespeare":
         gguf = assets.smollm2_gguf()
         source, name = str(gguf.parent), f"smollm2-lm{t['max_length']}"
     else:
         source, name = str(assets.minilm_folder()), f"minilm-{task}"
+    if adapter:
+        name += "-" + adapter_slug(adapter)
     folder = BUNDLES / name
     if not (folder / "edgeft.json").is_file():
+        import dataclasses
+        import shutil
+
         from edgeft.export import ExportOptions, export_bundle
 
+        known = {f.name for f in dataclasses.fields(ExportOptions)}
+        unknown = sorted(set(adapter) - known)
+        if unknown:
+            raise SystemExit(f"--adapter: {', '.join(unknown)} not ExportOptions field(s) ({', '.join(sorted(known))})")
         print(f"    exporting {name} (first run only) ...", flush=True)
         started = time.perf_counter()
         if task == "shakespeare":
-            options = ExportOptions(task="causal-lm", max_length=t["max_length"], gguf_file=gguf.name)
+            options = ExportOptions(task="causal-lm", max_length=t["max_length"], gguf_file=gguf.name, **adapter)
         else:
-            options = ExportOptions(task="classification", labels=t["labels"], max_length=128)
-        export_bundle(source, folder, options, log=lambda m: None)
+            options = ExportOptions(task="classification", labels=t["labels"], max_length=128, **adapter)
+        partial = folder.with_name(name + ".partial")  # a failed export never looks like a bundle
+        shutil.rmtree(partial, ignore_errors=True)
+        export_bundle(source, partial, options, log=lambda m: None)
+        partial.rename(folder)
         print(f"    exported in {time.perf_counter() - started:.0f} s", flush=True)
     return folder, source
 
@@ -217,6 +271,8 @@ def worker_names(cfg: dict, run_dir: Path) -> None:
 
 def worker_prep(cfg: dict, run_dir: Path, task: str) -> None:
     """Export once; per seed: training set, fixed test set, start adapter, start metrics, backprop batches."""
+    import math
+
     import numpy as np
 
     from edgeft import assets
@@ -226,6 +282,11 @@ def worker_prep(cfg: dict, run_dir: Path, task: str) -> None:
     t = cfg["tasks"][task]
     folder, source = export_once(task, cfg)
     bundle = Bundle(folder, DeviceProfile(name="bench-prep", threads=0))  # prep runs alone: all cores
+    spec = bundle.manifest.adapter
+    wanted = (t.get("adapter") or {}).get("adapter", "lora")
+    if spec.kind != wanted:
+        raise SystemExit(f"{folder}: holds a {spec.kind!r} adapter, not {wanted!r} (delete the folder)")
+    trainable = sum(math.prod(x.shape) for x in spec.tensors if not x.role.startswith("head_"))
     out = run_dir / task
     out.mkdir(parents=True, exist_ok=True)
     if task == "shakespeare":
@@ -269,7 +330,8 @@ def worker_prep(cfg: dict, run_dir: Path, task: str) -> None:
         np.savez(out / f"prep-seed{seed}.npz", **arrays)
         meta = {"bundle": str(folder), "model": source, "how": how, "start": start, "n_train": len(train),
                 "n_test": len(test_all), "pad_token_id": bundle.manifest.pad_token_id,
-                "adapter_size": int(bundle.layout.size), "max_length": bundle.max_length}
+                "adapter_size": int(bundle.layout.size), "max_length": bundle.max_length,
+                "adapter_kind": spec.kind, "trainable": int(trainable)}
         if test_all.labels is not None:
             meta["majority"] = float(np.bincount(test_all.labels).max() / len(test_all))
         else:
@@ -397,6 +459,8 @@ def worker_run(cfg: dict, run_dir: Path, task: str, name: str, seed: int) -> Non
         "lr_reported": {"first": lrs[0], "max": max(lrs), "last": lrs[-1]} if lrs else None,
         "train_losses": [x if math.isfinite(x) else None for x in losses], "config": config, "overrides": overrides,
         "threads": cfg["threads"], "key": cfg["keys"][f"{task}:{name}:{seed}"],
+        "adapter": {"kind": meta.get("adapter_kind", "lora"), "size": meta["adapter_size"],
+                    "trainable": meta.get("trainable")},
     }
     write_result(run_dir, result)
 
@@ -529,15 +593,22 @@ def run_worker(spec: str, run_dir: Path) -> None:
 
 def task_settings(args, task: str) -> dict:
     if task == "shakespeare":
-        return {"budget": args.lm_budget, "eval_every": args.lm_eval_every, "batch_size": args.lm_batch_size,
-                "eval_batch_size": args.lm_batch_size, "plays": [p.strip() for p in args.lm_plays.split(",")],
-                "test_play": args.lm_test_play, "test_tokens": args.lm_test_tokens, "windows": args.lm_windows,
-                "max_length": args.lm_max_length, "backprop_steps": 0, "backprop": False, "metric": "perplexity"}
-    labels = RT_LABELS if task == "rt" else None  # 20ng: filled in from the data by the parent's caller
-    return {"budget": args.budget, "eval_every": args.eval_every, "batch_size": args.batch_size,
-            "eval_batch_size": 32, "k": args.k, "test_size": args.test_size, "labels": labels,
-            "backprop_steps": 0 if args.no_backprop else (args.backprop_steps or args.budget),
-            "backprop": not args.no_backprop, "metric": "accuracy"}
+        t = {"budget": args.lm_budget, "eval_every": args.lm_eval_every, "batch_size": args.lm_batch_size,
+             "eval_batch_size": args.lm_batch_size, "plays": [p.strip() for p in args.lm_plays.split(",")],
+             "test_play": args.lm_test_play, "test_tokens": args.lm_test_tokens, "windows": args.lm_windows,
+             "max_length": args.lm_max_length, "backprop_steps": 0, "backprop": False, "metric": "perplexity"}
+    else:
+        labels = RT_LABELS if task == "rt" else None  # 20ng: filled in from the data by the parent's caller
+        backprop = not args.no_backprop and backprop_possible(args.adapter)
+        t = {"budget": args.budget, "eval_every": args.eval_every, "batch_size": args.batch_size,
+             "eval_batch_size": 32, "k": args.k, "test_size": args.test_size, "labels": labels,
+             "backprop_steps": (args.backprop_steps or args.budget) if backprop else 0,
+             "backprop": backprop, "metric": "accuracy"}
+        if args.adapter and not args.no_backprop and not backprop:
+            t["backprop_skipped"] = True
+    if args.adapter:  # only then: the run keys of default runs stay what they were
+        t["adapter"] = args.adapter
+    return t
 
 
 def newsgroup_labels() -> list[str]:
@@ -890,11 +961,16 @@ def finish(cfg: dict, run_dir: Path, out: Path, failed: list[str]) -> None:
              if cfg.get("quick") else "")
     failed_note = f"\n**Failed runs** (see `benchmarks/.cache/optimizers/{run_dir.name}/logs/`): {', '.join(failed)}\n" if failed else ""
     workers, threads = cfg["workers"], cfg["threads"]
+    adapter = next((t["adapter"] for t in cfg["tasks"].values() if t.get("adapter")), None)
+    start_text = (f"adapter `{adapter_text(adapter)}` at its zero-update start" if adapter else "LoRA r=8 at PEFT's init")
+    if any(t.get("backprop_skipped") for t in cfg["tasks"].values()):
+        failed_note += (f"\nThe backprop reference was **skipped**: bench_core's peft model is a plain LoRA "
+                        f"(zero init), not `{adapter_text(adapter)}`.\n")
     report = f"""# Optimizers: forward passes to reach MeZO, default settings
 
 {smoke}Every optimizer of `edgeft.runtime.optimizers.REGISTRY`, built by `make_optimizer` with its **default settings**
 (only `seed`, `total_steps` and `steps_per_epoch` are passed), trained through `edgeft.runtime.Trainer` from the
-same start per seed (LoRA r=8 at PEFT's init; MiniLM tasks: + a linear-probe head fitted on the k-shot set)
+same start per seed ({start_text}; MiniLM tasks: + a linear-probe head fitted on the k-shot set)
 until its training forward passes reach the budget. Seeds: {', '.join(map(str, cfg['seeds']))} (each draws the
 k-shot set, the LoRA init and the optimizer's randomness). Made by `benchmarks/bench_optimizers.py`.
 
@@ -939,9 +1015,26 @@ k-shot set, the LoRA init and the optimizer's randomness). Made by `benchmarks/b
 - Command: `{facts['command']}`
 """
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    kept = marked_section(out.read_text()) if out.is_file() else None  # bench_adapters' section survives
+    out.write_text(with_marked_section(report, kept) if kept else report)
     print("\n" + summary + "\n\n" + "\n".join(s.split("\n\n", 2)[-1] for s in sections))
     print(f"written to {out}")
+
+
+ADAPTERS_BEGIN, ADAPTERS_END = "<!-- adapters:begin -->", "<!-- adapters:end -->"  # bench_adapters.py's section
+
+
+def marked_section(text: str) -> str | None:
+    """The adapters section of a report, markers included (None when absent)."""
+    i = text.find(ADAPTERS_BEGIN)
+    j = text.find(ADAPTERS_END, i + 1)
+    return text[i : j + len(ADAPTERS_END)] if i >= 0 and j >= 0 else None
+
+
+def with_marked_section(text: str, section: str) -> str:
+    """``text`` with its adapters section replaced by ``section`` (appended when it has none)."""
+    old = marked_section(text)
+    return text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 if __name__ == "__main__":
