@@ -85,6 +85,13 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     peft_base: dict = field(default_factory=dict)  # how to rebuild the torch model for PEFT
     segments: Segments | None = None
+    # graph outputs after ``outputs``: the hidden state entering each layer [batch, seq, hidden],
+    # read once before training to scale population optimizers' projections per layer
+    hidden_states: list[str] = field(default_factory=list)
+
+    @property
+    def graph_outputs(self) -> list[str]:
+        return self.outputs + self.hidden_states
 
     def validate(self) -> None:
         if self.task not in TASKS:

@@ -71,7 +71,8 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     from edgeft.plots import learning_curve
-    from edgeft.runtime import Bundle, TrainConfig, Trainer, load_profile, make_optimizer, starting_adapter
+    from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
+    from edgeft.runtime.optimizers import POPULATION
     from edgeft.runtime.memory import budget_warning
 
     profile = load_profile(req.device)
@@ -106,6 +107,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
     settings = {**req.settings, "total_steps": req.steps, "seed": req.seed,
                 "steps_per_epoch": max(1, len(train_enc) // batch_size)}
+    if req.optimizer in POPULATION and settings.get("projection") == "hidden":
+        settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
     optimizer = make_optimizer(req.optimizer, theta, layout=bundle.layout, **settings)
     config = TrainConfig(steps=req.steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)

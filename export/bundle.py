@@ -88,6 +88,7 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
                             init_file=ADAPTER_INIT_NAME if stored else None),
         inputs=data_inputs + [t.name for t in tensors],
         outputs=outputs,
+        hidden_states=[f"hidden.{i}" for i in range(_layer_count(src.model))],
         labels=list(options.labels),
         max_length=options.max_length,
         pad_token_id=int(pad_id),
@@ -149,6 +150,11 @@ def _check_options(o: ExportOptions) -> None:
         raise EdgeftError("--tt-cores must be at least 2")
     if o.max_length < 4:
         raise EdgeftError("--max-length must be at least 4")
+
+
+def _layer_count(model) -> int:
+    config = model.config
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
 
 
 def _default_pooling(src: Source) -> str:

@@ -35,7 +35,7 @@ def export_onnx(wrapper: torch.nn.Module, manifest: Manifest, tensors: list[Adap
             exported,
             dynamo=True,
             input_names=manifest.inputs,
-            output_names=manifest.outputs,
+            output_names=manifest.graph_outputs,
             opset_version=manifest.opset,
             optimize=True,
             verbose=False,
@@ -58,12 +58,12 @@ def verify_against_torch(wrapper: torch.nn.Module, manifest: Manifest, path: Pat
     feeds = sample_batch(manifest, vocab_size, batch=3, seq=11, seed=1)
     adapters = random_adapters(manifest, seed=1)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(manifest.outputs, {**feeds, **adapters})
+    got = session.run(manifest.graph_outputs, {**feeds, **adapters})
     data_names = [n for n in manifest.inputs if n in feeds]
     with torch.no_grad():
         want = wrapper(*[to_torch(feeds)[n] for n in data_names], *[torch.from_numpy(v) for v in adapters.values()])
     report = {}
-    for name, g, w in zip(manifest.outputs, got, want):
+    for name, g, w in zip(manifest.graph_outputs, got, want, strict=True):
         w = w.numpy()
         if g.shape != w.shape:
             raise EdgeftError(f"export check: output {name} has shape {g.shape} in ONNX, {w.shape} in torch")

@@ -86,7 +86,7 @@ def segment_graph(model: onnx.ModelProto, groups: list[list[str]]) -> list[onnx.
 
 def _with_value_info(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """The extractor needs a type for every tensor that becomes a segment's input or output."""
-    known = {v.name for v in model.graph.value_info} | {i.name for i in model.graph.input}
+    known = {v.name for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
     if all(n in known for n in names):
         return model
     inferred = shape_inference.infer_shapes(model)

@@ -2,7 +2,8 @@
 
 Every wrapper takes ``(input_ids, attention_mask[, labels], *adapter_tensors)`` and
 returns a per-example ``loss`` first (padded positions never count), then the
-outputs the runtime needs for evaluation and probing.
+outputs the runtime needs for evaluation and probing, then the hidden states entering
+each layer (``hidden.<i>``: per-layer statistics scale the population optimizers' search).
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ class Classification(_Task):
 
     def forward(self, input_ids, attention_mask, labels, *adapters):
         self._fill(adapters)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         pooled = pool(out.last_hidden_state, attention_mask, self.pooling, self.model)
         logits = pooled @ self.slots["head.weight"].transpose(0, 1) + self.slots["head.bias"]
         loss = F.cross_entropy(logits, labels, reduction="none")
-        return loss, logits, pooled
+        return loss, logits, pooled, *out.hidden_states[:-1]
 
 
 def head_tensors(num_labels: int, hidden: int) -> list[AdapterTensor]:
@@ -78,7 +79,8 @@ class Prompt(_Task):
 
     def forward(self, input_ids, attention_mask, labels, *adapters):
         self._fill(adapters)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = out.last_hidden_state
         if self.mask_token_id is not None:
             position = (input_ids == self.mask_token_id).long().argmax(1)
         else:
@@ -87,7 +89,7 @@ class Prompt(_Task):
         head = self.model.cls if hasattr(self.model, "cls") else self.model.get_output_embeddings()
         logits = head(h).index_select(-1, self.label_token_ids)
         loss = F.cross_entropy(logits, labels, reduction="none")
-        return loss, logits
+        return loss, logits, *out.hidden_states[:-1]
 
 
 class CausalLM(_Task):
@@ -100,11 +102,12 @@ class CausalLM(_Task):
 
     def forward(self, input_ids, attention_mask, *adapters):
         self._fill(adapters)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        logits = out.logits
         nll = F.cross_entropy(
             logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
         )  # [B, T-1]
         mask = attention_mask[:, 1:].to(nll.dtype)
         count = mask.sum(1)
         loss = (nll * mask).sum(1) / count.clamp(min=1.0)
-        return loss, count, logits
+        return loss, count, logits, *out.hidden_states[:-1]

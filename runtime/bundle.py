@@ -98,7 +98,7 @@ class Bundle:
         if sorted(graph_inputs) != sorted(self.manifest.inputs):
             extra = sorted(set(graph_inputs) ^ set(self.manifest.inputs))
             raise EdgeftError(f"{self.folder}: manifest does not match the graph (inputs differ: {', '.join(extra)})")
-        if graph_outputs[: len(self.manifest.outputs)] != self.manifest.outputs:
+        if graph_outputs[: len(self.manifest.graph_outputs)] != self.manifest.graph_outputs:
             raise EdgeftError(f"{self.folder}: manifest does not match the graph (outputs {graph_outputs})")
         for t in self.manifest.adapter.tensors:
             shape = graph_inputs[t.name].shape

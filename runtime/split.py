@@ -45,7 +45,11 @@ class SegmentChain:
                 first = str(err).strip().splitlines()[0][:300]
                 raise EdgeftError(f"{bundle.folder / name}: cannot load graph segment ({first})") from None
         self.inputs = [[i.name for i in s.get_inputs()] for s in self.sessions]
-        self.outputs = [[o.name for o in s.get_outputs()] for s in self.sessions]
+        # hidden-state outputs are statistics read from the whole graph: a segment returns one only
+        # when a segment above reads it (a cut's boundary)
+        read = {name for names in self.inputs for name in names}
+        skip = set(bundle.manifest.hidden_states) - read
+        self.outputs = [[o.name for o in s.get_outputs() if o.name not in skip] for s in self.sessions]
         layout = bundle.layout
         self.slices = [[layout.slice_of(n) for n in group] for group in spec.adapters]
         # segment -> (feeds dict, its adapter values, its outputs); valid only while every lower one is

@@ -1,4 +1,5 @@
-"""Where fine-tuning starts: LoRA at PEFT's init, and for classification a linear-probe head.
+"""Where fine-tuning starts: the adapter at a zero update (LoRA: PEFT's init), and for classification a
+linear-probe head.
 
 A fresh random head trained by ZO alone learns next to nothing in an edge-sized
 budget (research.md: 55.6% on Rotten Tomatoes after 1,433 MeZO steps). A linear
@@ -22,7 +23,9 @@ from .probe import fit_linear_probe
 def starting_adapter(bundle: Bundle, train: Encoded, seed: int = 0, init_adapter=None, batch_size: int = 32) -> tuple[np.ndarray, str]:
     """The adapter vector to start from, and a short description of how it was made."""
     vector = bundle.layout.initial(seed)
-    how = "LoRA init (B = 0)"
+    spec = bundle.manifest.adapter
+    how = {"lora": "LoRA init (PiSSA)" if spec.init == "pissa" else "LoRA init (B = 0)", "loldu": "LoLDU init (z = 1)",
+           "tt": "TT init (last core 0)", "bone": "Bone init (blocks 0)"}.get(spec.kind, f"{spec.kind} init")
     has_head = any(t.role == "head_weight" for t in bundle.layout.tensors)
     head_loaded = False
     if init_adapter is not None:

@@ -27,7 +27,7 @@ def test_export_matches_torch_at_second_shape(request, export_bundle_for, name, 
     bundle = export_bundle_for(name, request.getfixturevalue(folder), **options)
     report = json.loads((bundle / "verify.json").read_text())
     manifest = Manifest.load(bundle)
-    assert set(report) == set(manifest.outputs)
+    assert set(report) == set(manifest.graph_outputs) and len(manifest.hidden_states) == 2  # 2 layers
     for output, diff in report.items():
         assert diff < TOLERANCE, f"{name}: {output} differs from torch by {diff}"
 

@@ -57,8 +57,12 @@ def _config(cls, settings: dict):
     return cls(**{k: v for k, v in settings.items() if k in known and v is not None})
 
 
+POPULATION = ("cma", "fireworks", "dfo-layerwise")  # search a projection; may use per-layer hidden-state std
+
+
 def make_optimizer(name: str, theta, layout=None, **settings) -> Optimizer:
-    """Build a registered optimizer; ``layout`` (the bundle's AdapterLayout) gives tensor shapes and layers."""
+    """Build a registered optimizer; ``layout`` (the bundle's AdapterLayout) gives tensor shapes and layers.
+    Population optimizers also take ``layer_std`` (``layer_input_std``) for ``projection="hidden"``."""
     from edgeft.errors import EdgeftError
 
     if name not in REGISTRY:

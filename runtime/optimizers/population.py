@@ -15,8 +15,12 @@ Projection scale: each adapter tensor's block of P is scaled by 1/sqrt(its large
 1/sqrt(fan-in) for LoRA A and the head (the LoRA init scale), 1/sqrt(fan-out) for LoRA B
 [out, r]. Scaling B by 1/sqrt(r) instead made one unit of σ change B·A by more than the
 frozen weight itself, and CMA-ES at σ=1 wrecked the model within two generations (20NG:
-67% → 12.5%). The paper scales from hidden-state statistics of each layer; that needs
-per-layer activations from the graph and is not done here.
+67% → 12.5%). With ``layer_std`` (the std of the hidden states entering each layer,
+``edgeft.runtime.layer_input_std``) each layer's blocks are further multiplied by
+std_ℓ / median(std): DFO for LoRA's per-layer scaling (2403.01754, after BBTv2's
+std = α·std_hat/(sqrt(d)·σ)) as a relative factor. Its absolute form with α = 1 would give
+adapter values of the hidden states' own scale (~1): at σ = 1 that moves B·A by ~100x the
+frozen weights, so the shape scale above keeps setting the size.
 
 Resuming: pycma keeps its random state in numpy's global generator, so its state is
 rebuilt by replaying the recorded losses (ask/tell without running the model): a
@@ -41,33 +45,48 @@ class PopulationConfig:
     total_steps: int = 1000
     fireworks: int = 5  # fireworks algorithm: number of fireworks
     generations_per_layer: int = 5  # layerwise: generations on one layer before the next
+    projection: str = "shape"  # "shape" | "hidden": also scale each layer by its hidden-state std (module doc)
+    layer_std: tuple[float, ...] | None = None  # hidden-state std entering each layer, for "hidden"
     lr: float | None = None  # unused; accepted so that shared CLI settings pass through
     eps: float | None = None
 
     def __post_init__(self):
         if self.intrinsic_dim < 2 or self.popsize < 4 or self.sigma <= 0:
             raise ValueError("needs intrinsic_dim >= 2, popsize >= 4, sigma > 0")
+        if self.projection not in ("shape", "hidden"):
+            raise ValueError(f"projection {self.projection!r}: expected 'shape' or 'hidden'")
+        if self.projection == "hidden" and not self.layer_std:
+            raise ValueError("projection 'hidden' needs the bundle's per-layer hidden states (export it again)")
+
+    @property
+    def scales(self):
+        """The per-layer std the projection uses (None: shape only)."""
+        return self.layer_std if self.projection == "hidden" else None
 
 
-def projection(shapes, dim: int, seed: int, rows: slice | None = None) -> np.ndarray:
-    """P [n, dim]: Gaussian, each tensor's rows scaled by 1/sqrt(its larger side) and 1/sqrt(dim)."""
+def projection(shapes, dim: int, seed: int, groups=None, layer_std=None) -> np.ndarray:
+    """P [n, dim]: Gaussian, each tensor's rows scaled by 1/sqrt(its larger side) and 1/sqrt(dim),
+    and, given ``layer_std``, by its layer's std / the median over layers (``groups``: layer per tensor)."""
+    typical = float(np.median(layer_std)) if layer_std else 1.0
     blocks = []
     for index, shape in enumerate(shapes):
         n = int(np.prod(shape))
         fan_in = max(shape) if len(shape) > 1 else max(n, 1)
+        layer = groups[index] if groups is not None else -1
+        factor = layer_std[layer] / typical if layer_std and 0 <= layer < len(layer_std) else 1.0
         rng = np.random.default_rng([seed, 11, index])
-        blocks.append(rng.standard_normal((n, dim), dtype=np.float32) / np.float32(np.sqrt(fan_in) * np.sqrt(dim)))
+        blocks.append(rng.standard_normal((n, dim), dtype=np.float32) * np.float32(factor / (np.sqrt(fan_in) * np.sqrt(dim))))
     return np.concatenate(blocks)
 
 
 class CMA:
     name = "cma"
 
-    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, **_):
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, **_):
         self.config = config
         self.theta0 = np.array(theta, dtype=np.float32, copy=True)
         self.shapes = shapes or [(self.theta0.size,)]
-        self.P = projection(self.shapes, config.intrinsic_dim, config.seed)
+        self.P = projection(self.shapes, config.intrinsic_dim, config.seed, groups, config.scales)
         self._start()
 
     def _start(self):
@@ -117,10 +136,10 @@ class CMA:
 class Fireworks:
     name = "fireworks"
 
-    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, **_):
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, **_):
         self.config = config
         self.theta0 = np.array(theta, dtype=np.float32, copy=True)
-        self.P = projection(shapes or [(self.theta0.size,)], config.intrinsic_dim, config.seed)
+        self.P = projection(shapes or [(self.theta0.size,)], config.intrinsic_dim, config.seed, groups, config.scales)
         d, n = config.intrinsic_dim, config.fireworks
         rng = np.random.default_rng([config.seed, 21])
         self.positions = np.vstack([np.zeros(d), rng.uniform(-config.sigma, config.sigma, (n - 1, d))])
@@ -196,7 +215,7 @@ class Layerwise:
         c = self.config
         self.current = self.theta0.copy()
         self.members = {g: CMA(self.current[self.index[g]], PopulationConfig(**{**asdict(c), "seed": c.seed + 100 * (i + 1)}),
-                               self.shapes[g]) for i, g in enumerate(self.layers)}
+                               self.shapes[g], [g] * len(self.shapes[g])) for i, g in enumerate(self.layers)}
         self.step, self.history = 0, []
 
     @property
