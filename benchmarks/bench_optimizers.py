@@ -410,6 +410,11 @@ def worker_run(cfg: dict, run_dir: Path, task: str, name: str, seed: int) -> Non
     spe = max(1, len(train) // t["batch_size"])
     budget, every = t["budget"], t["eval_every"]
 
+    if overrides.get("projection") == "hidden":  # as edgeft train does: the base model's per-layer std
+        from edgeft.runtime import layer_input_std
+
+        overrides["layer_std"] = layer_input_std(bundle, train, t["batch_size"])
+
     def build(total):
         return make_optimizer(name, theta0, layout=bundle.layout, seed=seed, total_steps=total,
                               steps_per_epoch=spe, **overrides)
@@ -417,6 +422,7 @@ def worker_run(cfg: dict, run_dir: Path, task: str, name: str, seed: int) -> Non
     opt, total = plan_optimizer(build, budget)
     config = effective_config(opt)
     ignored = [k for k in overrides if config and k not in config]
+    overrides.pop("layer_std", None)  # measured, not set: the result's config holds it
     if ignored:
         raise SystemExit(f"--set {', '.join(ignored)}: not a setting of {name} (it has: {', '.join(config)})")
     trainer = Trainer(bundle, train, opt, TrainConfig(steps=total, batch_size=t["batch_size"],
