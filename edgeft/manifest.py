@@ -21,6 +21,7 @@ TOKENIZER_NAME = "tokenizer.json"
 ADAPTER_INIT_NAME = "adapter_init.safetensors"  # start values computed at export (init "stored")
 FORMAT_VERSION = 1
 TASKS = ("classification", "prompt", "causal-lm")
+ADAPTER_KINDS = ("lora", "loldu", "tt", "bone")
 
 
 @dataclass
@@ -100,6 +101,11 @@ class Manifest:
             raise EdgeftError(f"manifest: a {self.task} bundle needs at least two labels")
         if len(set(self.labels)) != len(self.labels):
             raise EdgeftError("manifest: labels are not unique")
+        if self.adapter.kind not in ADAPTER_KINDS:
+            raise EdgeftError(f"manifest: adapter type {self.adapter.kind!r} is unknown to this edgeft "
+                              f"({', '.join(ADAPTER_KINDS)}); a newer edgeft exported it?")
+        if any(t.init == "stored" for t in self.adapter.tensors) and not self.adapter.init_file:
+            raise EdgeftError("manifest: adapter tensors with stored start values but no init_file")
         names = [t.name for t in self.adapter.tensors]
         if len(set(names)) != len(names):
             raise EdgeftError("manifest: adapter tensor names are not unique")

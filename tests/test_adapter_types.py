@@ -194,3 +194,20 @@ def test_derived_bundles_keep_the_stored_start_values(export_bundle_for, llama_f
     source = export_bundle_for("llama-pissa", llama_folder, task="causal-lm", rank=4, **KINDS["pissa"])
     quantize_bundle(source, tmp_path / "int8")
     assert Bundle(tmp_path / "int8").layout.initial(0).tobytes() == Bundle(source).layout.initial(0).tobytes()
+
+
+def test_missing_start_values_or_unknown_type_is_one_line_error(export_bundle_for, llama_folder, tmp_path):
+    import json
+    import shutil
+
+    source = export_bundle_for("llama-pissa", llama_folder, task="causal-lm", rank=4, **KINDS["pissa"])
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    (broken / "adapter_init.safetensors").write_bytes(b"not safetensors")
+    result = CliRunner().invoke(main, ["info", str(broken)])
+    assert result.exit_code == 2 and "adapter start values are missing or unreadable" in result.output
+    manifest = json.loads((broken / "edgeft.json").read_text())
+    manifest["adapter"]["kind"] = "dora"
+    (broken / "edgeft.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["info", str(broken)])
+    assert result.exit_code == 2 and "adapter type 'dora' is unknown" in result.output

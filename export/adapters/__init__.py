@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from edgeft.errors import EdgeftError
-from edgeft.manifest import AdapterTensor
+from edgeft.manifest import ADAPTER_KINDS, AdapterTensor
 
 from .bone import wrap_bone
 from .common import AdapterSlots, features
@@ -20,7 +20,7 @@ from .loldu import wrap_loldu
 from .lora import LoRALinear, wrap_lora
 from .tt import wrap_tt
 
-KINDS = ("lora", "loldu", "tt", "bone")
+KINDS = ADAPTER_KINDS
 LORA_INITS = ("zeros", "pissa")
 
 DEFAULT_TARGETS = {
