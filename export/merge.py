@@ -133,17 +133,16 @@ def fold_weight_updates(model: onnx.ModelProto, values: dict[str, np.ndarray]) -
     graph = model.graph
     constant = {i.name for i in graph.initializer} | set(values)
     depends = set(values)  # constant tensors that depend on the adapter values
-    folded_nodes = []
-    for node in graph.node:  # graph nodes are in topological order
+    folded = set()  # indices of the nodes that compute from constants and adapter values only
+    for index, node in enumerate(graph.node):  # graph nodes are in topological order
         inputs = [i for i in node.input if i]
         has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
         if not has_subgraph and all(i in constant for i in inputs):
             constant.update(node.output)
             if any(i in depends for i in inputs):
                 depends.update(node.output)
-                folded_nodes.append(node)
-    folded_ids = {id(n) for n in folded_nodes}
-    readers = [n for n in graph.node if id(n) not in folded_ids]
+                folded.add(index)
+    readers = [n for index, n in enumerate(graph.node) if index not in folded]
     frontier = sorted({i for n in readers for i in n.input if i in depends} | {o.name for o in graph.output if o.name in depends})
     if not frontier:
         return
@@ -157,11 +156,11 @@ def fold_weight_updates(model: onnx.ModelProto, values: dict[str, np.ndarray]) -
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in frontier)
     probe = inference_only(probe, frontier)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    folded = dict(zip(frontier, session.run(frontier, {})))
+    results = dict(zip(frontier, session.run(frontier, {})))
     keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in readers]
     del graph.node[:]
     graph.node.extend(keep)
-    graph.initializer.extend(numpy_helper.from_array(folded[name], name) for name in frontier)
+    graph.initializer.extend(numpy_helper.from_array(results[name], name) for name in frontier)
     inputs = [i for i in graph.input if i.name not in values]
     del graph.input[:]
     graph.input.extend(inputs)
