@@ -297,6 +297,9 @@ def compress(bundle, out, params_ratio, energy, calibrate, quantize):
         excluded = quantize_bundle(bundle, out)
         click.echo(f"int8 bundle written to {out} ({excluded} adapter nodes kept fp32)")
         return
+    if calibrate is None:  # measured on SmolLM2 (docs/DEPLOY.md): plain SVD at 80% params → perplexity 2.8e6
+        click.echo("warning: without --calibrate the SVD ignores which directions the data uses; on a causal LM "
+                   "(SmolLM2-135M) that wrecked the model at every ratio tried. Pass --calibrate DATA.", err=True)
     report = compress_bundle(bundle, out, params_ratio, energy, calibrate, quantize, log=lambda m: click.echo(m, err=True))
     for layer in report["layers"]:
         state = f"rank {layer['rank']}" if layer["compressed"] else "kept"

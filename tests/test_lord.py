@@ -70,7 +70,9 @@ def test_cli_compress_keeps_a_trainable_bundle(bert_bundle, sentiment_data, tmp_
     result = CliRunner().invoke(main, ["compress", str(bert_bundle), "-o", str(out), "--params-ratio", "0.6",
                                        "--calibrate", str(sentiment_data), "--quantize", "int8"])
     assert result.exit_code == 0, result.output
-    assert "linear parameters" in result.output and "rank" in result.output
+    assert "linear parameters" in result.output and "rank" in result.output and "warning" not in result.output
+    plain = CliRunner().invoke(main, ["compress", str(bert_bundle), "-o", str(tmp_path / "plain"), "--params-ratio", "0.6"])
+    assert plain.exit_code == 0 and "warning: without --calibrate" in plain.output
     result = CliRunner().invoke(main, ["train", str(out), "--data", str(sentiment_data), "-o", str(tmp_path / "run"),
                                        "--steps", "5", "--batch-size", "4", "--json"])
     assert result.exit_code == 0, result.output
