@@ -53,9 +53,22 @@ def length_sorted_batches(encoded: Encoded, batch_size: int) -> list[np.ndarray]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+LOGITS_BUDGET_BYTES = 256 << 20  # a causal LM's evaluation batch is cut so its logits stay under this
+
+
+def causal_lm_rows(bundle: Bundle, batch_size: int) -> int:
+    """Rows per evaluation batch of a causal LM: its [rows, length, vocab] logits (which the in-graph
+    loss needs) within LOGITS_BUDGET_BYTES at full length — SmolLM2 at batch 32 would hold 800 MB."""
+    logits = next((o for o in bundle.session.get_outputs() if o.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else 0
+    per_row = bundle.max_length * vocab * 4
+    return max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_row)) if per_row else batch_size
+
+
 def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: int) -> dict[str, float]:
     """accuracy + loss (classification, prompt) or perplexity + loss (causal LM)."""
     if bundle.task == "causal-lm":
+        batch_size = causal_lm_rows(bundle, batch_size)
         nll, tokens = 0.0, 0.0
         for index in length_sorted_batches(encoded, batch_size):
             loss, count = bundle.run(bundle.feeds(encoded, index), adapter, ["loss", "token_count"])

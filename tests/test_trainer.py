@@ -120,3 +120,18 @@ def test_divergence_rolls_back_to_the_best_adapter(bert_bundle):
     assert summary["rollbacks"], "no rollback although the lr is absurd"
     assert opt.lr_scale < 1.0
     assert summary["best"]["loss"] <= summary["start"]["loss"]
+
+
+def test_causal_lm_evaluation_caps_its_logits_and_scores_the_same(llama_lm_bundle, monkeypatch):
+    import importlib
+
+    evaluation = importlib.import_module("edgeft.runtime.evaluate")  # the module (the package exports the function)
+    b = Bundle(llama_lm_bundle)
+    enc = b.encode(["the movie was great and the acting was good " * 3, "i hated this film", "it is fun and dull"])
+    theta = b.layout.initial(0)
+    whole = evaluation.evaluate(b, theta, enc, 32)
+    vocab = next(o for o in b.session.get_outputs() if o.name == "logits").shape[-1]
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET_BYTES", b.max_length * vocab * 4)  # one row's logits
+    assert evaluation.causal_lm_rows(b, 32) == 1
+    rows = evaluation.evaluate(b, theta, enc, 32)
+    assert rows["tokens"] == whole["tokens"] and abs(rows["loss"] - whole["loss"]) < 1e-6
