@@ -261,7 +261,8 @@ def info(bundle):
                f"{len(layout.tensors)} tensors, {layout.trainable_adapter_values:,} adapter values"
                + (f" + {layout.size - layout.trainable_adapter_values:,} head values" if layout.size > layout.trainable_adapter_values else ""))
     click.echo(f"inputs: {', '.join(n for n in m.inputs if n not in layout.names())} + adapters")
-    click.echo(f"outputs: {', '.join(m.outputs)}   max length: {m.max_length}   model: {size:.1f} MB")
+    hidden = f" + hidden.0-{len(m.hidden_states) - 1}" if m.hidden_states else ""
+    click.echo(f"outputs: {', '.join(m.outputs)}{hidden}   max length: {m.max_length}   model: {size:.1f} MB")
 
 
 @main.command(cls=_Command)
