@@ -37,6 +37,7 @@ class AdapterTensor:
     module: str | None = None  # the torch module it adapts (PEFT target)
     # lora_A | lora_B | loldu_z | loldu_scale | tt_core | bone_block | head_weight | head_bias
     role: str = "lora_A"
+    weight_shape: list[int] | None = None  # [out, in] of the adapted weight (sizes the population optimizers' steps)
 
 
 @dataclass

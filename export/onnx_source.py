@@ -73,8 +73,8 @@ def add_lora_inputs(model: onnx.ModelProto, targets: list[str], rank: int, alpha
         module = _module_of(node.name)
         fan_in, fan_out = (int(d) for d in weights[node.input[1]].dims)
         a, b = f"{module}.lora_A", f"{module}.lora_B"
-        specs.append(AdapterTensor(a, [rank, fan_in], "kaiming-uniform", f"base_model.model.{module}.lora_A.weight", module, "lora_A"))
-        specs.append(AdapterTensor(b, [fan_out, rank], "zeros", f"base_model.model.{module}.lora_B.weight", module, "lora_B"))
+        specs.append(AdapterTensor(a, [rank, fan_in], "kaiming-uniform", f"base_model.model.{module}.lora_A.weight", module, "lora_A", [fan_out, fan_in]))
+        specs.append(AdapterTensor(b, [fan_out, rank], "zeros", f"base_model.model.{module}.lora_B.weight", module, "lora_B", [fan_out, fan_in]))
         graph.input.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [rank, fan_in]))
         graph.input.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, [fan_out, rank]))
         out = node.output[0]

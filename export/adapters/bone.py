@@ -31,5 +31,6 @@ def wrap_bone(name: str, module, slots: AdapterSlots, rank: int):
     if fan_in % rank or fan_out % rank:
         raise EdgeftError(f"--adapter bone: {name} is {fan_out}x{fan_in}, not divisible into {rank}x{rank} blocks (choose --rank)")
     block = f"{name}.bone_block"
-    specs = [AdapterTensor(block, [fan_out // rank, rank, rank], "zeros", f"base_model.model.{name}.miss_block", name, "bone_block")]
+    specs = [AdapterTensor(block, [fan_out // rank, rank, rank], "zeros", f"base_model.model.{name}.miss_block", name, "bone_block",
+                           [fan_out, fan_in])]
     return BoneLinear(module, slots, [block]), specs

@@ -43,6 +43,7 @@ def wrap_loldu(name: str, module, slots: AdapterSlots, rank: int):
         right = upper[:rank] / diag[:rank, None]
         weight.copy_((weight.double() - left @ right).to(weight.dtype))
     z, s = f"{name}.loldu_z", f"{name}.loldu_scale"
-    specs = [AdapterTensor(z, [rank], "ones", f"base_model.model.{name}.loldu_z", name, "loldu_z"),
-             AdapterTensor(s, [1], "ones", f"base_model.model.{name}.loldu_scale", name, "loldu_scale")]
+    specs = [AdapterTensor(z, [rank], "ones", f"base_model.model.{name}.loldu_z", name, "loldu_z", [fan_out, fan_in]),
+             AdapterTensor(s, [1], "ones", f"base_model.model.{name}.loldu_scale", name, "loldu_scale",
+                           [fan_out, fan_in])]
     return LoLDULinear(module, slots, [z, s], left.float(), right.float()), specs

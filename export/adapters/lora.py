@@ -37,8 +37,9 @@ def wrap_lora(name: str, module: nn.Module, slots: AdapterSlots, rank: int, alph
     weight = weight_out_in(module)
     fan_out, fan_in = weight.shape
     a_name, b_name = f"{name}.lora_A", f"{name}.lora_B"
-    specs = [AdapterTensor(a_name, [rank, fan_in], "kaiming-uniform", f"base_model.model.{name}.lora_A.weight", name, "lora_A"),
-             AdapterTensor(b_name, [fan_out, rank], "zeros", f"base_model.model.{name}.lora_B.weight", name, "lora_B")]
+    specs = [AdapterTensor(a_name, [rank, fan_in], "kaiming-uniform", f"base_model.model.{name}.lora_A.weight", name, "lora_A", [fan_out, fan_in]),
+             AdapterTensor(b_name, [fan_out, rank], "zeros", f"base_model.model.{name}.lora_B.weight", name, "lora_B",
+                           [fan_out, fan_in])]
     scale = alpha / rank
     if init == "pissa":
         with torch.no_grad():

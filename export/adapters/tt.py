@@ -64,6 +64,6 @@ def wrap_tt(name: str, module, slots: AdapterSlots, rank: int, alpha: float, cor
     fan_out, fan_in = weight_out_in(module).shape
     shapes = core_shapes(fan_out, fan_in, rank, cores)
     specs = [AdapterTensor(f"{name}.tt_core_{j}", shape, "zeros" if j == cores - 1 else "tt-normal",
-                           f"base_model.model.{name}.tt_core_{j}", name, "tt_core")
+                           f"base_model.model.{name}.tt_core_{j}", name, "tt_core", [fan_out, fan_in])
              for j, shape in enumerate(shapes)]
     return TTLinear(module, slots, [s.name for s in specs], alpha / rank), specs

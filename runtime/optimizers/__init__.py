@@ -16,6 +16,7 @@ from edgeft.adapters import layer_of
 
 from .base import Optimizer, StepReport
 from .population import CMA, Fireworks, Layerwise, PopulationConfig
+from .spread import tensor_spreads
 from .zeroorder import ZeroOrder, ZOConfig
 
 
@@ -23,18 +24,26 @@ def _zo(name: str, **pieces):
     return partial(_build_zo, name, pieces)
 
 
-def _build_zo(name, pieces, theta, settings, shapes, groups):
-    return ZeroOrder(theta, _config(ZOConfig, {**pieces, **settings}), shapes, name)
+def _shapes(layout):
+    return [tuple(t.shape) for t in layout.tensors] if layout is not None else None
+
+
+def _build_zo(name, pieces, theta, settings, layout):
+    return ZeroOrder(theta, _config(ZOConfig, {**pieces, **settings}), _shapes(layout), name)
 
 
 def _population(cls):
-    def build(theta, settings, shapes, groups):
-        return cls(theta, _config(PopulationConfig, settings), shapes=shapes, groups=groups)
+    def build(theta, settings, layout):
+        config = _config(PopulationConfig, settings)
+        if layout is None:
+            return cls(theta, config)
+        return cls(theta, config, shapes=_shapes(layout), groups=[layer_of(t.name) for t in layout.tensors],
+                   spreads=tensor_spreads(layout, theta, config.spread))
 
     return build
 
 
-# name -> builder(theta, settings, shapes, groups)
+# name -> builder(theta, settings, layout)
 REGISTRY = {
     "mezo": _zo("mezo"),
     "zo-momentum": _zo("zo-momentum", update="momentum"),
@@ -62,16 +71,15 @@ POPULATION = ("cma", "fireworks", "dfo-layerwise")  # search a projection; may u
 
 def make_optimizer(name: str, theta, layout=None, **settings) -> Optimizer:
     """Build a registered optimizer; ``layout`` (the bundle's AdapterLayout) gives tensor shapes and layers.
-    Population optimizers also take ``layer_std`` (``layer_input_std``) for ``projection="hidden"``."""
+    Population optimizers also take ``layer_std`` (``layer_input_std``) for ``projection="hidden"``
+    and size each tensor's moves from the layout and the start ``theta`` (``spread.py``)."""
     from edgeft.errors import EdgeftError
 
     if name not in REGISTRY:
         raise EdgeftError(f"unknown optimizer {name!r} (known: {', '.join(sorted(REGISTRY))})")
     theta = np.asarray(theta, dtype=np.float32)
-    shapes = [tuple(t.shape) for t in layout.tensors] if layout is not None else None
-    groups = [layer_of(t.name) for t in layout.tensors] if layout is not None else None
     try:
-        return REGISTRY[name](theta, settings, shapes, groups)
+        return REGISTRY[name](theta, settings, layout)
     except ValueError as err:
         raise EdgeftError(f"--optimizer {name}: {err}") from None
 

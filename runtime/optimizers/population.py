@@ -11,16 +11,17 @@ fixed random projection: θ = θ0 + P·y. P is regenerated from the seed, never 
 * ``Layerwise``   the DFO-for-LoRA method (arXiv 2403.01754): one CMA-ES per layer on
                   that layer's adapters, layers optimised in turn (round-robin).
 
-Projection scale: each adapter tensor's block of P is scaled by 1/sqrt(its larger side):
-1/sqrt(fan-in) for LoRA A and the head (the LoRA init scale), 1/sqrt(fan-out) for LoRA B
-[out, r]. Scaling B by 1/sqrt(r) instead made one unit of σ change B·A by more than the
-frozen weight itself, and CMA-ES at σ=1 wrecked the model within two generations (20NG:
-67% → 12.5%). With ``layer_std`` (the std of the hidden states entering each layer,
+Projection scale: each adapter tensor's block of P is scaled by its *spread* (``spread.py``):
+by default so that every adapter type's tensors move the weight update ΔW as much as LoRA B
+does at 1/sqrt(fan-out) (``spread="update"``), or by 1/sqrt(its larger side) (``"shape"``;
+1/sqrt(fan-in) for LoRA A and the head, the LoRA init scale). Scaling B by 1/sqrt(r) instead
+made one unit of σ change B·A by more than the frozen weight itself, and CMA-ES at σ=1
+wrecked the model within two generations (20NG: 67% → 12.5%). With ``layer_std`` (the std of the hidden states entering each layer,
 ``edgeft.runtime.layer_input_std``) each layer's blocks are further multiplied by
 std_ℓ / median(std): DFO for LoRA's per-layer scaling (2403.01754, after BBTv2's
 std = α·std_hat/(sqrt(d)·σ)) as a relative factor. Its absolute form with α = 1 would give
 adapter values of the hidden states' own scale (~1): at σ = 1 that moves B·A by ~100x the
-frozen weights, so the shape scale above keeps setting the size.
+frozen weights, so the spread above keeps setting the size.
 
 Resuming: pycma keeps its random state in numpy's global generator, so its state is
 rebuilt by replaying the recorded losses (ask/tell without running the model): a
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .base import StepReport
+from .spread import SPREADS, shape_spread
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class PopulationConfig:
     generations_per_layer: int = 5  # layerwise: generations on one layer before the next
     projection: str = "shape"  # "shape" | "hidden": also scale each layer by its hidden-state std (module doc)
     layer_std: tuple[float, ...] | None = None  # hidden-state std entering each layer, for "hidden"
+    spread: str = "update"  # "update" | "shape": how far each tensor moves (spread.py)
     lr: float | None = None  # unused; accepted so that shared CLI settings pass through
     eps: float | None = None
 
@@ -57,6 +60,8 @@ class PopulationConfig:
             raise ValueError(f"projection {self.projection!r}: expected 'shape' or 'hidden'")
         if self.projection == "hidden" and not self.layer_std:
             raise ValueError("projection 'hidden' needs the bundle's per-layer hidden states (export it again)")
+        if self.spread not in SPREADS:
+            raise ValueError(f"spread {self.spread!r}: expected one of {', '.join(SPREADS)}")
 
     @property
     def scales(self):
@@ -64,30 +69,36 @@ class PopulationConfig:
         return self.layer_std if self.projection == "hidden" else None
 
 
-def projection(shapes, dim: int, seed: int, groups=None, layer_std=None) -> np.ndarray:
-    """P [n, dim]: Gaussian, each tensor's rows scaled by 1/sqrt(its larger side) and 1/sqrt(dim),
-    and, given ``layer_std``, by its layer's std / the median over layers (``groups``: layer per tensor)."""
+def projection(shapes, dim: int, seed: int, groups=None, layer_std=None, spreads=None) -> np.ndarray:
+    """P [n, dim]: Gaussian, each tensor's rows scaled by its spread (default: the shape rule) and
+    1/sqrt(dim), and, given ``layer_std``, by its layer's std / the median over layers
+    (``groups``: layer per tensor)."""
     typical = float(np.median(layer_std)) if layer_std else 1.0
     blocks = []
     for index, shape in enumerate(shapes):
         n = int(np.prod(shape))
-        fan_in = max(shape) if len(shape) > 1 else max(n, 1)
+        spread = spreads[index] if spreads is not None else shape_spread(shape)
         layer = groups[index] if groups is not None else -1
         factor = layer_std[layer] / typical if layer_std and 0 <= layer < len(layer_std) else 1.0
         rng = np.random.default_rng([seed, 11, index])
-        blocks.append(rng.standard_normal((n, dim), dtype=np.float32) * np.float32(factor / (np.sqrt(fan_in) * np.sqrt(dim))))
+        blocks.append(rng.standard_normal((n, dim), dtype=np.float32) * np.float32(factor * spread / np.sqrt(dim)))
     return np.concatenate(blocks)
 
 
 class CMA:
     name = "cma"
 
-    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, **_):
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, spreads=None, **_):
         self.config = config
         self.theta0 = np.array(theta, dtype=np.float32, copy=True)
-        self.shapes = shapes or [(self.theta0.size,)]
-        self.P = projection(self.shapes, config.intrinsic_dim, config.seed, groups, config.scales)
+        self.shapes, self.groups = shapes or [(self.theta0.size,)], groups
+        self._project(spreads)
         self._start()
+
+    def _project(self, spreads):
+        self.spreads = np.array([shape_spread(s) for s in self.shapes] if spreads is None else spreads, dtype=np.float64)
+        self.P = projection(self.shapes, self.config.intrinsic_dim, self.config.seed, self.groups, self.config.scales,
+                            self.spreads)
 
     def _start(self):
         import cma
@@ -120,11 +131,13 @@ class CMA:
                           message=None if ok.all() else "non-finite losses ranked last")
 
     def state_dict(self):
-        return {"theta0": self.theta0, "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, \
+        return {"theta0": self.theta0, "spreads": self.spreads,
+                "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, \
                {"step": self.step, "config": asdict(self.config)}
 
     def load_state_dict(self, arrays, scalars):
         self.theta0 = np.array(arrays["theta0"], dtype=np.float32)
+        self._project(arrays.get("spreads"))  # the projection the run began with
         self._start()
         for row in arrays["history"]:  # replay: same asks, same losses → same internal state
             self._ys = self.es.ask()
@@ -136,10 +149,11 @@ class CMA:
 class Fireworks:
     name = "fireworks"
 
-    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, **_):
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, spreads=None, **_):
         self.config = config
         self.theta0 = np.array(theta, dtype=np.float32, copy=True)
-        self.P = projection(shapes or [(self.theta0.size,)], config.intrinsic_dim, config.seed, groups, config.scales)
+        self.shapes, self.groups = shapes or [(self.theta0.size,)], groups
+        self._project(spreads)
         d, n = config.intrinsic_dim, config.fireworks
         rng = np.random.default_rng([config.seed, 21])
         self.positions = np.vstack([np.zeros(d), rng.uniform(-config.sigma, config.sigma, (n - 1, d))])
@@ -185,11 +199,15 @@ class Fireworks:
         return StepReport(self.step, float(np.median(losses[np.isfinite(losses)])) if np.isfinite(losses).any() else float("nan"),
                           float(self.config.sigma))
 
+    _project = CMA._project
+
     def state_dict(self):
-        return {"theta0": self.theta0, "positions": self.positions, "fitness": self.fitness}, {"step": self.step}
+        return {"theta0": self.theta0, "spreads": self.spreads, "positions": self.positions, "fitness": self.fitness}, \
+               {"step": self.step}
 
     def load_state_dict(self, arrays, scalars):
         self.theta0 = np.array(arrays["theta0"], dtype=np.float32)
+        self._project(arrays.get("spreads"))
         self.positions, self.fitness = np.array(arrays["positions"]), np.array(arrays["fitness"])
         self.step = int(scalars["step"])
 
@@ -199,23 +217,26 @@ class Layerwise:
 
     name = "dfo-layerwise"
 
-    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, **_):
+    def __init__(self, theta, config: PopulationConfig = PopulationConfig(), shapes=None, groups=None, spreads=None, **_):
         self.config = config
         self.theta0 = np.array(theta, dtype=np.float32, copy=True)
         shapes = shapes or [(self.theta0.size,)]
         groups = groups or [0] * len(shapes)
+        self.spreads = np.array([shape_spread(s) for s in shapes] if spreads is None else spreads, dtype=np.float64)
         offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
         self.layers = sorted(set(groups))
         self.index = {g: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i, gi in enumerate(groups) if gi == g])
                       for g in self.layers}
-        self.shapes = {g: [s for s, gi in zip(shapes, groups) if gi == g] for g in self.layers}
+        self.parts = {g: [i for i, gi in enumerate(groups) if gi == g] for g in self.layers}  # tensor indices per layer
+        self.shapes = [tuple(s) for s in shapes]
         self._start()
 
     def _start(self):
         c = self.config
         self.current = self.theta0.copy()
         self.members = {g: CMA(self.current[self.index[g]], PopulationConfig(**{**asdict(c), "seed": c.seed + 100 * (i + 1)}),
-                               self.shapes[g], [g] * len(self.shapes[g])) for i, g in enumerate(self.layers)}
+                               [self.shapes[k] for k in self.parts[g]], [g] * len(self.parts[g]),
+                               self.spreads[self.parts[g]]) for i, g in enumerate(self.layers)}
         self.step, self.history = 0, []
 
     @property
@@ -245,11 +266,13 @@ class Layerwise:
         return report
 
     def state_dict(self):
-        return {"theta0": self.theta0, "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, \
-               {"step": self.step}
+        return {"theta0": self.theta0, "spreads": self.spreads,
+                "history": np.array(self.history, dtype=np.float64).reshape(len(self.history), -1)}, {"step": self.step}
 
     def load_state_dict(self, arrays, scalars):
         self.theta0 = np.array(arrays["theta0"], dtype=np.float32)
+        if arrays.get("spreads") is not None:
+            self.spreads = np.array(arrays["spreads"], dtype=np.float64)
         self._start()
         for row in arrays["history"]:
             self.ask()
