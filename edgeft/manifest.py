@@ -38,6 +38,9 @@ class AdapterTensor:
     # lora_A | lora_B | loldu_z | loldu_scale | tt_core | bone_block | head_weight | head_bias
     role: str = "lora_A"
     weight_shape: list[int] | None = None  # [out, in] of the adapted weight (sizes the population optimizers' steps)
+    # RMS of ΔW per unit-variance change of this tensor at the start, where it depends on frozen
+    # factors the device does not see (LoLDU); the runtime computes the others from the start values
+    update_gain: float | None = None
 
 
 @dataclass

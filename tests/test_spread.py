@@ -60,8 +60,8 @@ def test_update_spread_gives_every_type_the_same_weight_update(kind, shape):
     spreads = tensor_spreads(layout, theta, "update")
     target = UPDATE_RMS / math.sqrt(shape[0] * shape[1])
     for index, (t, spread) in enumerate(zip(layout.tensors, spreads)):
-        if spread == shape_spread(t.shape):  # no first-order effect (LoRA A at B = 0, TT's first cores) or LoLDU
-            assert t.role in ("lora_A", "tt_core", "loldu_z", "loldu_scale"), t.role
+        if spread == shape_spread(t.shape):  # no first-order effect: LoRA A at B = 0, TT's first cores
+            assert t.role in ("lora_A", "tt_core"), t.role
             continue
         change = spread * _expected_rms(module, layout, theta, index)
         # Bone's gain 1 is a lower bound (its W-block term adds to it); the others are exact

@@ -15,6 +15,8 @@ the same relative change for every pivot, whose magnitudes otherwise span orders
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from edgeft.manifest import AdapterTensor
@@ -42,8 +44,14 @@ def wrap_loldu(name: str, module, slots: AdapterSlots, rank: int):
         left = (p @ lower[:, :rank]) * diag[:rank]
         right = upper[:rank] / diag[:rank, None]
         weight.copy_((weight.double() - left @ right).to(weight.dtype))
+        # at z = 1, scale = 1: unit noise u in z moves ΔW by Σ_k u_k·left_k·right_kᵀ (E‖·‖² = Σ‖left_k‖²‖right_k‖²);
+        # a change c of the scale moves it by c·left·right
+        entries = fan_out * fan_in
+        z_gain = math.sqrt(float(torch.sum(left.norm(dim=0) ** 2 * right.norm(dim=1) ** 2)) / entries)
+        scale_gain = float(torch.linalg.norm(left @ right)) / math.sqrt(entries)
     z, s = f"{name}.loldu_z", f"{name}.loldu_scale"
-    specs = [AdapterTensor(z, [rank], "ones", f"base_model.model.{name}.loldu_z", name, "loldu_z", [fan_out, fan_in]),
+    specs = [AdapterTensor(z, [rank], "ones", f"base_model.model.{name}.loldu_z", name, "loldu_z", [fan_out, fan_in],
+                           z_gain),
              AdapterTensor(s, [1], "ones", f"base_model.model.{name}.loldu_scale", name, "loldu_scale",
-                           [fan_out, fan_in])]
+                           [fan_out, fan_in], scale_gain)]
     return LoLDULinear(module, slots, [z, s], left.float(), right.float()), specs

@@ -16,10 +16,11 @@ Two rules (``PopulationConfig.spread``):
   Gains here come from the start values with numpy:
   LoRA B: scale·‖A‖/sqrt(in); LoRA A: scale·‖B‖/sqrt(out); TT core j: scale·sqrt(mean‖L‖²·
   mean‖R‖²), L and R the contractions of the cores before and after j; Bone: 1, a lower bound
-  (ΔW = W_blk·B + B; the W_blk·B term adds ~r·RMS(W)² of variance, ~10% for MiniLM).
-  A tensor with no first-order effect (LoRA A while B = 0, TT cores before a zero core),
-  LoLDU's z and scale (their gain needs the frozen LDU factors, which the device does not
-  have) and the head keep the shape rule.
+  (ΔW = W_blk·B + B; the W_blk·B term adds ~r·RMS(W)² of variance, ~10% for MiniLM);
+  LoLDU's z and scale: ``update_gain`` in the manifest, computed at export from the frozen
+  LDU factors (the device does not have them). A tensor with no first-order effect (LoRA A
+  while B = 0, TT cores before a zero core), the head, and LoLDU tensors of bundles exported
+  before ``update_gain`` keep the shape rule.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _gain(t, values, siblings, scale: float) -> float:
         return scale * float(np.linalg.norm(b)) / math.sqrt(out_f)
     if t.role == "bone_block":
         return 1.0
+    if getattr(t, "update_gain", None) is not None:  # measured at export (LoLDU: its frozen LDU factors)
+        return float(t.update_gain)
     if t.role == "tt_core":
         # ΔW is linear in core j: ΔW[a, b] = L[a<j, b<j]·G_j[:, a_j, b_j, :]·R[a>j, b>j], so for unit
         # noise in G_j, mean(ΔW²) = mean‖L‖² · mean‖R‖² (exact; the cores before and after j fixed)
@@ -79,7 +82,7 @@ def _gain(t, values, siblings, scale: float) -> float:
         left = _mean_square(_chain(cores[:j])) if j else 1.0
         right = _mean_square(_chain(cores[j + 1 :])) if j + 1 < len(cores) else 1.0
         return scale * math.sqrt(left * right)
-    return 0.0  # LoLDU z/scale: the shape rule
+    return 0.0
 
 
 def _chain(cores) -> np.ndarray:
