@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -189,12 +190,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def optimizer_source_hash() -> str:
-    """Runs made with other optimizer code (e.g. other defaults) are never reused by --resume."""
-    h = hashlib.sha1()
-    for path in sorted((REPO / "runtime" / "optimizers").glob("*.py")) + [REPO / "runtime" / "trainer.py"]:
+def source_hash(paths, extra: str = "") -> str:
+    h = hashlib.sha1(extra.encode())
+    for path in paths:
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
+
+
+def export_source_hash() -> str:
+    """A cached bundle made by other export code is exported again."""
+    return source_hash(sorted((REPO / "export").rglob("*.py")) + [REPO / "edgeft" / "manifest.py"])
+
+
+def optimizer_source_hash() -> str:
+    """Runs made with other optimizer or export code (other defaults, another bundle) are never reused
+    by --resume."""
+    return source_hash(sorted((REPO / "runtime" / "optimizers").glob("*.py")) + [REPO / "runtime" / "trainer.py"],
+                       export_source_hash())
 
 
 # --- workers (subprocesses): each imports what it needs ------------------------------------------
@@ -239,9 +251,11 @@ def export_once(task: str, cfg: dict) -> tuple[Path, str]:
     if adapter:
         name += "-" + adapter_slug(adapter)
     folder = BUNDLES / name
+    made_by = folder / "export-source-hash"
+    if (folder / "edgeft.json").is_file() and (not made_by.is_file() or made_by.read_text() != export_source_hash()):
+        shutil.rmtree(folder)  # exported by other code (run from the repo, not cached)
     if not (folder / "edgeft.json").is_file():
         import dataclasses
-        import shutil
 
         from edgeft.export import ExportOptions, export_bundle
 
@@ -258,6 +272,7 @@ def export_once(task: str, cfg: dict) -> tuple[Path, str]:
         partial = folder.with_name(name + ".partial")  # a failed export never looks like a bundle
         shutil.rmtree(partial, ignore_errors=True)
         export_bundle(source, partial, options, log=lambda m: None)
+        (partial / made_by.name).write_text(export_source_hash())
         partial.rename(folder)
         print(f"    exported in {time.perf_counter() - started:.0f} s", flush=True)
     return folder, source

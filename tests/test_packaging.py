@@ -20,10 +20,6 @@ def test_every_package_folder_is_listed_with_its_folder():
         assert folders.get(package, folder) == folder, package
 
 
-# Import names whose distribution is called differently, and the standard library.
-DISTRIBUTION = {"yaml": "pyyaml"}
-
-
 def _declared(config) -> set[str]:
     import re
 
@@ -54,6 +50,6 @@ def test_every_third_party_import_of_the_package_is_a_declared_dependency():
                     root = name.split(".")[0]
                     if root in sys.stdlib_module_names or root in ("edgeft", "tomli"):
                         continue
-                    if DISTRIBUTION.get(root, root).lower() not in declared:
+                    if root.lower() not in declared:  # every import here is named as its distribution
                         missing.setdefault(root, source.relative_to(ROOT).as_posix())
     assert not missing, missing
