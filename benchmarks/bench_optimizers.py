@@ -765,6 +765,13 @@ def load_results(cfg: dict, run_dir: Path) -> dict:
     return out
 
 
+def seeds_missing(cfg: dict, results: dict) -> str:
+    """A note when some planned runs have no result (a run stopped early, rendered with --render-only)."""
+    planned = sum(len(runs) for task in results.values() for runs in [cfg["seeds"]] * len(task))
+    done = sum(len(runs) for task in results.values() for runs in task.values())
+    return "" if done == planned else f"; **{done} of {planned} planned runs have results** (the tables say which)"
+
+
 def first_reach(curve: list[dict], target: float, higher: bool):
     for point in curve:
         if (point["value"] >= target - 1e-12) if higher else (point["value"] <= target + 1e-12):
@@ -993,7 +1000,7 @@ def finish(cfg: dict, run_dir: Path, out: Path, failed: list[str]) -> None:
 (only `seed`, `total_steps` and `steps_per_epoch` are passed), trained through `edgeft.runtime.Trainer` from the
 same start per seed ({start_text}; MiniLM tasks: + a linear-probe head fitted on the k-shot set)
 until its training forward passes reach the budget. Seeds: {', '.join(map(str, cfg['seeds']))} (each draws the
-k-shot set, the LoRA init and the optimizer's randomness). Made by `benchmarks/bench_optimizers.py`.
+k-shot set, the LoRA init and the optimizer's randomness){seeds_missing(cfg, results)}. Made by `benchmarks/bench_optimizers.py`.
 
 {summary}
 {failed_note}
@@ -1036,20 +1043,29 @@ k-shot set, the LoRA init and the optimizer's randomness). Made by `benchmarks/b
 - Command: `{facts['command']}`
 """
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = marked_section(out.read_text()) if out.is_file() else None  # bench_adapters' section survives
-    out.write_text(with_marked_section(report, kept) if kept else report)
+    if out.is_file():  # a hand-written scope note (under the title) and bench_adapters' section survive
+        old = out.read_text()
+        scope = marked_section(old, SCOPE)
+        if scope:
+            title, _, rest = report.partition("\n\n")
+            report = f"{title}\n\n{scope}\n\n{rest}"
+        kept = marked_section(old)
+        report = with_marked_section(report, kept) if kept else report
+    out.write_text(report)
     print("\n" + summary + "\n\n" + "\n".join(s.split("\n\n", 2)[-1] for s in sections))
     print(f"written to {out}")
 
 
 ADAPTERS_BEGIN, ADAPTERS_END = "<!-- adapters:begin -->", "<!-- adapters:end -->"  # bench_adapters.py's section
+ADAPTERS, SCOPE = (ADAPTERS_BEGIN, ADAPTERS_END), ("<!-- scope:begin -->", "<!-- scope:end -->")  # scope: by hand
 
 
-def marked_section(text: str) -> str | None:
-    """The adapters section of a report, markers included (None when absent)."""
-    i = text.find(ADAPTERS_BEGIN)
-    j = text.find(ADAPTERS_END, i + 1)
-    return text[i : j + len(ADAPTERS_END)] if i >= 0 and j >= 0 else None
+def marked_section(text: str, markers=ADAPTERS) -> str | None:
+    """The section between ``markers`` (default: the adapters section), markers included (None when absent)."""
+    begin, end = markers
+    i = text.find(begin)
+    j = text.find(end, i + 1)
+    return text[i : j + len(end)] if i >= 0 and j >= 0 else None
 
 
 def with_marked_section(text: str, section: str) -> str:
