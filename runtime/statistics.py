@@ -1,7 +1,7 @@
 """Per-layer hidden-state statistics, read once before training (forward passes of the base model).
 
 The population optimizers scale each layer's block of their random projection by the
-spread of the hidden states entering that layer (DFO for LoRA, 2403.01754, after BBTv2):
+std of the hidden states entering that layer (DFO for LoRA, 2403.01754, after BBTv2):
 a layer whose inputs vary more gets proportionally larger search steps.
 """
 
