@@ -66,6 +66,13 @@ def render(out: Path) -> None:
             lines.append(f"| `{name}` | {label} | {statistics.mean(finals):.3f} ± {spread:.3f} | "
                          f"{statistics.mean(starts):.3f} | {changes} | {cpu:.2f} |")
             series[f"{name} ({label})"] = [f - s for f, s in zip(finals, starts)]
+    paired = []  # same seed, same start and k-shot draw: the difference the projection makes
+    for name in OPTIMIZERS:
+        a, b = series.get(f"{name} (shape)"), series.get(f"{name} (hidden)")
+        if a and b and len(a) == len(b):
+            diffs = [100 * (y - x) for x, y in zip(a, b)]
+            paired.append(f"- `{name}`: hidden − shape per seed {', '.join(f'{d:+.1f}' for d in diffs)} points "
+                          f"(mean {statistics.mean(diffs):+.1f}).")
     first = next(iter(results["shape"].values()))[0]
     budget, seeds = first["forward_passes"], sorted({r["seed"] for r in next(iter(results["shape"].values()))})
     text = f"""# Projection scaling: shape/update rule vs. per-layer hidden-state std
@@ -78,6 +85,9 @@ with the base model. Runs are raw (no keep-best). One accuracy on 300 examples h
 ≈ 2.8 points. Full reports: `benchmarks/.cache/optimizers/proj-*/OPTIMIZERS.md`.
 
 {chr(10).join(lines)}
+
+Paired by seed:
+{chr(10).join(paired)}
 
 ![accuracy change per seed](projection-rt.png)
 """
