@@ -73,6 +73,10 @@ def render(out: Path) -> None:
             diffs = [100 * (y - x) for x, y in zip(a, b)]
             paired.append(f"- `{name}`: hidden − shape per seed {', '.join(f'{d:+.1f}' for d in diffs)} points "
                           f"(mean {statistics.mean(diffs):+.1f}).")
+    stds = next((r["config"].get("layer_std") for r in results["hidden"].get("cma", []) if r["config"].get("layer_std")), None)
+    if stds:  # the factors the hidden variant applied (seed 0's k-shot set)
+        factors = [x / statistics.median(stds) for x in stds]
+        paired.append(f"- Layer factors std_ℓ / median ({len(stds)} layers): {', '.join(f'{f:.2f}' for f in factors)}.")
     first = next(iter(results["shape"].values()))[0]
     budget, seeds = first["forward_passes"], sorted({r["seed"] for r in next(iter(results["shape"].values()))})
     text = f"""# Projection scaling: shape/update rule vs. per-layer hidden-state std
