@@ -100,7 +100,9 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder.")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out data for periodic evaluation.")
 @click.option("--optimizer", default="mezo", show_default=True)
-@click.option("--steps", default=500, show_default=True)
+@click.option("--steps", type=int, help="Optimizer steps (default 500, or as many as --budget allows).")
+@click.option("--budget", help="Stop when this is spent: wall time (90s, 20m, 1.5h) or forward passes (4000fwd). "
+                               "Default: the device profile's.")
 @click.option("--batch-size", type=int, help="Default: the device profile's.")
 @click.option("--lr", type=float, help="Learning rate (default: the optimizer's).")
 @click.option("--eps", type=float, help="Perturbation size ε.")
@@ -120,13 +122,13 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or broken run in RUN_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def train(bundle, data, run_dir, eval_data, optimizer, steps, batch_size, lr, eps, queries, weight_decay, schedule, extra,
+def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size, lr, eps, queries, weight_decay, schedule, extra,
           k_shot, eval_every, eval_limit, seed, device, init_adapter, text_field, label_field, resume, overwrite, as_json):
     """Fine-tune BUNDLE's adapters on --data with forward passes only."""
     from edgeft.training import TrainRequest, run_training
 
     request = TrainRequest(
-        bundle=bundle, data=data, run_dir=run_dir, eval_data=eval_data, optimizer=optimizer, steps=steps,
+        bundle=bundle, data=data, run_dir=run_dir, eval_data=eval_data, optimizer=optimizer, steps=steps, budget=budget,
         batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
                                              schedule=schedule, **_settings(extra)),
         k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,

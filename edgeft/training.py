@@ -18,6 +18,7 @@ from edgeft.errors import EdgeftError
 
 RUN_FILES = ("adapter", "checkpoint", "metrics.jsonl", "curve.png", "summary.json", "run.json")
 # Settings that must not change on --resume, or the continued run would differ from an uninterrupted one.
+DEFAULT_STEPS = 500  # without --steps or a budget; also the schedule horizon of a time budget
 RESUME_KEYS = ("optimizer", "settings", "batch_size", "k_shot", "seed", "data", "eval_every", "eval_limit")
 
 
@@ -28,7 +29,8 @@ class TrainRequest:
     run_dir: Path
     eval_data: Path | None = None
     optimizer: str = "mezo"
-    steps: int = 500
+    steps: int | None = None  # None: DEFAULT_STEPS, or until --budget is spent when one is set
+    budget: str | None = None  # "20m", "4000fwd" (runtime/budget.py); default: the device profile's
     batch_size: int | None = None
     settings: dict = field(default_factory=dict)  # optimizer settings: lr, eps, queries, ...
     k_shot: int | None = None
@@ -64,7 +66,7 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
         "bundle": str(req.bundle), "data": str(req.data), "eval_data": str(req.eval_data) if req.eval_data else None,
         "optimizer": req.optimizer, "settings": {k: v for k, v in req.settings.items() if v is not None},
         "batch_size": batch_size, "k_shot": req.k_shot, "seed": req.seed, "eval_every": req.eval_every,
-        "eval_limit": req.eval_limit, "steps": req.steps, "device": req.device,
+        "eval_limit": req.eval_limit, "steps": req.steps, "budget": req.budget, "device": req.device,
         "init_adapter": str(req.init_adapter) if req.init_adapter else None,
     }
 
@@ -73,13 +75,19 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     from edgeft.plots import learning_curve
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
     from edgeft.runtime.optimizers import POPULATION
+    from edgeft.runtime.budget import parse_budget
     from edgeft.runtime.memory import budget_warning
 
     profile = load_profile(req.device)
-    bundle = Bundle(req.bundle, profile)
+    budget_text = req.budget or (profile.budget if req.steps is None else None)
+    budget = parse_budget(budget_text) if budget_text else None
     batch_size = req.batch_size or profile.batch_size
-    if batch_size < 1 or req.steps < 1:
+    if batch_size < 1 or (req.steps is not None and req.steps < 1):
         raise EdgeftError("--batch-size and --steps must be at least 1")
+    steps = req.steps if req.steps is not None or budget else DEFAULT_STEPS
+    if budget and budget.seconds and steps is None and req.settings.get("schedule") == "linear":
+        raise EdgeftError("--schedule linear decays over --steps: give --steps or a forward-pass budget with a time budget")
+    bundle = Bundle(req.bundle, profile)
     # Read and check all input before touching the run folder: bad data must not cost a saved run.
     train_set = load_dataset(req.data, bundle.labels, req.text_field, req.label_field)
     if req.k_shot:
@@ -105,20 +113,22 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         theta, how = bundle.layout.initial(req.seed), "checkpoint"
     else:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
-    settings = {**req.settings, "total_steps": req.steps, "seed": req.seed,
+    settings = {**req.settings, "total_steps": _horizon(req, steps, budget), "seed": req.seed,
                 "steps_per_epoch": max(1, len(train_enc) // batch_size)}
     if req.optimizer in POPULATION and settings.get("projection") == "hidden":
         settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
     optimizer = make_optimizer(req.optimizer, theta, layout=bundle.layout, **settings)
-    config = TrainConfig(steps=req.steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed)
+    config = TrainConfig(steps=steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed, budget=budget)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)
     if req.resume:
         trainer.resume()
-        log(f"resuming at step {optimizer.step} of {req.steps}")
+        log(f"resuming at step {optimizer.step}, {trainer.evaluator.forward_passes} forward passes, "
+            f"{trainer.elapsed_s:.0f} s spent" + (f" of {budget.describe()}" if budget else f"; until step {steps}"))
     else:
-        log(f"start: {how}; {len(train_set)} training examples, batch {batch_size}, {bundle.layout.size:,} trainable values")
+        log(f"start: {how}; {len(train_set)} training examples, batch {batch_size}, {bundle.layout.size:,} trainable values"
+            + (f"; budget {budget.describe()}" if budget else ""))
 
-    on_step, on_eval, close = _progress(req, optimizer.step, trainer.records)
+    on_step, on_eval, close = _progress(req, trainer, steps, budget)
     started = time.perf_counter()
     try:
         summary = trainer.fit(on_step=on_step, on_eval=on_eval)
@@ -142,14 +152,33 @@ def _peft_task_type(task: str) -> str | None:
     return {"causal-lm": "CAUSAL_LM"}.get(task)
 
 
-def _progress(req: TrainRequest, done: int, trainer_records: list):
-    """A tqdm bar with the running loss and steps/s; silent when --json asks for quiet."""
+def _horizon(req: TrainRequest, steps: int | None, budget) -> int:
+    """The steps the optimizer's schedules (warm-up, linear decay, AdaZeta's epochs) plan for."""
+    from edgeft.runtime.optimizers import forwards_per_step
+
+    if steps is not None:
+        return steps
+    if budget.forward_passes is not None:
+        return max(1, budget.forward_passes // forwards_per_step(req.optimizer, req.settings))
+    return DEFAULT_STEPS
+
+
+def _progress(req: TrainRequest, trainer, steps: int | None, budget):
+    """A tqdm bar over the budget (forward passes or seconds) or the steps, with the running
+    loss, the best score so far and the lr; silent when --json asks for quiet."""
     if not req.progress:
         return None, None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=req.steps, initial=done, desc="train", unit="step", dynamic_ncols=True)
+    if budget is not None and budget.forward_passes is not None:
+        unit, total, used = "fwd", budget.forward_passes, lambda: trainer.evaluator.forward_passes
+    elif budget is not None:
+        unit, total, used = "s", round(budget.seconds), lambda: round(trainer._elapsed())
+    else:
+        unit, total, used = "step", steps, lambda: trainer.optimizer.step
+    bar = tqdm(total=total, initial=min(used(), total), desc="train", unit=unit, dynamic_ncols=True)
     recent: list[float] = []
+    metric = "perplexity" if trainer.bundle.task == "causal-lm" else "accuracy"
 
     def on_step(report):
         if not report.skipped:
@@ -157,12 +186,14 @@ def _progress(req: TrainRequest, done: int, trainer_records: list):
             del recent[:-20]
         elif report.message:
             bar.write(f"warning: {report.message}")
-        bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan", lr=f"{report.lr:.2g}", refresh=False)
-        bar.update(1)
+        best = (trainer.best_metrics or {}).get(metric)
+        bar.set_postfix(loss=f"{np.mean(recent):.4f}" if recent else "nan", best=f"{best:.4g}" if best is not None else "-",
+                        lr=f"{report.lr:.2g}", refresh=False)
+        bar.update(min(used(), total) - bar.n)
 
     def on_eval(step, metrics):
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "examples"))
-        if trainer_records and "rolled_back" in trainer_records[-1]:
-            bar.write(f"warning: diverged; {trainer_records[-1]['rolled_back']}")
+        if trainer.records and "rolled_back" in trainer.records[-1]:
+            bar.write(f"warning: diverged; {trainer.records[-1]['rolled_back']}")
 
     return on_step, on_eval, bar.close

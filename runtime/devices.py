@@ -25,6 +25,7 @@ class DeviceProfile:
     batch_size: int = 16
     max_length: int = 128
     memory_budget_mb: float | None = None
+    budget: str | None = None  # default training budget when --steps/--budget are not given ("20m", "4000fwd")
 
     @property
     def intra_op_threads(self) -> int:
@@ -57,4 +58,11 @@ def load_profile(name_or_path: str | None) -> DeviceProfile:
         raise EdgeftError(f"{path}: batch_size, max_length and threads must be positive")
     if profile.memory_budget_mb is not None and profile.memory_budget_mb <= 0:
         raise EdgeftError(f"{path}: memory_budget_mb must be positive")
+    if profile.budget is not None:
+        from .budget import parse_budget
+
+        try:
+            parse_budget(profile.budget)
+        except EdgeftError as err:
+            raise EdgeftError(f"{path}: budget: {err}") from None
     return profile

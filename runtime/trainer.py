@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeft.errors import EdgeftError
 
+from .budget import Budget
 from .bundle import Bundle, Encoded
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import CandidateEvaluator, evaluate
@@ -32,21 +33,34 @@ CHECKPOINT = "checkpoint"
 
 @dataclass
 class TrainConfig:
-    steps: int = 500
+    steps: int | None = 500  # None: until the budget is spent
     batch_size: int = 16
     eval_every: int = 50
     eval_batch_size: int = 32
     checkpoint_every: int = 50
     seed: int = 0
+    budget: Budget | None = None
+
+    def __post_init__(self):
+        if self.steps is None and self.budget is None:
+            raise ValueError("a run needs steps or a budget")
 
 
 def higher_is_better(task: str) -> bool:
     return task != "causal-lm"
 
 
-def score_of(task: str, metrics: dict) -> float:
-    """One number to rank adapters by: accuracy, or minus the loss for a causal LM."""
-    return metrics["accuracy"] if higher_is_better(task) else -metrics["loss"]
+def rank_key(task: str, metrics: dict, held_out: bool) -> tuple[float, ...]:
+    """What the kept adapter is ranked by (larger is better).
+
+    On held-out data: accuracy, then minus the loss where accuracies tie (a causal LM: minus
+    the loss). On the training set itself the loss alone: a linear probe fitted on a k-shot
+    set usually classifies that set perfectly, so accuracy would tie at 1.0 forever and the
+    start would always be kept, however far training lowered the loss.
+    """
+    if not higher_is_better(task) or not held_out:
+        return (-metrics["loss"],)
+    return (metrics["accuracy"], -metrics["loss"])
 
 
 class Trainer:
@@ -63,14 +77,20 @@ class Trainer:
         # Without held-out data, the best adapter is the one with the lowest loss on
         # the whole few-shot set (what the DFO paper optimises).
         self.eval_set = eval_set if eval_set is not None else train
+        self.held_out = eval_set is not None
         self.run_dir = Path(run_dir) if run_dir else None
         self.evaluator = CandidateEvaluator(bundle)
         self.best = np.array(optimizer.theta, copy=True)
-        self.best_score, self.best_step, self.best_metrics = -np.inf, 0, None
+        self.best_score: tuple[float, ...] = (-np.inf,)
+        self.best_step, self.best_metrics = 0, None
         self.start_metrics: dict | None = None
-        self.wall_s = 0.0
+        self.wall_s = 0.0  # time in training steps
+        self.elapsed_s = 0.0  # the whole run's time (steps, evaluations, saves): what a time budget counts
+        self.best_forward_passes, self.best_elapsed_s = 0, 0.0
+        self.stopped_by = None
         self.records: list[dict] = []  # what metrics.jsonl holds
         self._whole_set: dict | None = None
+        self._clock: float | None = None  # perf_counter at the start of fit(), while it runs
 
     # --- data order ---------------------------------------------------------
 
@@ -113,11 +133,12 @@ class Trainer:
     def _consider(self) -> dict:
         """Evaluate the current adapter; keep it if it is the best so far; roll back if it diverged."""
         metrics = self.evaluate()
-        score = score_of(self.bundle.task, metrics)
+        score = rank_key(self.bundle.task, metrics, self.held_out)
         record = {"step": self.optimizer.step, "eval": metrics}
         if score > self.best_score:
             self.best, self.best_score = np.array(self.optimizer.theta, copy=True), score
             self.best_step, self.best_metrics = self.optimizer.step, metrics
+            self.best_forward_passes, self.best_elapsed_s = self.evaluator.forward_passes, self._elapsed()
         elif self._diverged(metrics) and hasattr(self.optimizer, "roll_back"):
             self.optimizer.roll_back(self.best)
             record["rolled_back"] = f"eval loss {metrics['loss']:.4g} vs best {self.best_metrics['loss']:.4g}: " \
@@ -131,23 +152,49 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------
 
+    def _elapsed(self) -> float:
+        return self.elapsed_s + (time.perf_counter() - self._clock if self._clock is not None else 0.0)
+
+    def budget_spent(self) -> bool:
+        c = self.config
+        if c.steps is not None and self.optimizer.step >= c.steps:
+            self.stopped_by = "steps"
+            return True
+        if c.budget is not None and c.budget.spent(self._elapsed(), self.evaluator.forward_passes):
+            self.stopped_by = "budget"
+            return True
+        return False
+
     def fit(self, on_step: Callable[[StepReport], None] | None = None, on_eval: Callable[[int, dict], None] | None = None) -> dict:
         c = self.config
-        if self.start_metrics is None:
-            self.start_metrics = self._consider()
-            if on_eval:
-                on_eval(0, self.start_metrics)
-        while self.optimizer.step < c.steps:
-            report = self.step()
-            if on_step:
-                on_step(report)
-            step = self.optimizer.step
-            if step % c.eval_every == 0 or step == c.steps:
+        self._clock = time.perf_counter()
+        try:
+            if self.start_metrics is None:
+                self.start_metrics = self._consider()
+                if on_eval:
+                    on_eval(0, self.start_metrics)
+            evaluated = saved = self.optimizer.step
+            while not self.budget_spent():
+                report = self.step()
+                if on_step:
+                    on_step(report)
+                step = self.optimizer.step
+                if step % c.eval_every == 0:
+                    metrics, evaluated = self._consider(), step
+                    if on_eval:
+                        on_eval(step, metrics)
+                if self.run_dir and step % c.checkpoint_every == 0:
+                    self.save()
+                    saved = step
+            # the last step, whatever stopped the run, is evaluated and saved
+            if evaluated != self.optimizer.step:
                 metrics = self._consider()
                 if on_eval:
-                    on_eval(step, metrics)
-            if self.run_dir and (step % c.checkpoint_every == 0 or step == c.steps):
+                    on_eval(self.optimizer.step, metrics)
+            if self.run_dir and saved != self.optimizer.step:
                 self.save()
+        finally:
+            self.elapsed_s, self._clock = self._elapsed(), None
         return self.summary()
 
     def summary(self) -> dict:
@@ -162,6 +209,10 @@ class Trainer:
             "start": self.start_metrics,
             "best": self.best_metrics,
             "best_step": self.best_step,
+            "forward_passes_to_best": self.best_forward_passes,
+            "elapsed_s_to_best": round(self.best_elapsed_s, 2),
+            "elapsed_s": round(self._elapsed(), 2),
+            "stopped_by": self.stopped_by,
             "rollbacks": [r["rolled_back"] for r in self.records if "rolled_back" in r],
         }
 
@@ -179,8 +230,10 @@ class Trainer:
         arrays["best"] = self.best
         save_checkpoint(self.run_dir / CHECKPOINT, arrays, {
             "optimizer": self.optimizer.name, "optimizer_state": scalars, "trainer": asdict(self.config),
-            "best_score": self.best_score, "best_step": self.best_step, "best_metrics": self.best_metrics,
+            "best_score": list(self.best_score), "best_step": self.best_step, "best_metrics": self.best_metrics,
             "start_metrics": self.start_metrics, "forward_passes": self.evaluator.forward_passes, "wall_s": self.wall_s,
+            "elapsed_s": self._elapsed(), "best_forward_passes": self.best_forward_passes,
+            "best_elapsed_s": self.best_elapsed_s,
         })
 
     def resume(self) -> None:
@@ -191,9 +244,12 @@ class Trainer:
         self.optimizer.load_state_dict({k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")},
                                        scalars["optimizer_state"])
         self.best = np.array(arrays["best"], dtype=np.float32)
-        self.best_score, self.best_step = scalars["best_score"], scalars["best_step"]
+        self.best_score, self.best_step = tuple(scalars["best_score"]), scalars["best_step"]
         self.best_metrics, self.start_metrics = scalars["best_metrics"], scalars["start_metrics"]
         self.evaluator.forward_passes, self.wall_s = scalars["forward_passes"], scalars["wall_s"]
+        self.elapsed_s = scalars.get("elapsed_s", self.wall_s)
+        self.best_forward_passes = scalars.get("best_forward_passes", 0)
+        self.best_elapsed_s = scalars.get("best_elapsed_s", 0.0)
         step = self.optimizer.step
         path = self.run_dir / METRICS
         kept = []

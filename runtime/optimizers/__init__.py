@@ -69,6 +69,17 @@ def _config(cls, settings: dict):
 POPULATION = ("cma", "fireworks", "dfo-layerwise")  # search a projection; may use per-layer hidden-state std
 
 
+def forwards_per_step(name: str, settings: dict) -> int:
+    """Forward passes one step of ``name`` costs with ``settings`` (to turn a pass budget into steps)."""
+    if name in POPULATION:
+        return int(settings.get("popsize") or PopulationConfig.popsize)
+    if name == "fzoo":
+        return int(settings.get("directions_per_step") or FZOOConfig.directions_per_step) + 1
+    queries = settings.get("queries")
+    queries = queries if isinstance(queries, int) else 1  # "auto" starts at one query and grows
+    return 2 * queries + (1 if name == "zo-cons" else 0)
+
+
 def make_optimizer(name: str, theta, layout=None, **settings) -> Optimizer:
     """Build a registered optimizer; ``layout`` (the bundle's AdapterLayout) gives tensor shapes and layers.
     Population optimizers also take ``layer_std`` (``layer_input_std``) for ``projection="hidden"``
