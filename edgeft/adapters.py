@@ -17,6 +17,8 @@ see an adapter folder, ``adapter_config.json`` + ``adapter_model.safetensors``:
 
 The classification head is not a PEFT module: it is saved beside the adapter as
 ``head.safetensors`` (``weight`` [labels, hidden], ``bias`` [labels]), applied after pooling.
+A causal LM's output bias (added to the LM head's logits; fitted on the device from its exact
+gradient) is not a PEFT module either: ``output_bias.safetensors`` (``bias`` [vocab]).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from edgeft.manifest import AdapterSpec, AdapterTensor, Manifest
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
+OUTPUT_BIAS_WEIGHTS = "output_bias.safetensors"
+# Tensors outside the transformer body: fitted in closed form at the start, saved beside the PEFT files.
+OUTPUT_ROLES = ("head_weight", "head_bias", "output_bias")
 PEFT_TYPES = {"lora": "LORA", "bone": "MISS", "loldu": "EDGEFT_LOLDU", "tt": "EDGEFT_TT"}
 
 
@@ -60,6 +65,14 @@ class AdapterLayout:
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
+
+    def subset(self, names: list[str]) -> tuple["AdapterLayout", np.ndarray]:
+        """The layout of some tensors only, and where their values lie in this layout's vector."""
+        from dataclasses import replace
+
+        keep = [t for t in self.tensors if t.name in set(names)]
+        index = np.concatenate([np.arange(self.slice_of(t.name).start, self.slice_of(t.name).stop) for t in keep])
+        return AdapterLayout(replace(self.spec, tensors=keep), self.stored), index
 
     def slice_of(self, name: str) -> slice:
         for t, off in zip(self.tensors, self.offsets):
@@ -112,10 +125,10 @@ class AdapterLayout:
         return vector
 
     def adapter_mask(self) -> np.ndarray:
-        """True where the vector holds adapter values (not the classification head)."""
+        """True where the vector holds adapter values (not the classification head or output bias)."""
         mask = np.zeros(self.size, dtype=bool)
         for t, off in zip(self.tensors, self.offsets):
-            if not t.role.startswith("head"):
+            if t.role not in OUTPUT_ROLES:
                 mask[off : off + int(np.prod(t.shape))] = True
         return mask
 
@@ -177,7 +190,7 @@ def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_m
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     named = layout.unflatten(np.asarray(vector, dtype=np.float32))
-    weights, head = {}, {}
+    weights, head, output = {}, {}, {}
     for t in layout.tensors:
         value = np.ascontiguousarray(named[t.name])
         if t.peft_key:
@@ -186,6 +199,8 @@ def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_m
             head["weight"] = value
         elif t.role == "head_bias":
             head["bias"] = value
+        elif t.role == "output_bias":
+            output["bias"] = value
     spec = layout.spec
     if spec.kind == "lora" and spec.init == "pissa":
         for a, b in _pissa_pairs(layout):
@@ -196,6 +211,8 @@ def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_m
     _atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
     if head:
         _atomic_write(folder / HEAD_WEIGHTS, lambda p: save_file(head, str(p)))
+    if output:
+        _atomic_write(folder / OUTPUT_BIAS_WEIGHTS, lambda p: save_file(output, str(p)))
 
 
 def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = None) -> np.ndarray:
@@ -261,19 +278,22 @@ def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = 
         matched += 1
     if matched == 0:
         raise EdgeftError(f"{weights_path}: no tensor matches this bundle's adapter modules")
-    head_path = folder / HEAD_WEIGHTS
-    if head_path.is_file():
+    for file, keys, what in ((HEAD_WEIGHTS, {"head_weight": "weight", "head_bias": "bias"}, "other labels?"),
+                             (OUTPUT_BIAS_WEIGHTS, {"output_bias": "bias"}, "another vocabulary?")):
+        path = folder / file
+        if not path.is_file():
+            continue
         try:
-            head = load_file(str(head_path))
+            extra = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise EdgeftError(f"{head_path}: not a readable safetensors file ({err})") from None
+            raise EdgeftError(f"{path}: not a readable safetensors file ({err})") from None
         for t in layout.tensors:
-            key = {"head_weight": "weight", "head_bias": "bias"}.get(t.role)
+            key = keys.get(t.role)
             if key is None:
                 continue
-            if key not in head or list(head[key].shape) != list(t.shape):
-                raise EdgeftError(f"{head_path}: head {key} does not fit the bundle's {t.shape} (other labels?)")
-            named[t.name][...] = head[key]
+            if key not in extra or list(extra[key].shape) != list(t.shape):
+                raise EdgeftError(f"{path}: {key} does not fit the bundle's {t.shape} ({what})")
+            named[t.name][...] = extra[key]
     vector = layout.flatten(named)
     if not np.all(np.isfinite(vector)):
         raise EdgeftError(f"{folder}: adapter holds non-finite values")

@@ -99,7 +99,8 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data (.jsonl, .csv, .tsv).")
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder.")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out data for periodic evaluation.")
-@click.option("--optimizer", default="mezo", show_default=True)
+@click.option("--optimizer", default="auto", show_default=True,
+              help="A registered optimizer, or auto: the recipe README's 'Choosing a recipe' states.")
 @click.option("--steps", type=int, help="Optimizer steps (default 500, or as many as --budget allows).")
 @click.option("--budget", help="Stop when this is spent: wall time (90s, 20m, 1.5h) or forward passes (4000fwd). "
                                "Default: the device profile's.")
@@ -117,13 +118,16 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", help="Device profile name or .toml path.")
 @click.option("--init-adapter", type=click.Path(path_type=Path), help="Start from this adapter (e.g. saved by PEFT).")
+@click.option("--output-fit-steps", type=int,
+              help="Causal LM: steps of the output-bias fit before the search (default 40; 0: none).")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--label-field", default="label", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or broken run in RUN_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size, lr, eps, queries, weight_decay, schedule, extra,
-          k_shot, eval_every, eval_limit, seed, device, init_adapter, text_field, label_field, resume, overwrite, as_json):
+          k_shot, eval_every, eval_limit, seed, device, init_adapter, output_fit_steps, text_field, label_field, resume,
+          overwrite, as_json):
     """Fine-tune BUNDLE's adapters on --data with forward passes only."""
     from edgeft.training import TrainRequest, run_training
 
@@ -132,7 +136,7 @@ def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size
         batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
                                              schedule=schedule, **_settings(extra)),
         k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,
-        text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite, progress=not as_json,
+        output_fit_steps=output_fit_steps, text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite, progress=not as_json,
     )
     summary = run_training(request, log=lambda m: click.echo(m, err=True))
     if as_json:
@@ -261,7 +265,7 @@ def info(bundle):
     kind = m.adapter.kind + (f" ({m.adapter.init} init)" if m.adapter.init != "zeros" else "")
     click.echo(f"adapter: {kind} r={m.adapter.rank} alpha={m.adapter.alpha} on {', '.join(m.adapter.targets)}: "
                f"{len(layout.tensors)} tensors, {layout.trainable_adapter_values:,} adapter values"
-               + (f" + {layout.size - layout.trainable_adapter_values:,} head values" if layout.size > layout.trainable_adapter_values else ""))
+               + (f" + {layout.size - layout.trainable_adapter_values:,} head or output-bias values" if layout.size > layout.trainable_adapter_values else ""))
     click.echo(f"inputs: {', '.join(n for n in m.inputs if n not in layout.names())} + adapters")
     hidden = f" + hidden.0-{len(m.hidden_states) - 1}" if m.hidden_states else ""
     click.echo(f"outputs: {', '.join(m.outputs)}{hidden}   max length: {m.max_length}   model: {size:.1f} MB")

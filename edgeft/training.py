@@ -19,7 +19,8 @@ from edgeft.errors import EdgeftError
 RUN_FILES = ("adapter", "checkpoint", "metrics.jsonl", "curve.png", "summary.json", "run.json")
 # Settings that must not change on --resume, or the continued run would differ from an uninterrupted one.
 DEFAULT_STEPS = 500  # without --steps or a budget; also the schedule horizon of a time budget
-RESUME_KEYS = ("optimizer", "settings", "batch_size", "k_shot", "seed", "data", "eval_every", "eval_limit")
+RESUME_KEYS = ("optimizer", "settings", "batch_size", "k_shot", "seed", "data", "eval_every", "eval_limit",
+               "output_fit_steps")
 
 
 @dataclass
@@ -28,7 +29,7 @@ class TrainRequest:
     data: Path
     run_dir: Path
     eval_data: Path | None = None
-    optimizer: str = "mezo"
+    optimizer: str = "auto"  # a registered name, or "auto" (runtime/recipes.py)
     steps: int | None = None  # None: DEFAULT_STEPS, or until --budget is spent when one is set
     budget: str | None = None  # "20m", "4000fwd" (runtime/budget.py); default: the device profile's
     batch_size: int | None = None
@@ -39,6 +40,7 @@ class TrainRequest:
     seed: int = 0
     device: str | None = None
     init_adapter: Path | None = None
+    output_fit_steps: int | None = None  # causal LM: steps of the output-bias fit (None: the recipe's; 0: none)
     text_field: str = "text"
     label_field: str = "label"
     resume: bool = False
@@ -67,14 +69,16 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
         "optimizer": req.optimizer, "settings": {k: v for k, v in req.settings.items() if v is not None},
         "batch_size": batch_size, "k_shot": req.k_shot, "seed": req.seed, "eval_every": req.eval_every,
         "eval_limit": req.eval_limit, "steps": req.steps, "budget": req.budget, "device": req.device,
-        "init_adapter": str(req.init_adapter) if req.init_adapter else None,
+        "init_adapter": str(req.init_adapter) if req.init_adapter else None, "output_fit_steps": req.output_fit_steps,
     }
 
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     from edgeft.plots import learning_curve
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
-    from edgeft.runtime.optimizers import POPULATION
+    from edgeft.runtime.optimizers import POPULATION, REGISTRY
+    from edgeft.runtime.output_fit import output_bias_slice
+    from edgeft.runtime.recipes import auto_recipe
     from edgeft.runtime.budget import parse_budget
     from edgeft.runtime.memory import budget_warning
 
@@ -85,6 +89,10 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     if batch_size < 1 or (req.steps is not None and req.steps < 1):
         raise EdgeftError("--batch-size and --steps must be at least 1")
     steps = req.steps if req.steps is not None or budget else DEFAULT_STEPS
+    if req.optimizer != "auto" and req.optimizer not in REGISTRY:
+        raise EdgeftError(f"unknown optimizer {req.optimizer!r} (known: auto, {', '.join(sorted(REGISTRY))})")
+    if req.output_fit_steps is not None and req.output_fit_steps < 0:
+        raise EdgeftError("--output-fit-steps must be 0 (no fit) or more")
     if budget and budget.seconds and steps is None and req.settings.get("schedule") == "linear":
         raise EdgeftError("--schedule linear decays over --steps: give --steps or a forward-pass budget with a time budget")
     bundle = Bundle(req.bundle, profile)
@@ -109,17 +117,37 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
 
     train_enc = bundle.encode(train_set.texts, train_set.labels)
     eval_enc = bundle.encode(eval_set.texts, eval_set.labels) if eval_set else None
+    has_bias = output_bias_slice(bundle) is not None
+    recipe = auto_recipe(bundle.task, has_bias) if req.optimizer == "auto" else None
+    name = recipe.optimizer if recipe else req.optimizer
+    if recipe:
+        log(f"optimizer auto: {recipe.why}")
+    fit_steps = req.output_fit_steps if req.output_fit_steps is not None else (40 if has_bias else 0)
+    if budget and budget.forward_passes is not None:
+        fit_steps = min(fit_steps, budget.forward_passes)  # the fit's passes count in the budget
+    output_fit, fit_cost = None, (0, 0.0)
     if req.resume:
         theta, how = bundle.layout.initial(req.seed), "checkpoint"
     else:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
-    settings = {**req.settings, "total_steps": _horizon(req, steps, budget), "seed": req.seed,
+        if has_bias and fit_steps and not _adapter_has_output_bias(req.init_adapter):
+            fit_started = time.perf_counter()
+            theta, output_fit = _fit_output(bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps)
+            fit_cost = (output_fit["forward_passes"], time.perf_counter() - fit_started)
+            how += f" + output bias fitted in {fit_steps} steps" + ("" if output_fit["kept"] else " (not kept: held-out loss rose)")
+            log(f"output bias: train loss {output_fit['train_loss_first']:.4f} -> {output_fit['train_loss_last']:.4f}"
+                + (f", held-out loss {output_fit['eval_before']['loss']:.4f} -> {output_fit['eval_after']['loss']:.4f}"
+                   if eval_enc is not None else ""))
+    settings = {**req.settings, "total_steps": _horizon(req, name, steps, budget), "seed": req.seed,
                 "steps_per_epoch": max(1, len(train_enc) // batch_size)}
-    if req.optimizer in POPULATION and settings.get("projection") == "hidden":
+    if name in POPULATION and settings.get("projection") == "hidden":
         settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
-    optimizer = make_optimizer(req.optimizer, theta, layout=bundle.layout, **settings)
+    # the output bias is fitted in closed form, never searched (runtime/optimizers/frozen.py)
+    trainable = [t.name for t in bundle.layout.tensors if t.role != "output_bias"]
+    optimizer = make_optimizer(name, theta, layout=bundle.layout, trainable=trainable, **settings)
     config = TrainConfig(steps=steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed, budget=budget)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)
+    trainer.evaluator.forward_passes, trainer.elapsed_s = fit_cost  # the fit spends the same budget
     if req.resume:
         trainer.resume()
         log(f"resuming at step {optimizer.step}, {trainer.evaluator.forward_passes} forward passes, "
@@ -137,8 +165,9 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     adapter_dir = run_dir / "adapter"
     save_adapter(adapter_dir, bundle.layout, trainer.best, bundle.manifest.peft_base.get("source", ""),
                  _peft_task_type(bundle.task))
-    summary.update(adapter=str(adapter_dir), optimizer=req.optimizer, run_wall_s=round(time.perf_counter() - started, 2))
-    plot = learning_curve(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{req.optimizer} on {Path(req.bundle).name}")
+    summary.update(adapter=str(adapter_dir), optimizer=name, recipe=recipe.why if recipe else None,
+                   output_fit=output_fit, run_wall_s=round(time.perf_counter() - started, 2))
+    plot = learning_curve(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{name} on {Path(req.bundle).name}")
     summary["plot"] = str(plot) if plot else None
     warning = budget_warning(summary["peak_rss_mb"], profile.memory_budget_mb, profile.name)
     summary["memory_warning"] = warning
@@ -152,15 +181,38 @@ def _peft_task_type(task: str) -> str | None:
     return {"causal-lm": "CAUSAL_LM"}.get(task)
 
 
-def _horizon(req: TrainRequest, steps: int | None, budget) -> int:
+def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
     """The steps the optimizer's schedules (warm-up, linear decay, AdaZeta's epochs) plan for."""
     from edgeft.runtime.optimizers import forwards_per_step
 
     if steps is not None:
         return steps
     if budget.forward_passes is not None:
-        return max(1, budget.forward_passes // forwards_per_step(req.optimizer, req.settings))
+        return max(1, budget.forward_passes // forwards_per_step(name, req.settings))
     return DEFAULT_STEPS
+
+
+def _adapter_has_output_bias(folder: Path | None) -> bool:
+    from edgeft.adapters import OUTPUT_BIAS_WEIGHTS
+
+    return folder is not None and (Path(folder) / OUTPUT_BIAS_WEIGHTS).is_file()
+
+
+def _fit_output(bundle, train_enc, eval_enc, theta, batch_size: int, seed: int, steps: int):
+    """Fit the causal LM's output bias; keep it only if held-out loss fell (when there is held-out data)."""
+    from edgeft.runtime import evaluate
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_output_bias
+
+    before = evaluate(bundle, theta, eval_enc, 32) if eval_enc is not None else None
+    fitted, losses = fit_output_bias(bundle, train_enc, theta, batch_size, seed, OutputFitConfig(steps=steps))
+    if not losses:
+        raise EdgeftError("output-bias fit: the training data has no window of two or more tokens")
+    record = {"steps": steps, "forward_passes": steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+              "kept": True}
+    if eval_enc is not None:
+        after = evaluate(bundle, fitted, eval_enc, 32)
+        record.update(eval_before=before, eval_after=after, kept=after["loss"] < before["loss"])
+    return (fitted if record["kept"] else theta), record
 
 
 def _progress(req: TrainRequest, trainer, steps: int | None, budget):

@@ -16,7 +16,7 @@ from edgeft.manifest import ADAPTER_INIT_NAME, MODEL_NAME, TOKENIZER_NAME, Adapt
 from .adapters import DEFAULT_TARGETS, KINDS, LORA_INITS, inject_adapters
 from .loading import Source, load_source
 from .onnx_graph import export_onnx, verify_against_torch
-from .tasks import CausalLM, Classification, Prompt, head_tensors
+from .tasks import CausalLM, Classification, Prompt, head_tensors, output_bias_tensor
 
 
 @dataclass
@@ -74,6 +74,7 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         outputs = ["loss", "logits"]
         manifest_extra["verbalizer"] = dict(options.verbalizer)
     else:
+        tensors.append(output_bias_tensor(src.model.config.vocab_size))
         wrapper = CausalLM(src.model, slots, [t.name for t in tensors])
         outputs = ["loss", "token_count", "logits"]  # loss first: the runtime asks by name
     wrapper.eval()

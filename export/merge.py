@@ -4,7 +4,7 @@ LoRA: for every adapted layer, W ← W + scale·Aᵀ·Bᵀ (W stored [in, out] f
 [out, in] for a Gemm with transB), and the branch x·Aᵀ·Bᵀ·scale + base(x) is cut back
 to base(x). Weight-side adapters (LoLDU, TT, Bone) compute W + ΔW from constants and
 their inputs only: that subgraph is evaluated once and its result stored as the weight
-(``fold_weight_updates``). Any other adapter input (the classification head) becomes a constant.
+(``fold_weight_updates``). Any other adapter input (the classification head, a causal LM's output bias) becomes a constant.
 Then outputs that need ``labels`` (the loss) are dropped and the graph is pruned:
 what remains takes the bundle's original inputs and returns logits.
 """
@@ -108,12 +108,13 @@ def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str,
             raise EdgeftError("merge: an adapted layer's output is a graph output")
     del g.graph.node[:]
     g.graph.node.extend(keep)
-    weight_side = {t.name: values[t.name] for t in manifest.adapter.tensors if not t.role.startswith(("lora", "head"))}
+    weight_side = {t.name: values[t.name] for t in manifest.adapter.tensors
+                   if not t.role.startswith(("lora", "head", "output"))}
     if weight_side:
         fold_weight_updates(model, weight_side)
-    # every other adapter input (the head) becomes a constant
+    # every other adapter input (the head, the output bias) becomes a constant
     for t in manifest.adapter.tensors:
-        if t.role.startswith("head"):
+        if t.role.startswith(("head", "output")):
             g.graph.initializer.append(numpy_helper.from_array(values[t.name].astype(np.float32), t.name))
     adapter_names = {t.name for t in manifest.adapter.tensors}
     inputs = [i for i in g.graph.input if i.name not in adapter_names]

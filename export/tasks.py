@@ -92,18 +92,31 @@ class Prompt(_Task):
         return loss, logits, *out.hidden_states[:-1]
 
 
+OUTPUT_BIAS = "output.bias"
+
+
+def output_bias_tensor(vocab_size: int) -> AdapterTensor:
+    """An additive bias over the vocabulary on the LM head's logits: the causal-LM output adapter.
+
+    Its exact loss gradient needs no backward graph (softmax − one-hot, from the logits one
+    forward pass returns), so the device fits it in closed form before zeroth-order search
+    tunes the body (``runtime/output_fit.py``)."""
+    return AdapterTensor(OUTPUT_BIAS, [vocab_size], "zeros", None, None, "output_bias")
+
+
 class CausalLM(_Task):
     """Mean next-token negative log-likelihood per example over real (unpadded) tokens.
 
     Returns ``(loss, token_count, logits)``: the loss first (what training asks for), then
     the scored-token count (perplexity weights), then the next-token logits [B, T, vocab]
     the loss is made of — what a merged inference model keeps (``edgeft deploy --merge``).
+    The logits include the output bias (an adapter input, zero at the start).
     """
 
     def forward(self, input_ids, attention_mask, *adapters):
         self._fill(adapters)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        logits = out.logits
+        logits = out.logits + self.slots[OUTPUT_BIAS]
         nll = F.cross_entropy(
             logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
         )  # [B, T-1]

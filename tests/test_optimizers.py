@@ -25,6 +25,7 @@ TABLE = {
     "lozo-m": (dict(lr=0.001, eps=1e-3, queries=2, refresh=5), 300),
     "adazeta": (dict(lr=0.02, eps=1e-3, max_queries=6, steps_per_epoch=30), 300),
     "zo-kalman": (dict(lr=0.01, eps=1e-3, queries=2), 300),
+    "fzoo": (dict(lr=0.05, eps=1e-3, directions_per_step=4), 300),
     # population methods search a random projection, where this problem is ill-conditioned: more steps
     "cma": (POP, 300),
     "fireworks": (dict(POP, popsize=20, sigma=5.0), 400),

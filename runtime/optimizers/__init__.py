@@ -15,6 +15,8 @@ import numpy as np
 from edgeft.adapters import layer_of
 
 from .base import Optimizer, StepReport
+from .frozen import Frozen
+from .fzoo import FZOO, FZOOConfig
 from .population import CMA, Fireworks, Layerwise, PopulationConfig
 from .spread import tensor_spreads
 from .zeroorder import ZeroOrder, ZOConfig
@@ -55,6 +57,7 @@ REGISTRY = {
     "lozo-m": _zo("lozo-m", directions="lowrank", rank=2, refresh=50, update="momentum"),
     "adazeta": _zo("adazeta", queries="auto"),
     "zo-kalman": _zo("zo-kalman", update="kalman"),
+    "fzoo": lambda theta, settings, layout: FZOO(theta, _config(FZOOConfig, settings)),
     "cma": _population(CMA),
     "fireworks": _population(Fireworks),
     "dfo-layerwise": _population(Layerwise),
@@ -80,16 +83,20 @@ def forwards_per_step(name: str, settings: dict) -> int:
     return 2 * queries + (1 if name == "zo-cons" else 0)
 
 
-def make_optimizer(name: str, theta, layout=None, **settings) -> Optimizer:
+def make_optimizer(name: str, theta, layout=None, trainable: list[str] | None = None, **settings) -> Optimizer:
     """Build a registered optimizer; ``layout`` (the bundle's AdapterLayout) gives tensor shapes and layers.
     Population optimizers also take ``layer_std`` (``layer_input_std``) for ``projection="hidden"``
-    and size each tensor's moves from the layout and the start ``theta`` (``spread.py``)."""
+    and size each tensor's moves from the layout and the start ``theta`` (``spread.py``).
+    ``trainable`` names the tensors to search (default: all); the others keep their value in ``theta``."""
     from edgeft.errors import EdgeftError
 
     if name not in REGISTRY:
         raise EdgeftError(f"unknown optimizer {name!r} (known: {', '.join(sorted(REGISTRY))})")
     theta = np.asarray(theta, dtype=np.float32)
     try:
+        if layout is not None and trainable is not None and set(trainable) != set(layout.names()):
+            part, index = layout.subset(trainable)
+            return Frozen(REGISTRY[name](theta[index], settings, part), theta, index)
         return REGISTRY[name](theta, settings, layout)
     except ValueError as err:
         raise EdgeftError(f"--optimizer {name}: {err}") from None

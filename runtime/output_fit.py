@@ -1,0 +1,103 @@
+"""The causal-LM output adapter, fitted from its exact gradient with forward passes only.
+
+For logits = W·h + b, the mean next-token NLL's gradient with respect to the output bias b is
+mean over scored positions of (softmax(logits) − one-hot(next token)): a function of the logits
+one forward pass already returns, no backward graph. The body is frozen while b is fitted, so
+the fit is the causal-LM counterpart of the classification linear probe: it starts the
+zeroth-order search of the body close to the optimum of the output layer.
+
+Measured here with torch (research.md, SmolLM2-135M, three tragedies → Macbeth, 40 Adam steps
+of batch 8, body frozen): the bias alone at lr 3e-2 lowered perplexity 52.03 → 47.53 (−8.7%),
+as much as LoRA on the LM head (47.55); every zeroth-order optimizer at 160 passes: −1.4% at best.
+So the bias is the default output adapter and these are its default settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle, Encoded
+from .evaluate import causal_lm_rows
+
+
+@dataclass(frozen=True)
+class OutputFitConfig:
+    steps: int = 40  # one forward pass (one batch) per step
+    lr: float = 3e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+def bias_gradient(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Σ over scored positions of (softmax − one-hot) [vocab], the summed NLL and the number of
+    scored tokens. Position t predicts token t+1 where that token is real (the graph's loss mask)."""
+    scored = attention_mask[:, 1:].astype(bool)
+    rows = np.asarray(logits[:, :-1][scored], dtype=np.float32)  # [N, vocab], the one working copy
+    targets = input_ids[:, 1:][scored]
+    rows -= rows.max(-1, keepdims=True)
+    target_logit = rows[np.arange(len(targets)), targets].astype(np.float64)
+    np.exp(rows, out=rows)
+    total = rows.sum(-1, dtype=np.float64)
+    rows /= total[:, None].astype(np.float32)
+    gradient = rows.sum(0, dtype=np.float64)
+    gradient -= np.bincount(targets, minlength=gradient.size)
+    nll = float((np.log(total) - target_logit).sum())
+    return gradient, nll, int(len(targets))
+
+
+def output_bias_slice(bundle: Bundle) -> slice | None:
+    for t in bundle.layout.tensors:
+        if t.role == "output_bias":
+            return bundle.layout.slice_of(t.name)
+    return None
+
+
+def fit_output_bias(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int, seed: int = 0,
+                    config: OutputFitConfig = OutputFitConfig()) -> tuple[np.ndarray, list[float]]:
+    """Adam on the output bias over ``config.steps`` batches of ``train``; the rest of ``theta`` is
+    unchanged. Returns the new vector and each step's training loss (mean NLL per token, before
+    that step's update). The logits of a batch are computed in row chunks that stay within the
+    evaluation's logits budget, so a 49k-token vocabulary does not multiply memory."""
+    where = output_bias_slice(bundle)
+    if where is None:
+        raise ValueError("this bundle has no output bias (exported before edgeft had one?)")
+    theta = np.array(theta, dtype=np.float32, copy=True)
+    bias = theta[where]  # a view: updating it updates theta
+    m = np.zeros(bias.size, dtype=np.float64)
+    v = np.zeros(bias.size, dtype=np.float64)
+    rows_per_run = causal_lm_rows(bundle, batch_size)
+    n, losses = len(train), []
+    for step in range(config.steps):
+        batch = _batch(n, batch_size, seed, step)
+        gradient, nll, tokens = np.zeros(bias.size), 0.0, 0
+        for start in range(0, len(batch), rows_per_run):
+            feeds = bundle.feeds(train, batch[start : start + rows_per_run])
+            (logits,) = bundle.run(feeds, theta, ["logits"])
+            g, s, k = bias_gradient(logits, feeds["input_ids"], feeds["attention_mask"])
+            gradient += g
+            nll += s
+            tokens += k
+            del logits
+        if tokens == 0:
+            continue
+        gradient /= tokens
+        losses.append(nll / tokens)
+        m = config.beta1 * m + (1 - config.beta1) * gradient
+        v = config.beta2 * v + (1 - config.beta2) * gradient**2
+        t = step + 1
+        update = config.lr * (m / (1 - config.beta1**t)) / (np.sqrt(v / (1 - config.beta2**t)) + config.eps)
+        bias -= update.astype(np.float32)
+    return theta, losses
+
+
+def _batch(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """A fresh permutation of the windows each epoch (the trainer's rule, its own stream)."""
+    if n <= batch_size:
+        return np.arange(n)
+    per_epoch = n // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, 11, epoch]).permutation(n)
+    return np.sort(order[position * batch_size : (position + 1) * batch_size])

@@ -1,0 +1,131 @@
+"""The causal-LM output bias: its exact gradient from forward outputs, the fit, and how a run saves,
+reloads, searches around and merges it."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.runtime import Bundle
+from edgeft.runtime.output_fit import OutputFitConfig, bias_gradient, fit_output_bias, output_bias_slice
+
+LM_TEXTS = ["the movie was great and the acting was good", "the film was terrible and the plot was dull",
+            "i loved this story it is very fun", "i hated this film it is boring", "the music in this scene was great",
+            "the acting was good and the story was fun", "the plot was boring", "i loved the music"]
+
+
+@pytest.mark.parametrize("batch, length, vocab", [(2, 5, 7), (3, 11, 50)])
+def test_bias_gradient_equals_torch_autograd(batch, length, vocab):
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(batch)
+    logits = rng.standard_normal((batch, length, vocab)).astype(np.float32) * 3
+    ids = rng.integers(0, vocab, size=(batch, length))
+    mask = np.ones((batch, length), dtype=np.int64)
+    mask[1:, length // 2 + 1 :] = 0  # right padding, as Bundle.feeds pads
+    bias = torch.zeros(vocab, dtype=torch.float64, requires_grad=True)
+    z = torch.from_numpy(logits).double() + bias
+    nll = F.cross_entropy(z[:, :-1].transpose(1, 2), torch.from_numpy(ids[:, 1:]), reduction="none")
+    m = torch.from_numpy(mask[:, 1:]).double()
+    total = (nll * m).sum()
+    total.backward()
+    gradient, summed, tokens = bias_gradient(logits.copy(), ids, mask)
+    assert tokens == int(m.sum())
+    np.testing.assert_allclose(summed, total.detach().item(), rtol=1e-5)
+    np.testing.assert_allclose(gradient, bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _encoded(b):
+    return b.encode(LM_TEXTS)
+
+
+def test_fit_lowers_the_loss_and_touches_only_the_bias(llama_lm_bundle):
+    from edgeft.runtime import evaluate
+
+    b = Bundle(llama_lm_bundle)
+    enc = _encoded(b)
+    theta = b.layout.initial(0)
+    fitted, losses = fit_output_bias(b, enc, theta, batch_size=4, config=OutputFitConfig(steps=20, lr=0.1))
+    where = output_bias_slice(b)
+    rest = np.ones(theta.size, dtype=bool)
+    rest[where] = False
+    assert fitted[rest].tobytes() == theta[rest].tobytes() and np.abs(fitted[where]).max() > 0
+    assert evaluate(b, fitted, enc, 8)["loss"] < evaluate(b, theta, enc, 8)["loss"] - 0.05
+    assert losses[-1] < losses[0]
+
+
+def test_graph_loss_includes_the_bias(llama_lm_bundle):
+    b = Bundle(llama_lm_bundle)
+    enc = _encoded(b)
+    feeds = b.feeds(enc, np.arange(4))
+    theta = b.layout.initial(0)
+    theta[output_bias_slice(b)] = np.random.default_rng(0).standard_normal(output_bias_slice(b).stop - output_bias_slice(b).start)
+    loss, count, logits = b.run(feeds, theta, ["loss", "token_count", "logits"])
+    _, summed, tokens = bias_gradient(logits, feeds["input_ids"], feeds["attention_mask"])
+    assert tokens == count.sum()
+    np.testing.assert_allclose(float((loss * count).sum()), summed, rtol=1e-4)
+
+
+@pytest.fixture
+def lm_data(tmp_path):
+    path = tmp_path / "lm.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in LM_TEXTS))
+    return path
+
+
+def _train(bundle, data, run, *extra):
+    args = ["train", str(bundle), "--data", str(data), "-o", str(run), "--json", "--batch-size", "4",
+            "--eval-every", "5", "--eps", "1e-2", *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])
+
+
+def test_auto_fits_the_bias_then_searches_the_body_only(llama_lm_bundle, lm_data, tmp_path):
+    from safetensors.numpy import load_file
+
+    from edgeft.adapters import load_adapter
+
+    summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--steps", "6", "--output-fit-steps", "10")
+    assert summary["optimizer"] == "mezo" and "output bias" in summary["recipe"]
+    fit = summary["output_fit"]
+    assert fit["steps"] == 10 and fit["train_loss_last"] < fit["train_loss_first"]
+    assert summary["forward_passes"] == 10 + 6 * 2  # the fit's passes count in the run's
+    saved = load_file(str(tmp_path / "run" / "adapter" / "output_bias.safetensors"))["bias"]
+    b = Bundle(llama_lm_bundle)
+    assert np.abs(saved).max() > 0
+    # the search moved the body but never the bias: the checkpoint's bias is the fitted one
+    theta = load_file(str(tmp_path / "run" / "checkpoint" / "arrays.safetensors"))["optimizer.frozen.full"]
+    np.testing.assert_array_equal(theta[output_bias_slice(b)], saved)
+    # the saved adapter loads back with its bias; starting from it skips the fit
+    vector = load_adapter(tmp_path / "run" / "adapter", b.layout)
+    np.testing.assert_array_equal(vector[output_bias_slice(b)], saved)
+    again = _train(llama_lm_bundle, lm_data, tmp_path / "run2", "--steps", "2", "--init-adapter", str(tmp_path / "run" / "adapter"))
+    assert again["output_fit"] is None
+
+
+def test_output_fit_is_kept_only_if_held_out_loss_falls(llama_lm_bundle, lm_data, tmp_path):
+    summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--steps", "2", "--output-fit-steps", "10",
+                     "--eval-data", str(lm_data))
+    fit = summary["output_fit"]
+    assert fit["kept"] == (fit["eval_after"]["loss"] < fit["eval_before"]["loss"])
+    assert summary["start"]["loss"] == pytest.approx(min(fit["eval_after"]["loss"], fit["eval_before"]["loss"]))
+
+
+def test_no_output_fit_when_asked(llama_lm_bundle, lm_data, tmp_path):
+    summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--steps", "2", "--output-fit-steps", "0")
+    assert summary["output_fit"] is None and summary["forward_passes"] == 4
+
+
+def test_resume_after_output_fit_is_bit_identical(llama_lm_bundle, lm_data, tmp_path):
+    from safetensors.numpy import load_file
+
+    common = ("--output-fit-steps", "5", "--lr", "1e-2")
+    _train(llama_lm_bundle, lm_data, tmp_path / "full", "--steps", "10", *common)
+    _train(llama_lm_bundle, lm_data, tmp_path / "split", "--steps", "5", *common)
+    _train(llama_lm_bundle, lm_data, tmp_path / "split", "--steps", "10", "--resume", *common)
+    a, b = (load_file(str(tmp_path / r / "checkpoint" / "arrays.safetensors"))["optimizer.frozen.full"] for r in ("full", "split"))
+    assert a.tobytes() == b.tobytes()
