@@ -63,13 +63,15 @@ def _verbalizer(value: str | None) -> dict[str, str]:
               help="LoRA start: B = 0, or PiSSA (principal singular vectors; residual weights frozen).")
 @click.option("--tt-cores", default=3, show_default=True, help="Tensor-train cores per adapted layer (--adapter tt).")
 @click.option("--targets", help="Comma-separated module names to adapt (default: per architecture).")
+@click.option("--layers", help="top:N: adapters on the top N layers only; the graph is cut below them so training "
+                               "runs the frozen layers once per batch (default: all).")
 @click.option("--pooling", type=click.Choice(["mean", "mean-normalized", "cls", "cls-pooler", "last-token"]),
               help="Classification pooling (default: what the model was trained with).")
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare ONNX with torch at a second shape.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Also write BUNDLE-int8: frozen weights int8, adapters fp32.")
 def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, init, tt_cores, targets,
-           pooling, max_length, verify, quantize):
+           layers, pooling, max_length, verify, quantize):
     """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
     from edgeft.export import ExportOptions, export_bundle
 
@@ -77,7 +79,7 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
         source, gguf_file = str(Path(source).parent), Path(source).name
     options = ExportOptions(task=task, labels=_split(labels), template=template, verbalizer=_verbalizer(verbalizer),
                             adapter=adapter, rank=rank, alpha=alpha, init=init, tt_cores=tt_cores,
-                            targets=_split(targets) or None, max_length=max_length,
+                            targets=_split(targets) or None, layers=layers, max_length=max_length,
                             pooling=pooling, gguf_file=gguf_file)
     report = export_bundle(source, out, options, verify=verify, log=lambda m: click.echo(m, err=True))
     for name, diff in report.items():

@@ -31,6 +31,7 @@ class ExportOptions:
     init: str = "zeros"  # LoRA only: zeros | pissa
     tt_cores: int = 3
     targets: list[str] | None = None
+    layers: str | None = None  # "top:N": adapters on the top N layers only, the graph split below them
     max_length: int = 128
     pooling: str | None = None
     gguf_file: str | None = None
@@ -44,6 +45,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
     _check_options(options)
     if source.endswith(".onnx"):
+        if options.layers:
+            raise EdgeftError("--layers: ONNX sources are adapted on every matching layer (export from the model instead)")
         from .onnx_source import export_from_onnx
 
         return export_from_onnx(Path(source), out, options, verify=verify)
@@ -51,8 +54,11 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     targets = options.targets or DEFAULT_TARGETS.get(src.architecture)
     if not targets:
         raise EdgeftError(f"no default adapter targets for architecture {src.architecture!r}: pass --targets")
+    layer_count = _layer_count(src.model)
+    top = _top_layers(options.layers, layer_count)
+    adapted = set(range(layer_count - top, layer_count)) if top else None
     slots, tensors, stored = inject_adapters(src.model, targets, options.adapter, options.rank, options.alpha,
-                                             options.init, options.tt_cores)
+                                             options.init, options.tt_cores, adapted)
     manifest_extra: dict = {}
     tokenizer = src.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -89,7 +95,7 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
                             init_file=ADAPTER_INIT_NAME if stored else None),
         inputs=data_inputs + [t.name for t in tensors],
         outputs=outputs,
-        hidden_states=[f"hidden.{i}" for i in range(_layer_count(src.model))],
+        hidden_states=[f"hidden.{i}" for i in range(layer_count)],
         labels=list(options.labels),
         max_length=options.max_length,
         pad_token_id=int(pad_id),
@@ -110,7 +116,14 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
             # safetensors writes an array's raw buffer: strided views must be made contiguous first
             save_file({k: np.ascontiguousarray(v) for k, v in stored.items()}, str(tmp / ADAPTER_INIT_NAME))
         manifest.save(tmp)
-        return verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
+        report = verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
+        if top and top < layer_count:
+            # the layers below the adapters are the same for every candidate: cut there, so the
+            # device runs them once per batch (once per run on a whole few-shot set; docs/SPLIT.md)
+            from .split import split_bundle
+
+            split_bundle(tmp, [layer_count - top], log=log)
+        return report
 
     return write_bundle(out, write)
 
@@ -151,6 +164,16 @@ def _check_options(o: ExportOptions) -> None:
         raise EdgeftError("--tt-cores must be at least 2")
     if o.max_length < 4:
         raise EdgeftError("--max-length must be at least 4")
+
+
+def _top_layers(spec: str | None, layer_count: int) -> int | None:
+    """``"top:N"`` → N (checked against the model); None or ``"all"`` → None (every layer)."""
+    if spec in (None, "all"):
+        return None
+    kind, _, count = spec.partition(":")
+    if kind != "top" or not count.isdigit() or not 1 <= int(count) <= layer_count:
+        raise EdgeftError(f"--layers {spec!r}: expected top:N with 1 <= N <= {layer_count} (the model's layers), or all")
+    return int(count)
 
 
 def _layer_count(model) -> int:

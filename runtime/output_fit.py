@@ -31,20 +31,29 @@ class OutputFitConfig:
     eps: float = 1e-8
 
 
+ROWS_PER_CHUNK = 256  # scored positions whose softmax is formed at once (256 x 49k vocab = 50 MB in fp32)
+
+
 def bias_gradient(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, float, int]:
     """Σ over scored positions of (softmax − one-hot) [vocab], the summed NLL and the number of
     scored tokens. Position t predicts token t+1 where that token is real (the graph's loss mask)."""
     scored = attention_mask[:, 1:].astype(bool)
-    rows = np.asarray(logits[:, :-1][scored], dtype=np.float32)  # [N, vocab], the one working copy
+    rows, cols = np.nonzero(scored)
     targets = input_ids[:, 1:][scored]
-    rows -= rows.max(-1, keepdims=True)
-    target_logit = rows[np.arange(len(targets)), targets].astype(np.float64)
-    np.exp(rows, out=rows)
-    total = rows.sum(-1, dtype=np.float64)
-    rows /= total[:, None].astype(np.float32)
-    gradient = rows.sum(0, dtype=np.float64)
+    gradient = np.zeros(logits.shape[-1], dtype=np.float64)
+    nll = 0.0
+    for start in range(0, len(rows), ROWS_PER_CHUNK):
+        part = slice(start, start + ROWS_PER_CHUNK)
+        z = np.array(logits[rows[part], cols[part]], dtype=np.float32)  # [n, vocab], the one working copy
+        t = targets[part]
+        z -= z.max(-1, keepdims=True)
+        target_logit = z[np.arange(len(t)), t].astype(np.float64)
+        np.exp(z, out=z)
+        total = z.sum(-1, dtype=np.float64)
+        z /= total[:, None].astype(np.float32)
+        gradient += z.sum(0, dtype=np.float64)
+        nll += float((np.log(total) - target_logit).sum())
     gradient -= np.bincount(targets, minlength=gradient.size)
-    nll = float((np.log(total) - target_logit).sum())
     return gradient, nll, int(len(targets))
 
 

@@ -170,3 +170,59 @@ def test_a_compressed_bundle_drops_the_segments(bert_bundle, tmp_path):
     quantize_bundle(folder, tmp_path / "int8")
     assert Manifest.load(tmp_path / "int8").segments is None
     assert Manifest.load(folder).segments is not None
+
+
+@pytest.fixture(scope="module")
+def top_bundle(export_bundle_for, bert_folder):
+    return export_bundle_for("bert-top1", bert_folder, task="classification", labels=["neg", "pos"], pooling="mean",
+                             layers="top:1")
+
+
+def test_export_top_layers_adapts_only_them_and_cuts_below(top_bundle):
+    from edgeft.adapters import layer_of
+    from edgeft.manifest import Manifest
+
+    manifest = Manifest.load(top_bundle)
+    assert {layer_of(t.name) for t in manifest.adapter.tensors} == {1, -1}  # layer 1 of 2, and the head
+    assert manifest.segments.cuts == [1] and len(manifest.segments.files) == 2
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (3, 11)])
+def test_top_layer_bundle_split_equals_its_whole_graph(top_bundle, shape):
+    from edgeft.runtime import Bundle, CandidateEvaluator
+
+    bundle = Bundle(top_bundle)
+    feeds = sample_batch(bundle.manifest, 60, *shape, seed=shape[1])
+    candidates = _candidates(bundle, seed=shape[0])
+    evaluator = CandidateEvaluator(bundle)
+    losses = evaluator.losses(feeds, candidates)
+    whole = [float(bundle.run(feeds, c, ["loss"])[0].astype(np.float64).mean()) for c in candidates]
+    np.testing.assert_allclose(losses, whole, rtol=1e-5, atol=1e-6)
+    assert evaluator.split_passes == 3
+
+
+def test_training_a_top_layer_bundle_runs_the_lower_layers_once(top_bundle, sentiment_data, tmp_path):
+    """Whole few-shot set per step: the segment below the adapters runs once for the whole run."""
+    from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer, starting_adapter
+    from tests.models import SENTIMENT
+
+    b = Bundle(top_bundle)
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta, _ = starting_adapter(b, enc)
+    trainer = Trainer(b, enc, MeZO(theta, MeZOConfig(lr=1e-2, eps=1e-2, total_steps=5)),
+                      TrainConfig(steps=5, batch_size=len(enc), eval_every=100))
+    calls = []
+    trainer.fit()
+    chain = trainer.evaluator._chain
+    original = chain.sessions[0].run
+    chain.sessions[0] = type("Counting", (), {"run": lambda self, *a, **k: calls.append(1) or original(*a, **k)})()
+    for _ in range(3):
+        trainer.step()
+    assert trainer.evaluator.split_passes == trainer.evaluator.forward_passes == 16
+    assert calls == [], "the lower segment ran again although the batch and its inputs were unchanged"
+
+
+def test_bad_layers_spec_is_a_one_line_error(bert_folder, tmp_path):
+    result = CliRunner().invoke(main, ["export", str(bert_folder), "-o", str(tmp_path / "b"), "--labels", "neg,pos",
+                                       "--layers", "top:9"])
+    assert result.exit_code != 0 and "--layers" in result.output and not (tmp_path / "b").exists()

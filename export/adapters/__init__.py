@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from edgeft.adapters import layer_of
 from edgeft.errors import EdgeftError
 from edgeft.manifest import ADAPTER_KINDS, AdapterTensor
 
@@ -36,8 +37,10 @@ DEFAULT_TARGETS = {
 
 
 def inject_adapters(model: nn.Module, targets: list[str], kind: str = "lora", rank: int = 8, alpha: float = 16.0,
-                    init: str = "zeros", tt_cores: int = 3) -> tuple[AdapterSlots, list[AdapterTensor], dict]:
-    """Wrap every linear layer whose name ends with a target; return (slots, tensor specs, stored start values).
+                    init: str = "zeros", tt_cores: int = 3,
+                    layers: set[int] | None = None) -> tuple[AdapterSlots, list[AdapterTensor], dict]:
+    """Wrap every linear layer whose name ends with a target (in ``layers`` only, when given: transformer
+    layer indices); return (slots, tensor specs, stored start values).
 
     Module names (and so PEFT keys) are those of ``model`` itself, which is the class a user
     would hand to ``PeftModel.from_pretrained``. LoLDU and PiSSA rewrite the wrapped layers'
@@ -52,6 +55,7 @@ def inject_adapters(model: nn.Module, targets: list[str], kind: str = "lora", ra
         (name, module)
         for name, module in model.named_modules()
         if any(name == t or name.endswith("." + t) for t in targets) and features(module)
+        and (layers is None or layer_of(name + ".") in layers)
     ]
     if not matches:
         raise EdgeftError(f"no linear layer matches targets {','.join(targets)}")

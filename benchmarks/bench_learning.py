@@ -1,0 +1,338 @@
+"""What a device learns in its budget: the default recipe against MeZO, side by side, per seed.
+
+    python benchmarks/bench_learning.py --bundle BUNDLE [--seeds 0,1,2] [--budget 200] [--workers 2]
+
+Task (this first version): SmolLM2-135M causal LM on Shakespeare — training windows from three
+tragedies (Hamlet, Othello, King Lear), the kept adapter chosen on 16 windows of Julius Caesar
+(dev), perplexity on the first --test-tokens tokens of Macbeth (test, never seen in training
+or selection). Lines, every one at the same training forward passes (batch --batch-size):
+
+  start      the base model (LoRA B = 0, output bias 0)
+  mezo       MeZO at edgeft's defaults on LoRA, no output fit
+  fit-only   the output-bias fit alone (--fit-steps passes)
+  fit-all    the output-bias fit for the whole budget (no search of the body)
+  auto       edgeft's default: output-bias fit, then MeZO on the body for the rest of the budget
+  fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
+  backprop   reference: peft LoRA r=8 (q, v) + AdamW lr 3e-4 in torch, --backprop-steps steps at the same
+             batch, kept on dev like the others (a backward pass: not what a device can run)
+
+Each run is one ``edgeft train`` subprocess (one ORT thread, via a device profile written here),
+then ``edgeft eval`` of its saved adapter on the test windows. Per-run results are kept as JSON
+in docs/learning-runs/ as they finish, so an interrupted benchmark resumes (--resume skips done
+runs); the table (docs/LEARNING.md) and the plot are drawn from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smoke runs)
+RUNS = DOCS / "learning-runs"
+TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
+DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
+LINES = ("mezo", "fzoo", "fit-only", "fit-all", "auto", "backprop")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, type=Path, help="SmolLM2-135M causal-LM bundle (edgeft export ... --task causal-lm)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/edgeft-bench-learning"), help="data files and run folders")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget", type=int, default=200, help="training forward passes per run")
+    p.add_argument("--fit-steps", type=int, default=40, help="output-bias fit steps (fit-only, auto)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dev-windows", type=int, default=16)
+    p.add_argument("--test-tokens", type=int, default=8192)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lines", default=",".join(LINES))
+    p.add_argument("--backprop-steps", type=int, default=40)
+    p.add_argument("--resume", action="store_true", help="skip runs whose result JSON exists")
+    p.add_argument("--worker-backprop", type=int, metavar="SEED", help=argparse.SUPPRESS)
+    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--docs", type=Path, default=DOCS, help="where the table, plot and per-run JSON go")
+    return p.parse_args(argv)
+
+
+def _cut(text: str, tokenizer, tokens: int) -> str:
+    """The first lines of ``text`` holding at least ``tokens`` tokens."""
+    out, count = [], 0
+    for line in text.splitlines(keepends=True):
+        out.append(line)
+        count += len(tokenizer.encode(line).ids)
+        if count >= tokens:
+            break
+    return "".join(out)
+
+
+def prepare(args) -> dict[str, Path]:
+    from tokenizers import Tokenizer
+
+    from edgeft import assets
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    plays = assets.shakespeare()
+    tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
+    files = {"train": args.work / "train.jsonl", "dev": args.work / "dev.jsonl", "test": args.work / "test.jsonl"}
+    files["train"].write_text("".join(json.dumps({"text": plays[p]}) + "\n" for p in TRAIN_PLAYS))
+    files["dev"].write_text(json.dumps({"text": _cut(plays[DEV_PLAY], tok, 128 * args.dev_windows)}) + "\n")
+    files["test"].write_text(json.dumps({"text": _cut(plays[TEST_PLAY], tok, args.test_tokens)}) + "\n")
+    profile = args.work / "one-thread.toml"
+    profile.write_text('name = "bench-one-thread"\nthreads = 1\nbatch_size = 4\nmax_length = 128\n')
+    files["profile"] = profile
+    return files
+
+
+def _edgeft(*cmd) -> dict:
+    result = subprocess.run([sys.executable, "-m", "edgeft.cli", *map(str, cmd), "--json"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"edgeft {cmd[0]} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_one(args, files, line: str, seed: int) -> dict:
+    out = RUNS / f"shakespeare-{line}-seed{seed}.json"
+    if args.resume and out.is_file():
+        return json.loads(out.read_text())
+    run_dir = args.work / f"{line}-seed{seed}"
+    if line == "backprop":
+        return _backprop_run(args, files, seed, out)
+    common = [args.bundle, "--data", files["train"], "--eval-data", files["dev"], "-o", run_dir, "--overwrite",
+              "--batch-size", args.batch_size, "--seed", seed, "--device", files["profile"], "--eval-every", 25]
+    settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
+                "fzoo": ["--optimizer", "fzoo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
+                "fit-only": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.fit_steps}fwd"],
+                "fit-all": ["--optimizer", "auto", "--output-fit-steps", args.budget, "--budget", f"{args.budget}fwd"],
+                "auto": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.budget}fwd"]}[line]
+    started = time.perf_counter()
+    summary = _edgeft("train", *common, *settings)
+    test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+    curve = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in r]
+    record = {"line": line, "seed": seed, "budget_fwd": args.budget, "batch_size": args.batch_size,
+              "train": {k: summary.get(k) for k in ("steps", "forward_passes", "wall_s", "elapsed_s", "peak_rss_mb",
+                                                     "best_step", "forward_passes_to_best", "elapsed_s_to_best",
+                                                     "output_fit", "optimizer", "recipe", "start", "best")},
+              "test": test, "dev_curve": [{"step": r["step"], "loss": r["eval"]["loss"]} for r in curve],
+              "run_s": round(time.perf_counter() - started, 1)}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"  done {line} seed {seed}: test perplexity {test['perplexity']:.2f} "
+          f"({record['train']['forward_passes']} fwd, {record['run_s']:.0f} s)", flush=True)
+    return record
+
+
+def _backprop_run(args, files, seed: int, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--bundle", args.bundle, "--work", args.work, "--batch-size", args.batch_size,
+           "--backprop-steps", args.backprop_steps, "--worker-backprop", seed, "--docs", DOCS]
+    started = time.perf_counter()
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"backprop worker failed: {result.stderr.strip().splitlines()[-3:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record.update(line="backprop", seed=seed, budget_fwd=args.budget, batch_size=args.batch_size,
+                  run_s=round(time.perf_counter() - started, 1))
+    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"  done backprop seed {seed}: test perplexity {record['test']['perplexity']:.2f}", flush=True)
+    return record
+
+
+def _windows(tokenizer, path: Path, length: int) -> list[list[int]]:
+    """The windows edgeft's Bundle.encode makes of a causal-LM data file (consecutive, ≥ 2 tokens)."""
+    out = []
+    for line in path.read_text().splitlines():
+        ids = tokenizer.encode(json.loads(line)["text"]).ids
+        out += [ids[i : i + length] for i in range(0, len(ids), length) if len(ids[i : i + length]) >= 2]
+    return out
+
+
+def backprop_worker(args) -> None:
+    """peft LoRA + AdamW on the same windows, batches and keep-best rule as edgeft train; prints one JSON line."""
+    import resource
+
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from edgeft import assets
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.worker_backprop)
+    seed, batch_size = args.worker_backprop, args.batch_size
+    manifest = json.loads((args.bundle / "edgeft.json").read_text())
+    length, pad = manifest["max_length"], manifest["pad_token_id"]
+    tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
+    data = {k: _windows(tok, args.work / f"{k}.jsonl", length) for k in ("train", "dev", "test")}
+    gguf = assets.smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+
+    def batch(rows):
+        width = max(len(rows[i]) for i in range(len(rows)))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        return ids, mask
+
+    def nll(rows):
+        ids, mask = batch(rows)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        per = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        m = mask[:, 1:].float()
+        return (per * m).sum(), m.sum()
+
+    def evaluate(windows):
+        model.eval()
+        total, count = 0.0, 0.0
+        with torch.no_grad():
+            for i in range(0, len(windows), 8):
+                s, c = nll(windows[i : i + 8])
+                total, count = total + float(s), count + float(c)
+        model.train()
+        return total / count
+
+    n = len(data["train"])
+    per_epoch = n // batch_size
+    best = (evaluate(data["dev"]), 0, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k})
+    started = time.perf_counter()
+    best_elapsed = 0.0
+    for step in range(args.backprop_steps):
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, 7, epoch]).permutation(n)
+        rows = [data["train"][i] for i in np.sort(order[position * batch_size : (position + 1) * batch_size])]
+        s, c = nll(rows)
+        (s / c).backward()
+        optim.step()
+        optim.zero_grad()
+        if (step + 1) % 10 == 0 or step + 1 == args.backprop_steps:
+            dev = evaluate(data["dev"])
+            if dev < best[0]:
+                best = (dev, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k})
+                best_elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    model.load_state_dict(best[2], strict=False)
+    test = evaluate(data["test"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"train": {"steps": args.backprop_steps, "forward_passes": args.backprop_steps, "elapsed_s": round(elapsed, 1),
+                                "peak_rss_mb": round(peak, 1), "best_step": best[1], "elapsed_s_to_best": round(best_elapsed, 1),
+                                "note": "each step is one forward + one backward pass"},
+                      "test": {"loss": test, "perplexity": float(np.exp(test)), "tokens": sum(len(w) - 1 for w in data["test"])}}))
+
+
+def start_record(args, files) -> dict:
+    out = RUNS / "shakespeare-start.json"
+    if args.resume and out.is_file():
+        return json.loads(out.read_text())
+    test = _edgeft("eval", args.bundle, "--data", files["test"], "--device", files["profile"])
+    record = {"line": "start", "test": test}
+    RUNS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record
+
+
+def render() -> None:
+    records = [json.loads(p.read_text()) for p in sorted(RUNS.glob("shakespeare-*.json"))]
+    start = next((r for r in records if r["line"] == "start"), None)
+    runs = [r for r in records if r["line"] != "start"]
+    if start is None or not runs:
+        print("nothing to render yet")
+        return
+    base = start["test"]["perplexity"]
+    by_line: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by_line.setdefault(r["line"], {})[r["seed"]] = r
+    budget, batch = runs[0]["budget_fwd"], runs[0]["batch_size"]
+    rows = ["| line | seeds | test perplexity, median (min–max) | change vs start | training fwd | CPU wall s (train) | peak RSS MB |",
+            "|---|---|---|---|---|---|---|",
+            f"| start | – | {base:.2f} | – | 0 | – | – |"]
+    for line in LINES:
+        got = by_line.get(line)
+        if not got:
+            continue
+        ppl = [r["test"]["perplexity"] for r in got.values()]
+        med = statistics.median(ppl)
+        rows.append(f"| {line} | {','.join(map(str, sorted(got)))} | {med:.2f} ({min(ppl):.2f}–{max(ppl):.2f}) | "
+                    f"{100 * (med / base - 1):+.1f}% | {statistics.median(r['train']['forward_passes'] for r in got.values()):.0f} | "
+                    f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
+                    f"{max(r['train']['peak_rss_mb'] for r in got.values()):.0f} |")
+    paired = []
+    if "auto" in by_line and "mezo" in by_line:
+        for seed in sorted(set(by_line["auto"]) & set(by_line["mezo"])):
+            a, m = by_line["auto"][seed]["test"]["perplexity"], by_line["mezo"][seed]["test"]["perplexity"]
+            paired.append(f"seed {seed}: auto {a:.2f} vs mezo {m:.2f} ({100 * (a / m - 1):+.1f}%)")
+    text = f"""# Learning in a device's budget (issue 12)
+
+`python benchmarks/bench_learning.py --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — SmolLM2-135M-Instruct
+(fp32 from the Q4_1 GGUF, LoRA r=8 on q/v + output bias), training windows of 128 tokens from {', '.join(TRAIN_PLAYS)};
+the kept adapter is chosen on 16 windows of {DEV_PLAY}; **test perplexity on {start['test']['tokens']:.0f} tokens of
+{TEST_PLAY}** (never used for training or selection). Every run: {budget} training forward passes at batch {batch},
+one ORT thread, one subprocess (`edgeft train` then `edgeft eval`). Raw per-run results: `docs/learning-runs/`.
+
+{chr(10).join(rows)}
+
+Paired by seed (same data order): {'; '.join(paired) if paired else 'not yet measured'}.
+
+Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO (N = 8) on LoRA; `fit-only` =
+the output-bias fit alone (its default 40 steps, one pass each); `fit-all` = the output-bias fit for the whole budget;
+`auto` = edgeft's default recipe: the output-bias fit (40 passes), then MeZO on the body for the rest of the budget;
+`backprop` = peft LoRA + AdamW (one forward and one backward per step; its "fwd" column counts steps).
+Not yet in this table: backprop LoRA + AdamW (peft), the MiniLM classification tasks, prompt mode (see the
+closing note of the session that wrote it).
+"""
+    (DOCS / "LEARNING.md").write_text(text)
+    print(text)
+    _plot(by_line, base)
+
+
+def _plot(by_line, base) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, line in enumerate(LINES):
+        for seed, r in sorted(by_line.get(line, {}).items()):
+            ax.scatter(r["train"]["forward_passes"], r["test"]["perplexity"], color=f"C{i}", label=line if seed == min(by_line[line]) else None)
+    ax.axhline(base, color="gray", ls="--", label="start")
+    ax.set_xlabel("training forward passes")
+    ax.set_ylabel("test perplexity (Macbeth)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(DOCS / "learning-shakespeare.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    global DOCS, RUNS
+    args = parse_args(argv)
+    DOCS, RUNS = args.docs, args.docs / "learning-runs"
+    if args.worker_backprop is not None:
+        backprop_worker(args)
+        return
+    if args.render_only:
+        render()
+        return
+    files = prepare(args)
+    start_record(args, files)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lines = [l for l in args.lines.split(",") if l]
+    jobs = [(line, seed) for seed in seeds for line in lines]
+    with ThreadPoolExecutor(args.workers) as pool:
+        for future in [pool.submit(run_one, args, files, line, seed) for line, seed in jobs]:
+            future.result()
+    render()
+
+
+if __name__ == "__main__":
+    main()
