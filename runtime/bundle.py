@@ -46,42 +46,63 @@ def session_options(profile: DeviceProfile) -> ort.SessionOptions:
 
 
 class Bundle:
-    """A bundle folder ready to run: ``bundle.run(feeds, adapter_vector)``."""
+    """A bundle folder ready to run: ``bundle.run(feeds, adapter_vector)``.
 
-    def __init__(self, folder: str | Path, profile: DeviceProfile | None = None):
+    A bundle cut into segments (``edgeft split``, ``edgeft export --layers top:N``) runs through
+    its segments only (``runtime/split.py``): together they hold every weight once, so loading the
+    whole graph beside them would hold the weights twice. The whole graph is opened only if an
+    output the segments do not return is asked for (hidden states between cuts), or with
+    ``use_segments=False`` (to compare the two).
+    """
+
+    def __init__(self, folder: str | Path, profile: DeviceProfile | None = None, use_segments: bool = True):
         self.folder = Path(folder)
         self.profile = profile or DeviceProfile()
         self.manifest = Manifest.load(self.folder)
-        model_path = self.folder / MODEL_NAME
-        if not model_path.is_file():
+        self.model_path = self.folder / MODEL_NAME
+        if not self.model_path.is_file():
             raise EdgeftError(f"{self.folder}: bundle has no {MODEL_NAME}")
-        providers = [p for p in self.profile.providers if p in ort.get_available_providers()]
-        if not providers:
+        self.providers = [p for p in self.profile.providers if p in ort.get_available_providers()]
+        if not self.providers:
             raise EdgeftError(
                 f"device '{self.profile.name}' needs {', '.join(self.profile.providers)}, "
                 f"this onnxruntime has {', '.join(ort.get_available_providers())}"
             )
-        try:
-            self.session = ort.InferenceSession(str(model_path), session_options(self.profile), providers=providers)
-        except Exception as err:  # ORT raises its own exception types for corrupt or foreign graphs
-            first = str(err).strip().splitlines()[0][:300]
-            raise EdgeftError(f"{model_path}: cannot load ONNX graph ({first})") from None
+        self.layout = bundle_layout(self.folder, self.manifest)
+        self._session = None
+        self.chain = None
+        segments = self.manifest.segments if use_segments else None
+        if segments:
+            missing = [f for f in segments.files if not (self.folder / f).is_file()]
+            if missing:
+                raise EdgeftError(f"{self.folder}: manifest lists graph segment {missing[0]}, which is missing (run edgeft split again)")
+            from .split import SegmentChain
+
+            self.chain = SegmentChain(self)
         self._check_graph()
-        missing = [f for f in (self.manifest.segments.files if self.manifest.segments else []) if not (self.folder / f).is_file()]
-        if missing:
-            raise EdgeftError(f"{self.folder}: manifest lists graph segment {missing[0]}, which is missing (run edgeft split again)")
         tok_path = self.folder / TOKENIZER_NAME
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as err:
             raise EdgeftError(f"{tok_path}: cannot load tokenizer ({err})") from None
-        self.layout = bundle_layout(self.folder, self.manifest)
         self.max_length = min(self.manifest.max_length, self.profile.max_length)
         self.tokenizer.no_padding()
         if self.task == "causal-lm":
             self.tokenizer.no_truncation()  # long documents are cut into windows instead (encode)
         else:
             self.tokenizer.enable_truncation(self.max_length, direction=self.manifest.truncation_side)
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The whole graph's session, opened on first use."""
+        if self._session is None:
+            try:
+                self._session = ort.InferenceSession(str(self.model_path), session_options(self.profile),
+                                                     providers=self.providers)
+            except Exception as err:  # ORT raises its own exception types for corrupt or foreign graphs
+                first = str(err).strip().splitlines()[0][:300]
+                raise EdgeftError(f"{self.model_path}: cannot load ONNX graph ({first})") from None
+        return self._session
 
     @property
     def task(self) -> str:
@@ -92,14 +113,21 @@ class Bundle:
         return self.manifest.labels
 
     def _check_graph(self) -> None:
-        """The manifest must describe this graph: same inputs, shapes and outputs."""
-        graph_inputs = {i.name: i for i in self.session.get_inputs()}
-        graph_outputs = [o.name for o in self.session.get_outputs()]
+        """The manifest must describe this graph (or its segments together): same inputs, shapes and outputs."""
+        if self.chain is not None:
+            produced = {o.name for s in self.chain.sessions for o in s.get_outputs()}
+            graph_inputs = {i.name: i for s in self.chain.sessions for i in s.get_inputs() if i.name not in produced}
+            main = [o for o in self.manifest.graph_outputs if o not in produced]
+            if main:
+                raise EdgeftError(f"{self.folder}: manifest does not match the graph segments (no output {main[0]})")
+        else:
+            graph_inputs = {i.name: i for i in self.session.get_inputs()}
+            graph_outputs = [o.name for o in self.session.get_outputs()]
+            if graph_outputs[: len(self.manifest.graph_outputs)] != self.manifest.graph_outputs:
+                raise EdgeftError(f"{self.folder}: manifest does not match the graph (outputs {graph_outputs})")
         if sorted(graph_inputs) != sorted(self.manifest.inputs):
             extra = sorted(set(graph_inputs) ^ set(self.manifest.inputs))
             raise EdgeftError(f"{self.folder}: manifest does not match the graph (inputs differ: {', '.join(extra)})")
-        if graph_outputs[: len(self.manifest.graph_outputs)] != self.manifest.graph_outputs:
-            raise EdgeftError(f"{self.folder}: manifest does not match the graph (outputs {graph_outputs})")
         for t in self.manifest.adapter.tensors:
             shape = graph_inputs[t.name].shape
             if [d if isinstance(d, int) else -1 for d in shape] != list(t.shape):
@@ -139,6 +167,21 @@ class Bundle:
 
     # --- running ------------------------------------------------------------
 
-    def run(self, feeds: dict[str, np.ndarray], adapter: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], adapter: np.ndarray, outputs: list[str] | None = None,
+            keep: bool = False) -> list[np.ndarray]:
+        """The graph's ``outputs`` for these inputs and adapter values. ``keep`` (a split bundle
+        only): cache the segments' outputs for this batch, for the next candidate on it."""
+        outputs = outputs or ["loss"]
+        if self.chain is not None and self.chain.provides(outputs):
+            return self.chain.run(feeds, adapter, outputs, keep=keep)
         named = self.layout.unflatten(np.asarray(adapter, dtype=np.float32))
-        return self.session.run(outputs or ["loss"], {**feeds, **named})
+        return self.session.run(outputs, {**feeds, **named})
+
+    def output_shape(self, name: str) -> list | None:
+        """The declared shape of a graph output (None when the graph has no such output)."""
+        sessions = self.chain.sessions if self.chain is not None else [self.session]
+        for session in sessions:
+            for o in session.get_outputs():
+                if o.name == name:
+                    return list(o.shape)
+        return None

@@ -7,7 +7,6 @@ import math
 import numpy as np
 
 from .bundle import Bundle, Encoded
-from .split import SegmentChain
 
 
 class CandidateEvaluator:
@@ -22,28 +21,24 @@ class CandidateEvaluator:
         self.bundle = bundle
         self.forward_passes = 0
         self.split_passes = 0  # candidates that re-ran only the upper segments of a split bundle
-        self._chain: SegmentChain | None = None
 
     def losses(self, feeds: dict[str, np.ndarray], candidates: list[np.ndarray]) -> np.ndarray:
-        run = self.bundle.run
-        if len(candidates) > 1 and self.bundle.manifest.segments:
-            if self._chain is None:  # opened on first use: bundles without segments pay nothing
-                self._chain = SegmentChain(self.bundle)
-            if self._chain.first_changed(candidates) > 0:  # otherwise the whole graph is as fast
-                run = self._chain.run
-                self.split_passes += len(candidates)
+        chain = self.bundle.chain
+        if chain is not None and len(candidates) > 1 and chain.first_changed(candidates) > 0:
+            self.split_passes += len(candidates)  # the segments below the change run once for all of them
         out = np.empty(len(candidates), dtype=np.float64)
         for i, candidate in enumerate(candidates):
-            out[i] = self._loss(run, feeds, candidate)
+            out[i] = self._loss(feeds, candidate)
         return out
 
-    def _loss(self, run, feeds, candidate) -> float:
+    def _loss(self, feeds, candidate) -> float:
         self.forward_passes += 1
+        run = self.bundle.run
         if self.bundle.task == "causal-lm":
-            loss, count = run(feeds, candidate, ["loss", "token_count"])
+            loss, count = run(feeds, candidate, ["loss", "token_count"], keep=True)
             total = float(count.sum())
             return float((loss.astype(np.float64) * count).sum() / total) if total else 0.0
-        (loss,) = run(feeds, candidate, ["loss"])
+        (loss,) = run(feeds, candidate, ["loss"], keep=True)
         return float(loss.astype(np.float64).mean())
 
 
@@ -59,8 +54,8 @@ LOGITS_BUDGET_BYTES = 256 << 20  # a causal LM's evaluation batch is cut so its 
 def causal_lm_rows(bundle: Bundle, batch_size: int) -> int:
     """Rows per evaluation batch of a causal LM: its [rows, length, vocab] logits (which the in-graph
     loss needs) within LOGITS_BUDGET_BYTES at full length — SmolLM2 at batch 32 would hold 800 MB."""
-    logits = next((o for o in bundle.session.get_outputs() if o.name == "logits"), None)
-    vocab = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else 0
+    shape = bundle.output_shape("logits")
+    vocab = shape[-1] if shape and isinstance(shape[-1], int) else 0
     per_row = bundle.max_length * vocab * 4
     return max(1, min(batch_size, LOGITS_BUDGET_BYTES // per_row)) if per_row else batch_size
 

@@ -50,10 +50,14 @@ class SegmentChain:
         read = {name for names in self.inputs for name in names}
         skip = set(bundle.manifest.hidden_states) - read
         self.outputs = [[o.name for o in s.get_outputs() if o.name not in skip] for s in self.sessions]
+        self.available = {name for names in self.outputs for name in names}
         layout = bundle.layout
         self.slices = [[layout.slice_of(n) for n in group] for group in spec.adapters]
         # segment -> (feeds dict, its adapter values, its outputs); valid only while every lower one is
         self._cache: list[tuple | None] = [None] * len(self.sessions)
+
+    def provides(self, outputs: list[str]) -> bool:
+        return all(o in self.available for o in outputs)
 
     def first_changed(self, candidates: list[np.ndarray]) -> int:
         """The lowest segment whose adapters differ between candidates (len: none differ)."""
@@ -63,7 +67,9 @@ class SegmentChain:
                 return index
         return len(self.slices)
 
-    def run(self, feeds: dict[str, np.ndarray], adapter: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], adapter: np.ndarray, outputs: list[str], keep: bool = True) -> list[np.ndarray]:
+        """``keep``: remember each segment's outputs for this batch (training candidates); held-out
+        evaluation passes False, so it neither reads nor evicts the training batch's cache."""
         adapter = np.asarray(adapter, dtype=np.float32)
         values = {**feeds, **self.bundle.layout.unflatten(adapter)}
         valid = True
@@ -72,11 +78,15 @@ class SegmentChain:
             cached = self._cache[index]
             # A batch is known by identity: the trainer builds one feeds dict per step and never
             # mutates it; holding the dict itself keeps a new batch from reusing its id.
-            valid = valid and cached is not None and cached[0] is feeds and np.array_equal(cached[1], own)
+            valid = valid and keep and cached is not None and cached[0] is feeds and np.array_equal(cached[1], own)
             if valid:
                 values.update(cached[2])
                 continue
             result = dict(zip(self.outputs[index], session.run(self.outputs[index], {n: values[n] for n in self.inputs[index]})))
             values.update(result)
-            self._cache[index] = (feeds, own.copy(), result)
+            if not keep:
+                continue
+            # the top segment's outputs (logits, up to 256 MB for a causal LM) are not kept: its
+            # adapters change with every candidate, so they would never be read again
+            self._cache[index] = (feeds, own.copy(), result) if index + 1 < len(self.sessions) else None
         return [values[o] for o in outputs]

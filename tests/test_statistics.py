@@ -58,7 +58,9 @@ def test_cma_with_hidden_projection_trains_and_resumes_bit_identically(bert_bund
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["forward_passes"] == 36
-    assert _train(bert_bundle, sentiment_data, split, "--steps", "3").exit_code == 0
+    # stopped on the evaluation grid (--eval-every 4): a run stopped between evaluations also scores its
+    # last adapter, which the uninterrupted run never does, so its kept adapter may differ (its path does not)
+    assert _train(bert_bundle, sentiment_data, split, "--steps", "4").exit_code == 0
     assert _train(bert_bundle, sentiment_data, split, "--steps", "6", "--resume").exit_code == 0
     arrays = [load_file(str(r / "checkpoint" / "arrays.safetensors")) for r in (full, split)]
     for key in ("optimizer.history", "best"):  # every generation's losses, and the adapter kept
