@@ -127,9 +127,10 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or broken run in RUN_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on, off with --json).")
 def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size, lr, eps, queries, weight_decay, schedule, extra,
           k_shot, eval_every, eval_limit, seed, device, init_adapter, output_fit_steps, text_field, label_field, resume,
-          overwrite, as_json):
+          overwrite, as_json, progress):
     """Fine-tune BUNDLE's adapters on --data with forward passes only."""
     from edgeft.training import TrainRequest, run_training
 
@@ -138,7 +139,8 @@ def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size
         batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
                                              schedule=schedule, **_settings(extra)),
         k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,
-        output_fit_steps=output_fit_steps, text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite, progress=not as_json,
+        output_fit_steps=output_fit_steps, text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite,
+        progress=(not as_json) if progress is None else progress,
     )
     summary = run_training(request, log=lambda m: click.echo(m, err=True))
     if as_json:

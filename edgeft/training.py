@@ -100,6 +100,10 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     train_set = load_dataset(req.data, bundle.labels, req.text_field, req.label_field)
     if req.k_shot:
         train_set = sample_k_shot(train_set, req.k_shot, req.seed)
+    if req.batch_size is None and bundle.task != "causal-lm" and len(train_set) <= profile.whole_set_max:
+        # the whole few-shot set in every evaluation: no batch-sampling noise left, only the direction's
+        # (and a split bundle then runs its frozen lower layers once per run)
+        batch_size = len(train_set)
     eval_set = None
     if req.eval_data:
         eval_set = load_dataset(req.eval_data, bundle.labels, req.text_field, req.label_field)
@@ -153,7 +157,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         log(f"resuming at step {optimizer.step}, {trainer.evaluator.forward_passes} forward passes, "
             f"{trainer.elapsed_s:.0f} s spent" + (f" of {budget.describe()}" if budget else f"; until step {steps}"))
     else:
-        log(f"start: {how}; {len(train_set)} training examples, batch {batch_size}, {bundle.layout.size:,} trainable values"
+        batch_text = "the whole set per step" if batch_size >= len(train_set) else f"batch {batch_size}"
+        log(f"start: {how}; {len(train_set)} training examples, {batch_text}, {bundle.layout.size:,} trainable values"
             + (f"; budget {budget.describe()}" if budget else ""))
 
     on_step, on_eval, close = _progress(req, trainer, steps, budget)

@@ -25,6 +25,9 @@ class DeviceProfile:
     batch_size: int = 16
     max_length: int = 128
     memory_budget_mb: float | None = None
+    # classification/prompt: a training set of at most this many examples is evaluated whole in every
+    # forward pass (when --batch-size is not given); a causal LM always trains in batches of batch_size
+    whole_set_max: int = 64
     budget: str | None = None  # default training budget when --steps/--budget are not given ("20m", "4000fwd")
 
     @property
@@ -54,8 +57,8 @@ def load_profile(name_or_path: str | None) -> DeviceProfile:
     if unknown:
         raise EdgeftError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     profile = DeviceProfile(**raw)
-    if profile.batch_size < 1 or profile.max_length < 4 or profile.threads < 0:
-        raise EdgeftError(f"{path}: batch_size, max_length and threads must be positive")
+    if profile.batch_size < 1 or profile.max_length < 4 or profile.threads < 0 or profile.whole_set_max < 0:
+        raise EdgeftError(f"{path}: batch_size, max_length, threads and whole_set_max must be positive")
     if profile.memory_budget_mb is not None and profile.memory_budget_mb <= 0:
         raise EdgeftError(f"{path}: memory_budget_mb must be positive")
     if profile.budget is not None:

@@ -135,3 +135,17 @@ def test_causal_lm_evaluation_caps_its_logits_and_scores_the_same(llama_lm_bundl
     assert evaluation.causal_lm_rows(b, 32) == 1
     rows = evaluation.evaluate(b, theta, enc, 32)
     assert rows["tokens"] == whole["tokens"] and abs(rows["loss"] - whole["loss"]) < 1e-6
+
+
+def test_small_training_set_is_evaluated_whole_by_default(bert_bundle, sentiment_data, tmp_path):
+    from tests.models import SENTIMENT
+
+    args = ["train", str(bert_bundle), "--data", str(sentiment_data), "-o", str(tmp_path / "run"), "--steps", "2", "--json"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["batch_size"] == len(SENTIMENT)
+    profile = tmp_path / "small.toml"
+    profile.write_text('name = "small"\nbatch_size = 4\nwhole_set_max = 8\n')  # the set is larger: batches of 4
+    args = ["train", str(bert_bundle), "--data", str(sentiment_data), "-o", str(tmp_path / "run2"), "--steps", "2",
+            "--json", "--device", str(profile)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert json.loads((tmp_path / "run2" / "run.json").read_text())["batch_size"] == 4
