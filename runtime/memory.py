@@ -7,7 +7,18 @@ import sys
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak RSS of this process so far.
+
+    On Linux, VmHWM (/proc/self/status): getrusage's ru_maxrss survives fork and exec, so a
+    training process started by one that held torch and a model (``edgeft demo``) would report
+    its parent's peak. Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
