@@ -17,8 +17,10 @@ see an adapter folder, ``adapter_config.json`` + ``adapter_model.safetensors``:
 
 The classification head is not a PEFT module: it is saved beside the adapter as
 ``head.safetensors`` (``weight`` [labels, hidden], ``bias`` [labels]), applied after pooling.
-A causal LM's output bias (added to the LM head's logits; fitted on the device from its exact
-gradient) is not a PEFT module either: ``output_bias.safetensors`` (``bias`` [vocab]).
+The output adapter, fitted on the device in closed form before the search, is not a PEFT module
+either: ``output_adapter.safetensors`` — a causal LM's ``bias`` [vocab] added to the LM head's
+logits; a prompt bundle's ``weight`` [labels, hidden] and ``bias`` [labels] added to the label
+words' logits (a linear probe on the hidden state at the answer position).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from edgeft.manifest import AdapterSpec, AdapterTensor, Manifest
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
-OUTPUT_BIAS_WEIGHTS = "output_bias.safetensors"
-# Tensors outside the transformer body: fitted in closed form at the start, saved beside the PEFT files.
-OUTPUT_ROLES = ("head_weight", "head_bias", "output_bias")
+OUTPUT_ADAPTER_WEIGHTS = "output_adapter.safetensors"
+# The output adapter: fitted in closed form at the start (runtime/output_fit.py, start.py), never searched.
+FITTED_ROLES = ("output_weight", "output_bias")
+# Tensors outside the transformer body, saved beside the PEFT files.
+OUTPUT_ROLES = ("head_weight", "head_bias", *FITTED_ROLES)
 PEFT_TYPES = {"lora": "LORA", "bone": "MISS", "loldu": "EDGEFT_LOLDU", "tt": "EDGEFT_TT"}
 
 
@@ -199,8 +203,8 @@ def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_m
             head["weight"] = value
         elif t.role == "head_bias":
             head["bias"] = value
-        elif t.role == "output_bias":
-            output["bias"] = value
+        elif t.role in FITTED_ROLES:
+            output[t.role.removeprefix("output_")] = value
     spec = layout.spec
     if spec.kind == "lora" and spec.init == "pissa":
         for a, b in _pissa_pairs(layout):
@@ -212,7 +216,7 @@ def save_adapter(folder: Path, layout: AdapterLayout, vector: np.ndarray, base_m
     if head:
         _atomic_write(folder / HEAD_WEIGHTS, lambda p: save_file(head, str(p)))
     if output:
-        _atomic_write(folder / OUTPUT_BIAS_WEIGHTS, lambda p: save_file(output, str(p)))
+        _atomic_write(folder / OUTPUT_ADAPTER_WEIGHTS, lambda p: save_file(output, str(p)))
 
 
 def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = None) -> np.ndarray:
@@ -279,7 +283,8 @@ def load_adapter(folder: Path, layout: AdapterLayout, base: np.ndarray | None = 
     if matched == 0:
         raise EdgeftError(f"{weights_path}: no tensor matches this bundle's adapter modules")
     for file, keys, what in ((HEAD_WEIGHTS, {"head_weight": "weight", "head_bias": "bias"}, "other labels?"),
-                             (OUTPUT_BIAS_WEIGHTS, {"output_bias": "bias"}, "another vocabulary?")):
+                             (OUTPUT_ADAPTER_WEIGHTS, {"output_weight": "weight", "output_bias": "bias"},
+                              "another vocabulary or labels?")):
         path = folder / file
         if not path.is_file():
             continue

@@ -35,7 +35,7 @@ class AdapterTensor:
     init: str
     peft_key: str | None = None  # key in the saved adapter_model.safetensors; None for the head
     module: str | None = None  # the torch module it adapts (PEFT target)
-    # lora_A | lora_B | loldu_z | loldu_scale | tt_core | bone_block | head_weight | head_bias | output_bias
+    # lora_A | lora_B | loldu_z | loldu_scale | tt_core | bone_block | head_weight | head_bias | output_weight | output_bias
     role: str = "lora_A"
     weight_shape: list[int] | None = None  # [out, in] of the adapted weight (sizes the population optimizers' steps)
     # RMS of ΔW per unit-variance change of this tensor at the start, where it depends on frozen

@@ -74,6 +74,7 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
 
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
+    from edgeft.adapters import FITTED_ROLES
     from edgeft.plots import learning_curve
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
     from edgeft.runtime.optimizers import POPULATION, REGISTRY
@@ -122,7 +123,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     train_enc = bundle.encode(train_set.texts, train_set.labels)
     eval_enc = bundle.encode(eval_set.texts, eval_set.labels) if eval_set else None
     has_bias = output_bias_slice(bundle) is not None
-    recipe = auto_recipe(bundle.task, has_bias) if req.optimizer == "auto" else None
+    has_label_probe = bundle.task == "prompt" and "output.weight" in bundle.layout.names()
+    recipe = auto_recipe(bundle.task, has_bias, has_label_probe) if req.optimizer == "auto" else None
     name = recipe.optimizer if recipe else req.optimizer
     if recipe:
         log(f"optimizer auto: {recipe.why}")
@@ -134,20 +136,27 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         theta, how = bundle.layout.initial(req.seed), "checkpoint"
     else:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
-        if has_bias and fit_steps and not _adapter_has_output_bias(req.init_adapter):
-            fit_started = time.perf_counter()
+        fit_started = time.perf_counter()
+        if _adapter_has_output_bias(req.init_adapter):
+            pass  # the adapter brought its own output adapter
+        elif has_bias and fit_steps:
             theta, output_fit = _fit_output(bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps)
-            fit_cost = (output_fit["forward_passes"], time.perf_counter() - fit_started)
             how += f" + output bias fitted in {fit_steps} steps" + ("" if output_fit["kept"] else " (not kept: held-out loss rose)")
             log(f"output bias: train loss {output_fit['train_loss_first']:.4f} -> {output_fit['train_loss_last']:.4f}"
                 + (f", held-out loss {output_fit['eval_before']['loss']:.4f} -> {output_fit['eval_after']['loss']:.4f}"
                    if eval_enc is not None else ""))
+        elif has_label_probe and req.output_fit_steps != 0:
+            theta, output_fit = _fit_label_probe(bundle, train_enc, eval_enc, theta, held_out=eval_enc is not None)
+            how += " + label-word probe on the answer's hidden state" + ("" if output_fit["kept"] else
+                                                                          " (not kept: zero-shot was better on held-out data)")
+        if output_fit:
+            fit_cost = (output_fit["forward_passes"], time.perf_counter() - fit_started)
     settings = {**req.settings, "total_steps": _horizon(req, name, steps, budget), "seed": req.seed,
                 "steps_per_epoch": max(1, len(train_enc) // batch_size)}
     if name in POPULATION and settings.get("projection") == "hidden":
         settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
     # the output bias is fitted in closed form, never searched (runtime/optimizers/frozen.py)
-    trainable = [t.name for t in bundle.layout.tensors if t.role != "output_bias"]
+    trainable = [t.name for t in bundle.layout.tensors if t.role not in FITTED_ROLES]
     optimizer = make_optimizer(name, theta, layout=bundle.layout, trainable=trainable, **settings)
     config = TrainConfig(steps=steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed, budget=budget)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)
@@ -198,9 +207,25 @@ def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
 
 
 def _adapter_has_output_bias(folder: Path | None) -> bool:
-    from edgeft.adapters import OUTPUT_BIAS_WEIGHTS
+    from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS
 
-    return folder is not None and (Path(folder) / OUTPUT_BIAS_WEIGHTS).is_file()
+    return folder is not None and (Path(folder) / OUTPUT_ADAPTER_WEIGHTS).is_file()
+
+
+def _fit_label_probe(bundle, train_enc, eval_enc, theta, held_out: bool):
+    """Prompt mode: fit the label-word probe; keep it only where it beats the zero-shot prompt on
+    held-out data (ranked as the trainer ranks adapters). Without held-out data it is kept (see README)."""
+    from edgeft.runtime import evaluate
+    from edgeft.runtime.output_fit import fit_label_probe
+    from edgeft.runtime.trainer import rank_key
+
+    fitted, record = fit_label_probe(bundle, train_enc, theta)
+    record["kept"] = True
+    if held_out:
+        before, after = evaluate(bundle, theta, eval_enc, 32), evaluate(bundle, fitted, eval_enc, 32)
+        record.update(eval_before=before, eval_after=after,
+                      kept=rank_key(bundle.task, after, True) > rank_key(bundle.task, before, True))
+    return (fitted if record["kept"] else theta), record
 
 
 def _fit_output(bundle, train_enc, eval_enc, theta, batch_size: int, seed: int, steps: int):

@@ -16,7 +16,7 @@ from edgeft.manifest import ADAPTER_INIT_NAME, MODEL_NAME, TOKENIZER_NAME, Adapt
 from .adapters import DEFAULT_TARGETS, KINDS, LORA_INITS, inject_adapters
 from .loading import Source, load_source
 from .onnx_graph import export_onnx, verify_against_torch
-from .tasks import CausalLM, Classification, Prompt, head_tensors, output_bias_tensor
+from .tasks import CausalLM, Classification, Prompt, head_tensors, label_head_tensors, output_bias_tensor
 
 
 @dataclass
@@ -76,8 +76,9 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         label_ids = [_label_token(tokenizer, options.verbalizer[name]) for name in options.labels]
         if len(set(label_ids)) != len(label_ids):
             raise EdgeftError("verbalizer: two labels map to the same first token")
+        tensors += label_head_tensors(len(options.labels), src.model.config.hidden_size)
         wrapper = Prompt(src.model, slots, [t.name for t in tensors], label_ids, mask_id)
-        outputs = ["loss", "logits"]
+        outputs = ["loss", "logits", "pooled"]
         manifest_extra["verbalizer"] = dict(options.verbalizer)
     else:
         tensors.append(output_bias_tensor(src.model.config.vocab_size))

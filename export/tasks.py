@@ -65,11 +65,20 @@ def head_tensors(num_labels: int, hidden: int) -> list[AdapterTensor]:
     ]
 
 
+def label_head_tensors(num_labels: int, hidden: int) -> list[AdapterTensor]:
+    """The prompt bundle's output adapter: logits of the label words + h·Wᵀ + b, h the hidden state at
+    the answer position. Zero at the start (the zero-shot prompt); the device fits it as a linear
+    probe on h with the zero-shot logits as the offset (``runtime/start.py``)."""
+    return [AdapterTensor("output.weight", [num_labels, hidden], "zeros", None, None, "output_weight"),
+            AdapterTensor("output.bias", [num_labels], "zeros", None, None, "output_bias")]
+
+
 class Prompt(_Task):
-    """Cloze over the LM head: cross-entropy over the label words' logits.
+    """Cloze over the LM head: cross-entropy over the label words' logits (+ the output adapter).
 
     Masked LMs read the position of the mask token; causal LMs the last real token
-    (the word that comes next). Only that one position goes through the LM head.
+    (the word that comes next). Only that one position goes through the LM head; its hidden
+    state is returned as ``pooled`` (what the output adapter's probe is fitted on).
     """
 
     def __init__(self, model, slots, adapter_names, label_token_ids: list[int], mask_token_id: int | None):
@@ -88,8 +97,9 @@ class Prompt(_Task):
         h = hidden[torch.arange(hidden.shape[0]), position]
         head = self.model.cls if hasattr(self.model, "cls") else self.model.get_output_embeddings()
         logits = head(h).index_select(-1, self.label_token_ids)
+        logits = logits + h @ self.slots["output.weight"].transpose(0, 1) + self.slots["output.bias"]
         loss = F.cross_entropy(logits, labels, reduction="none")
-        return loss, logits, *out.hidden_states[:-1]
+        return loss, logits, h, *out.hidden_states[:-1]
 
 
 OUTPUT_BIAS = "output.bias"

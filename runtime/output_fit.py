@@ -58,6 +58,9 @@ def bias_gradient(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.
 
 
 def output_bias_slice(bundle: Bundle) -> slice | None:
+    """Where a causal LM's output bias lies in the adapter vector (None: no such bias)."""
+    if bundle.task != "causal-lm":
+        return None
     for t in bundle.layout.tensors:
         if t.role == "output_bias":
             return bundle.layout.slice_of(t.name)
@@ -110,3 +113,35 @@ def _batch(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     epoch, position = divmod(step, per_epoch)
     order = np.random.default_rng([seed, 11, epoch]).permutation(n)
     return np.sort(order[position * batch_size : (position + 1) * batch_size])
+
+
+def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:
+    """A prompt bundle's output adapter as a linear probe on the answer position's hidden state h:
+    label logits = zero-shot logits + h·Wᵀ + b, (W, b) by L2-regularised logistic regression with the
+    zero-shot logits as a fixed offset (``fit_linear_probe``), so the regulariser pulls towards the
+    zero-shot prompt rather than towards a uniform guess. One forward pass over the training set."""
+    from .evaluate import length_sorted_batches
+    from .probe import fit_linear_probe
+
+    named = bundle.layout.unflatten(np.array(theta, dtype=np.float32, copy=True))
+    theta = bundle.layout.flatten({**named, "output.weight": np.zeros_like(named["output.weight"]),
+                                   "output.bias": np.zeros_like(named["output.bias"])})
+    n, labels = len(train), len(bundle.labels)
+    features, logits = None, np.empty((n, labels), dtype=np.float64)
+    for index in length_sorted_batches(train, batch_size):
+        z, h = bundle.run(bundle.feeds(train, index), theta, ["logits", "pooled"])
+        if features is None:
+            features = np.empty((n, h.shape[-1]), dtype=np.float32)
+        features[index], logits[index] = h, z
+    weight, bias = fit_linear_probe(features, train.labels, labels, offset=logits)
+    named = bundle.layout.unflatten(theta)
+    named["output.weight"][...] = weight
+    named["output.bias"][...] = bias
+
+    def loss(z):
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(n), train.labels]))
+
+    after = logits + features.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    return theta, {"examples": n, "train_loss_before": loss(logits), "train_loss_after": loss(after),
+                   "forward_passes": -(-n // batch_size)}

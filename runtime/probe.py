@@ -14,9 +14,12 @@ import numpy as np
 
 
 def fit_linear_probe(
-    features: np.ndarray, labels: np.ndarray, num_labels: int, c: float = 1.0, iterations: int = 3000
+    features: np.ndarray, labels: np.ndarray, num_labels: int, c: float = 1.0, iterations: int = 3000,
+    offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (weight [labels, dim], bias [labels]) minimising mean CE + ||W||²/(2·C·n)."""
+    """Return (weight [labels, dim], bias [labels]) minimising mean CE + ||W||²/(2·C·n) of the logits
+    features·Wᵀ + bias (+ ``offset`` [n, labels]: fixed logits the probe corrects, e.g. a zero-shot
+    prompt's, so the regulariser pulls towards them instead of towards uniform)."""
     x = features.astype(np.float64)
     n, dim = x.shape
     y = np.zeros((n, num_labels))
@@ -30,8 +33,9 @@ def fit_linear_probe(
     v, t = w.copy(), 1.0
     reg = np.ones((dim + 1, 1))
     reg[-1] = 0.0
+    base = np.zeros((n, num_labels)) if offset is None else np.asarray(offset, dtype=np.float64)
     for _ in range(iterations):
-        z = xb @ v
+        z = xb @ v + base
         z -= z.max(1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(1, keepdims=True)

@@ -94,7 +94,7 @@ def test_auto_fits_the_bias_then_searches_the_body_only(llama_lm_bundle, lm_data
     fit = summary["output_fit"]
     assert fit["steps"] == 10 and fit["train_loss_last"] < fit["train_loss_first"]
     assert summary["forward_passes"] == 10 + 6 * 2  # the fit's passes count in the run's
-    saved = load_file(str(tmp_path / "run" / "adapter" / "output_bias.safetensors"))["bias"]
+    saved = load_file(str(tmp_path / "run" / "adapter" / "output_adapter.safetensors"))["bias"]
     b = Bundle(llama_lm_bundle)
     assert np.abs(saved).max() > 0
     # the search moved the body but never the bias: the checkpoint's bias is the fitted one
@@ -129,3 +129,61 @@ def test_resume_after_output_fit_is_bit_identical(llama_lm_bundle, lm_data, tmp_
     _train(llama_lm_bundle, lm_data, tmp_path / "split", "--steps", "10", "--resume", *common)
     a, b = (load_file(str(tmp_path / r / "checkpoint" / "arrays.safetensors"))["optimizer.frozen.full"] for r in ("full", "split"))
     assert a.tobytes() == b.tobytes()
+
+
+# --- prompt mode: the label-word probe -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_prompt_bundle(export_bundle_for, llama_folder):
+    return export_bundle_for("llama-prompt", llama_folder, task="prompt", labels=["neg", "pos"],
+                             template="{text} it was", verbalizer={"neg": "bad", "pos": "good"})
+
+
+def test_probe_with_offset_fits_a_correction_to_fixed_logits():
+    from edgeft.runtime.probe import fit_linear_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5))
+    true = np.array([[2.0, 0, 0, 0, 0], [-2.0, 0, 0, 0, 0]])
+    offset = rng.standard_normal((200, 2)) * 3  # strong fixed logits that ignore x
+    y = ((x @ true.T + offset).argmax(1)).astype(np.int64)
+    w, b = fit_linear_probe(x, y, 2, c=100.0, offset=offset)
+    assert ((x @ w.T + b + offset).argmax(1) == y).mean() > 0.95
+    assert ((offset).argmax(1) == y).mean() < 0.9  # the offset alone does not explain the labels
+    # without the offset the same probe cannot explain the labels: the offset is used
+    w0, b0 = fit_linear_probe(x, y, 2, c=100.0)
+    assert ((x @ w0.T + b0).argmax(1) == y).mean() < 0.9
+
+
+def test_label_probe_fits_on_the_answer_hidden_state(llama_prompt_bundle):
+    from edgeft.runtime import evaluate
+    from edgeft.runtime.output_fit import fit_label_probe
+    from tests.models import SENTIMENT
+
+    b = Bundle(llama_prompt_bundle)
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta = b.layout.initial(0)
+    fitted, record = fit_label_probe(b, enc, theta)
+    assert record["train_loss_after"] < record["train_loss_before"]
+    # the numpy loss of the fitted probe is the graph's loss with the fitted output adapter
+    np.testing.assert_allclose(evaluate(b, fitted, enc, 32)["loss"], record["train_loss_after"], rtol=1e-4)
+    moved = np.flatnonzero(fitted != theta)
+    names = {t.name for t in b.layout.tensors if any(b.layout.slice_of(t.name).start <= i < b.layout.slice_of(t.name).stop for i in moved)}
+    assert names <= {"output.weight", "output.bias"} and names
+
+
+def test_prompt_training_keeps_the_probe_only_if_it_beats_zero_shot(llama_prompt_bundle, sentiment_data, tmp_path):
+    from safetensors.numpy import load_file
+
+    args = ["train", str(llama_prompt_bundle), "--data", str(sentiment_data), "--eval-data", str(sentiment_data),
+            "-o", str(tmp_path / "run"), "--steps", "2", "--json", "--lr", "1e-3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    fit = summary["output_fit"]
+    from edgeft.runtime.trainer import rank_key
+
+    assert fit["kept"] == (rank_key("prompt", fit["eval_after"], True) > rank_key("prompt", fit["eval_before"], True))
+    saved = load_file(str(tmp_path / "run" / "adapter" / "output_adapter.safetensors"))
+    assert saved["weight"].shape == (2, 32) and saved["bias"].shape == (2,)
+    assert (np.abs(saved["weight"]).max() > 0) == fit["kept"]
