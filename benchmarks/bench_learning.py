@@ -1,11 +1,12 @@
 """What a device learns in its budget: the default recipe against MeZO, side by side, per seed.
 
-    python benchmarks/bench_learning.py --bundle BUNDLE [--seeds 0,1,2] [--budget 200] [--workers 2]
+    python benchmarks/bench_learning.py --task shakespeare --bundle LM_BUNDLE [--seeds 0,1,2] [--budget 200]
+    python benchmarks/bench_learning.py --task rt-prompt --bundle PROMPT_BUNDLE [--seeds 0,1,2] [--budget 200]
 
-Task (this first version): SmolLM2-135M causal LM on Shakespeare — training windows from three
-tragedies (Hamlet, Othello, King Lear), the kept adapter chosen on 16 windows of Julius Caesar
-(dev), perplexity on the first --test-tokens tokens of Macbeth (test, never seen in training
-or selection). Lines, every one at the same training forward passes (batch --batch-size):
+Task shakespeare: SmolLM2-135M causal LM — training windows from three tragedies (Hamlet, Othello,
+King Lear), the kept adapter chosen on 16 windows of Romeo and Juliet (dev), perplexity on the
+first --test-tokens tokens of Macbeth (test, never seen in training or selection). Lines, every
+one at the same training forward passes (batch --batch-size):
 
   start      the base model (LoRA B = 0, output bias 0)
   mezo       MeZO at edgeft's defaults on LoRA, no output fit
@@ -15,6 +16,12 @@ or selection). Lines, every one at the same training forward passes (batch --bat
   fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
   backprop   reference: peft LoRA r=8 (q, v) + AdamW lr 3e-4 in torch, --backprop-steps steps at the same
              batch, kept on dev like the others (a backward pass: not what a device can run)
+
+Task rt-prompt: SmolLM2-135M prompt mode on Rotten Tomatoes ("Review: {text}\nSentiment (positive or
+negative):", " negative"/" positive"), 16 examples per label drawn per seed (the whole set is the
+batch), 200 dev snippets pick the kept adapter, accuracy on 1,000 test snippets. Lines: start
+(zero-shot), mezo (from zero-shot), probe (the label-word probe alone), auto (probe if it beats
+zero-shot on dev, then MeZO).
 
 Each run is one ``edgeft train`` subprocess (one ORT thread, via a device profile written here),
 then ``edgeft eval`` of its saved adapter on the test windows. Per-run results are kept as JSON
@@ -38,12 +45,15 @@ DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smo
 RUNS = DOCS / "learning-runs"
 TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
-LINES = ("mezo", "fzoo", "fit-only", "fit-all", "auto", "backprop")
+LINES = {"shakespeare": ("mezo", "fzoo", "fit-only", "fit-all", "auto", "backprop"),
+         "rt-prompt": ("mezo", "probe", "auto")}
+RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, type=Path, help="SmolLM2-135M causal-LM bundle (edgeft export ... --task causal-lm)")
+    p.add_argument("--task", choices=sorted(LINES), default="shakespeare")
+    p.add_argument("--bundle", type=Path, help="the task's SmolLM2-135M bundle (causal-lm, or prompt for rt-prompt)")
     p.add_argument("--work", type=Path, default=Path("/tmp/edgeft-bench-learning"), help="data files and run folders")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=int, default=200, help="training forward passes per run")
@@ -52,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--dev-windows", type=int, default=16)
     p.add_argument("--test-tokens", type=int, default=8192)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--lines", default=",".join(LINES))
+    p.add_argument("--lines", help="comma-separated subset of the task's lines (default: all)")
     p.add_argument("--backprop-steps", type=int, default=40)
     p.add_argument("--resume", action="store_true", help="skip runs whose result JSON exists")
     p.add_argument("--worker-backprop", type=int, metavar="SEED", help=argparse.SUPPRESS)
@@ -78,14 +88,24 @@ def prepare(args) -> dict[str, Path]:
     from edgeft import assets
 
     args.work.mkdir(parents=True, exist_ok=True)
+    profile = args.work / "one-thread.toml"
+    profile.write_text('name = "bench-one-thread"\nthreads = 1\nbatch_size = 4\nmax_length = 128\n')
+    if args.task == "rt-prompt":
+        import numpy as np
+
+        texts, labels = assets.rotten_tomatoes()
+        order = np.random.default_rng(RT_SEED).permutation(len(texts))
+        parts = {"test": order[:RT_TEST], "dev": order[RT_TEST : RT_TEST + RT_DEV], "train": order[RT_TEST + RT_DEV :]}
+        files = {k: args.work / f"rt-{k}.jsonl" for k in parts}
+        for k, rows in parts.items():
+            files[k].write_text("".join(json.dumps({"text": texts[i], "label": labels[i]}) + "\n" for i in rows))
+        return {**files, "profile": profile}
     plays = assets.shakespeare()
     tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
     files = {"train": args.work / "train.jsonl", "dev": args.work / "dev.jsonl", "test": args.work / "test.jsonl"}
     files["train"].write_text("".join(json.dumps({"text": plays[p]}) + "\n" for p in TRAIN_PLAYS))
     files["dev"].write_text(json.dumps({"text": _cut(plays[DEV_PLAY], tok, 128 * args.dev_windows)}) + "\n")
     files["test"].write_text(json.dumps({"text": _cut(plays[TEST_PLAY], tok, args.test_tokens)}) + "\n")
-    profile = args.work / "one-thread.toml"
-    profile.write_text('name = "bench-one-thread"\nthreads = 1\nbatch_size = 4\nmax_length = 128\n')
     files["profile"] = profile
     return files
 
@@ -98,19 +118,30 @@ def _edgeft(*cmd) -> dict:
 
 
 def run_one(args, files, line: str, seed: int) -> dict:
-    out = RUNS / f"shakespeare-{line}-seed{seed}.json"
+    out = RUNS / f"{args.task}-{line}-seed{seed}.json"
     if args.resume and out.is_file():
         return json.loads(out.read_text())
-    run_dir = args.work / f"{line}-seed{seed}"
+    run_dir = args.work / f"{args.task}-{line}-seed{seed}"
     if line == "backprop":
         return _backprop_run(args, files, seed, out)
     common = [args.bundle, "--data", files["train"], "--eval-data", files["dev"], "-o", run_dir, "--overwrite",
-              "--batch-size", args.batch_size, "--seed", seed, "--device", files["profile"], "--eval-every", 25]
+              "--seed", seed, "--device", files["profile"], "--eval-every", 25]
+    if args.task == "rt-prompt":  # 16 per label, the whole set as the batch (the default for small sets)
+        common += ["--k-shot", 16, "--batch-size", 32]
+        settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
+                    "probe": ["--optimizer", "auto", "--budget", "1fwd"],
+                    "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
+        return _finish(args, files, line, seed, out, run_dir, common, settings)
+    common += ["--batch-size", args.batch_size]
     settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                 "fzoo": ["--optimizer", "fzoo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                 "fit-only": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.fit_steps}fwd"],
                 "fit-all": ["--optimizer", "auto", "--output-fit-steps", args.budget, "--budget", f"{args.budget}fwd"],
                 "auto": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.budget}fwd"]}[line]
+    return _finish(args, files, line, seed, out, run_dir, common, settings)
+
+
+def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
     started = time.perf_counter()
     summary = _edgeft("train", *common, *settings)
     test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
@@ -123,7 +154,7 @@ def run_one(args, files, line: str, seed: int) -> dict:
               "run_s": round(time.perf_counter() - started, 1)}
     RUNS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    print(f"  done {line} seed {seed}: test perplexity {test['perplexity']:.2f} "
+    print(f"  done {args.task} {line} seed {seed}: test {_score_text(test)} "
           f"({record['train']['forward_passes']} fwd, {record['run_s']:.0f} s)", flush=True)
     return record
 
@@ -230,8 +261,12 @@ def backprop_worker(args) -> None:
                       "test": {"loss": test, "perplexity": float(np.exp(test)), "tokens": sum(len(w) - 1 for w in data["test"])}}))
 
 
+def _score_text(metrics: dict) -> str:
+    return f"perplexity {metrics['perplexity']:.2f}" if "perplexity" in metrics else f"accuracy {metrics['accuracy']:.3f}"
+
+
 def start_record(args, files) -> dict:
-    out = RUNS / "shakespeare-start.json"
+    out = RUNS / f"{args.task}-start.json"
     if args.resume and out.is_file():
         return json.loads(out.read_text())
     test = _edgeft("eval", args.bundle, "--data", files["test"], "--device", files["profile"])
@@ -241,76 +276,108 @@ def start_record(args, files) -> dict:
     return record
 
 
-def render() -> None:
-    records = [json.loads(p.read_text()) for p in sorted(RUNS.glob("shakespeare-*.json"))]
+def _section(task: str) -> str | None:
+    """One task's table, paired differences and plot, from the per-run JSON files kept so far."""
+    records = [json.loads(p.read_text()) for p in sorted(RUNS.glob(f"{task}-*.json"))]
     start = next((r for r in records if r["line"] == "start"), None)
     runs = [r for r in records if r["line"] != "start"]
     if start is None or not runs:
-        print("nothing to render yet")
-        return
-    base = start["test"]["perplexity"]
+        return None
+    lm = task == "shakespeare"
+    key = "perplexity" if lm else "accuracy"
+    base = start["test"][key]
     by_line: dict[str, dict[int, dict]] = {}
     for r in runs:
         by_line.setdefault(r["line"], {})[r["seed"]] = r
-    budget, batch = runs[0]["budget_fwd"], runs[0]["batch_size"]
-    rows = ["| line | seeds | test perplexity, median (min–max) | change vs start | training fwd | CPU wall s (train) | peak RSS MB |",
-            "|---|---|---|---|---|---|---|",
-            f"| start | – | {base:.2f} | – | 0 | – | – |"]
-    for line in LINES:
+    budget = runs[0]["budget_fwd"]
+    change = (lambda v: f"{100 * (v / base - 1):+.1f}%") if lm else (lambda v: f"{100 * (v - base):+.1f} points")
+    fmt = (lambda v: f"{v:.2f}") if lm else (lambda v: f"{100 * v:.1f}%")
+    rows = [f"| line | seeds | test {key}, median (min–max) | vs start | training fwd | wall s (train) | peak RSS MB |",
+            "|---|---|---|---|---|---|---|", f"| start | – | {fmt(base)} | – | 0 | – | – |"]
+    for line in LINES[task]:
         got = by_line.get(line)
         if not got:
             continue
-        ppl = [r["test"]["perplexity"] for r in got.values()]
-        med = statistics.median(ppl)
-        rows.append(f"| {line} | {','.join(map(str, sorted(got)))} | {med:.2f} ({min(ppl):.2f}–{max(ppl):.2f}) | "
-                    f"{100 * (med / base - 1):+.1f}% | {statistics.median(r['train']['forward_passes'] for r in got.values()):.0f} | "
+        values = [r["test"][key] for r in got.values()]
+        med = statistics.median(values)
+        rows.append(f"| {line} | {','.join(map(str, sorted(got)))} | {fmt(med)} ({fmt(min(values))}–{fmt(max(values))}) | "
+                    f"{change(med)} | {statistics.median(r['train']['forward_passes'] for r in got.values()):.0f} | "
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{max(r['train']['peak_rss_mb'] for r in got.values()):.0f} |")
     paired = []
-    if "auto" in by_line and "mezo" in by_line:
-        for seed in sorted(set(by_line["auto"]) & set(by_line["mezo"])):
-            a, m = by_line["auto"][seed]["test"]["perplexity"], by_line["mezo"][seed]["test"]["perplexity"]
-            paired.append(f"seed {seed}: auto {a:.2f} vs mezo {m:.2f} ({100 * (a / m - 1):+.1f}%)")
-    text = f"""# Learning in a device's budget (issue 12)
+    for other in ("mezo", "backprop"):
+        if "auto" not in by_line or other not in by_line:
+            continue
+        for seed in sorted(set(by_line["auto"]) & set(by_line[other])):
+            a, m = by_line["auto"][seed]["test"][key], by_line[other][seed]["test"][key]
+            diff = f"{100 * (a / m - 1):+.1f}%" if lm else f"{100 * (a - m):+.1f} points"
+            paired.append(f"seed {seed}: auto {fmt(a)} vs {other} {fmt(m)} ({diff})")
+    _plot(task, by_line, base, key)
+    if lm:
+        head = f"""## SmolLM2-135M causal LM, Shakespeare
 
-`python benchmarks/bench_learning.py --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — SmolLM2-135M-Instruct
+`python benchmarks/bench_learning.py --task shakespeare --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — SmolLM2-135M-Instruct
 (fp32 from the Q4_1 GGUF, LoRA r=8 on q/v + output bias), training windows of 128 tokens from {', '.join(TRAIN_PLAYS)};
 the kept adapter is chosen on 16 windows of {DEV_PLAY}; **test perplexity on {start['test']['tokens']:.0f} tokens of
-{TEST_PLAY}** (never used for training or selection). Every run: {budget} training forward passes at batch {batch},
-one ORT thread, one subprocess (`edgeft train` then `edgeft eval`). Raw per-run results: `docs/learning-runs/`.
-
-{chr(10).join(rows)}
-
-Paired by seed (same data order): {'; '.join(paired) if paired else 'not yet measured'}.
+{TEST_PLAY}** (never used for training or selection). Every run: {budget} training forward passes at batch
+{runs[0]['batch_size']}, one ORT thread, one subprocess (`edgeft train` then `edgeft eval`).
 
 Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO (N = 8) on LoRA; `fit-only` =
 the output-bias fit alone (its default 40 steps, one pass each); `fit-all` = the output-bias fit for the whole budget;
 `auto` = edgeft's default recipe: the output-bias fit (40 passes), then MeZO on the body for the rest of the budget;
-`backprop` = peft LoRA + AdamW (one forward and one backward per step; its "fwd" column counts steps).
-Not yet in this table: backprop LoRA + AdamW (peft), the MiniLM classification tasks, prompt mode (see the
-closing note of the session that wrote it).
+`backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
+steps; kept on dev every 10 steps like the others)."""
+    else:
+        head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
+
+`python benchmarks/bench_learning.py --task rt-prompt --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — the demo's
+prompt ("Review: {{text}}\\nSentiment (positive or negative):", label words " negative"/" positive"), LoRA r=8 on q/v +
+the label-word output adapter; 16 examples per label drawn per seed, the whole set (32) as the batch; {RT_DEV} dev
+snippets pick the kept adapter; **accuracy on {RT_TEST} test snippets** (one test accuracy has a standard error of
+≈ 1.5 points). Every run: {budget} training forward passes of the 32 examples, one ORT thread.
+
+Lines: `mezo` = MeZO at edgeft's defaults from the zero-shot prompt; `probe` = the label-word probe alone (fitted on
+the 32 examples' hidden states, offset by the zero-shot logits; kept only if it beats zero-shot on dev); `auto` =
+probe (if kept), then MeZO on LoRA for the budget."""
+    return f"""{head}
+
+{chr(10).join(rows)}
+
+Paired by seed: {'; '.join(paired) if paired else 'not yet measured'}.
+
+Plot: `docs/learning-{task}.png`.
 """
+
+
+def render() -> None:
+    sections = [text for text in (_section(task) for task in LINES) if text]
+    if not sections:
+        print("nothing to render yet")
+        return
+    text = ("# Learning in a device's budget (issue 12)\n\n`benchmarks/bench_learning.py`; raw per-run results in "
+            "`docs/learning-runs/` (one JSON per run, kept as it finishes).\n\n" + "\n".join(sections))
     (DOCS / "LEARNING.md").write_text(text)
     print(text)
-    _plot(by_line, base)
 
 
-def _plot(by_line, base) -> None:
+def _plot(task, by_line, base, key) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, line in enumerate(LINES):
+    for i, line in enumerate(LINES[task]):
         for seed, r in sorted(by_line.get(line, {}).items()):
-            ax.scatter(r["train"]["forward_passes"], r["test"]["perplexity"], color=f"C{i}", label=line if seed == min(by_line[line]) else None)
+            ax.scatter(r["train"]["forward_passes"], r["test"][key], color=f"C{i}", label=line if seed == min(by_line[line]) else None)
     ax.axhline(base, color="gray", ls="--", label="start")
     ax.set_xlabel("training forward passes")
-    ax.set_ylabel("test perplexity (Macbeth)")
-    ax.legend()
+    ax.set_ylabel(f"test {key}")
+    ax.set_title(task)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(DOCS / "learning-shakespeare.png", dpi=120)
+    fig.savefig(DOCS / f"learning-{task}.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -323,10 +390,15 @@ def main(argv=None) -> None:
     if args.render_only:
         render()
         return
+    if args.bundle is None:
+        raise SystemExit("--bundle is required")
     files = prepare(args)
     start_record(args, files)
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines = [l for l in args.lines.split(",") if l]
+    lines = [l for l in (args.lines or ",".join(LINES[args.task])).split(",") if l]
+    unknown = sorted(set(lines) - set(LINES[args.task]))
+    if unknown:
+        raise SystemExit(f"--lines: {', '.join(unknown)} not lines of {args.task} ({', '.join(LINES[args.task])})")
     jobs = [(line, seed) for seed in seeds for line in lines]
     with ThreadPoolExecutor(args.workers) as pool:
         for future in [pool.submit(run_one, args, files, line, seed) for line, seed in jobs]:
