@@ -40,7 +40,7 @@ class TrainRequest:
     seed: int = 0
     device: str | None = None
     init_adapter: Path | None = None
-    output_fit_steps: int | None = None  # causal LM: steps of the output-bias fit (None: the recipe's; 0: none)
+    output_fit_steps: int | None = None  # causal LM: output-bias fit steps (None: OutputFitConfig's); 0: no output fit
     text_field: str = "text"
     label_field: str = "label"
     resume: bool = False
@@ -74,11 +74,12 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
 
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
-    from edgeft.adapters import FITTED_ROLES
+    from edgeft.adapters import FITTED_ROLES, OUTPUT_ADAPTER_WEIGHTS
     from edgeft.plots import learning_curve
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
     from edgeft.runtime.optimizers import POPULATION, REGISTRY
-    from edgeft.runtime.output_fit import output_bias_slice
+    from edgeft.runtime.output_fit import (OutputFitConfig, describe_fit, fit_output_adapter, label_probe_tensors,
+                                           output_bias_slice)
     from edgeft.runtime.recipes import auto_recipe
     from edgeft.runtime.budget import parse_budget
     from edgeft.runtime.memory import budget_warning
@@ -123,34 +124,27 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     train_enc = bundle.encode(train_set.texts, train_set.labels)
     eval_enc = bundle.encode(eval_set.texts, eval_set.labels) if eval_set else None
     has_bias = output_bias_slice(bundle) is not None
-    has_label_probe = bundle.task == "prompt" and "output.weight" in bundle.layout.names()
+    has_label_probe = label_probe_tensors(bundle)
     recipe = auto_recipe(bundle.task, has_bias, has_label_probe) if req.optimizer == "auto" else None
     name = recipe.optimizer if recipe else req.optimizer
     if recipe:
         log(f"optimizer auto: {recipe.why}")
-    fit_steps = req.output_fit_steps if req.output_fit_steps is not None else (40 if has_bias else 0)
-    if budget and budget.forward_passes is not None:
-        fit_steps = min(fit_steps, budget.forward_passes)  # the fit's passes count in the budget
     output_fit, fit_cost = None, (0, 0.0)
     if req.resume:
         theta, how = bundle.layout.initial(req.seed), "checkpoint"
     else:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
-        fit_started = time.perf_counter()
-        if _adapter_has_output_bias(req.init_adapter):
-            pass  # the adapter brought its own output adapter
-        elif has_bias and fit_steps:
-            theta, output_fit = _fit_output(bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps)
-            how += f" + output bias fitted in {fit_steps} steps" + ("" if output_fit["kept"] else " (not kept: held-out loss rose)")
-            log(f"output bias: train loss {output_fit['train_loss_first']:.4f} -> {output_fit['train_loss_last']:.4f}"
-                + (f", held-out loss {output_fit['eval_before']['loss']:.4f} -> {output_fit['eval_after']['loss']:.4f}"
-                   if eval_enc is not None else ""))
-        elif has_label_probe and req.output_fit_steps != 0:
-            theta, output_fit = _fit_label_probe(bundle, train_enc, eval_enc, theta, held_out=eval_enc is not None)
-            how += " + label-word probe on the answer's hidden state" + ("" if output_fit["kept"] else
-                                                                          " (not kept: zero-shot was better on held-out data)")
-        if output_fit:
-            fit_cost = (output_fit["forward_passes"], time.perf_counter() - fit_started)
+        fit_steps = OutputFitConfig.steps if req.output_fit_steps is None else req.output_fit_steps
+        if budget and budget.forward_passes is not None:
+            fit_steps = min(fit_steps, budget.forward_passes)  # the fit's passes count in the budget
+        brought = req.init_adapter is not None and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()
+        if fit_steps and not brought:
+            started_fit = time.perf_counter()
+            theta, output_fit, what = fit_output_adapter(bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps)
+            if output_fit:
+                how += what
+                fit_cost = (output_fit["forward_passes"], time.perf_counter() - started_fit)
+                log(f"output adapter: {describe_fit(output_fit)}")
     settings = {**req.settings, "total_steps": _horizon(req, name, steps, budget), "seed": req.seed,
                 "steps_per_epoch": max(1, len(train_enc) // batch_size)}
     if name in POPULATION and settings.get("projection") == "hidden":
@@ -204,45 +198,6 @@ def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
     if budget.forward_passes is not None:
         return max(1, budget.forward_passes // forwards_per_step(name, req.settings))
     return DEFAULT_STEPS
-
-
-def _adapter_has_output_bias(folder: Path | None) -> bool:
-    from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS
-
-    return folder is not None and (Path(folder) / OUTPUT_ADAPTER_WEIGHTS).is_file()
-
-
-def _fit_label_probe(bundle, train_enc, eval_enc, theta, held_out: bool):
-    """Prompt mode: fit the label-word probe; keep it only where it beats the zero-shot prompt on
-    held-out data (ranked as the trainer ranks adapters). Without held-out data it is kept (see README)."""
-    from edgeft.runtime import evaluate
-    from edgeft.runtime.output_fit import fit_label_probe
-    from edgeft.runtime.trainer import rank_key
-
-    fitted, record = fit_label_probe(bundle, train_enc, theta)
-    record["kept"] = True
-    if held_out:
-        before, after = evaluate(bundle, theta, eval_enc, 32), evaluate(bundle, fitted, eval_enc, 32)
-        record.update(eval_before=before, eval_after=after,
-                      kept=rank_key(bundle.task, after, True) > rank_key(bundle.task, before, True))
-    return (fitted if record["kept"] else theta), record
-
-
-def _fit_output(bundle, train_enc, eval_enc, theta, batch_size: int, seed: int, steps: int):
-    """Fit the causal LM's output bias; keep it only if held-out loss fell (when there is held-out data)."""
-    from edgeft.runtime import evaluate
-    from edgeft.runtime.output_fit import OutputFitConfig, fit_output_bias
-
-    before = evaluate(bundle, theta, eval_enc, 32) if eval_enc is not None else None
-    fitted, losses = fit_output_bias(bundle, train_enc, theta, batch_size, seed, OutputFitConfig(steps=steps))
-    if not losses:
-        raise EdgeftError("output-bias fit: the training data has no window of two or more tokens")
-    record = {"steps": steps, "forward_passes": steps, "train_loss_first": losses[0], "train_loss_last": losses[-1],
-              "kept": True}
-    if eval_enc is not None:
-        after = evaluate(bundle, fitted, eval_enc, 32)
-        record.update(eval_before=before, eval_after=after, kept=after["loss"] < before["loss"])
-    return (fitted if record["kept"] else theta), record
 
 
 def _progress(req: TrainRequest, trainer, steps: int | None, budget):

@@ -1,4 +1,8 @@
-"""The causal-LM output adapter, fitted from its exact gradient with forward passes only.
+"""The output adapter, fitted in closed form from forward outputs before the search.
+
+Causal LM: an output bias, fitted from its exact gradient. Prompt mode: a linear probe on the answer
+position's hidden state over the label words (``fit_label_probe``). Either is kept only if it
+improves held-out data when there is some (``fit_output_adapter``).
 
 For logits = W·h + b, the mean next-token NLL's gradient with respect to the output bias b is
 mean over scored positions of (softmax(logits) − one-hot(next token)): a function of the logits
@@ -17,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgeft.errors import EdgeftError
 
 from .bundle import Bundle, Encoded
 from .evaluate import causal_lm_rows
@@ -145,3 +151,49 @@ def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
     after = logits + features.astype(np.float64) @ weight.T.astype(np.float64) + bias
     return theta, {"examples": n, "train_loss_before": loss(logits), "train_loss_after": loss(after),
                    "forward_passes": -(-n // batch_size)}
+
+
+def label_probe_tensors(bundle: Bundle) -> bool:
+    """Whether this is a prompt bundle with the label-word output adapter (older bundles lack it)."""
+    return bundle.task == "prompt" and "output.weight" in bundle.layout.names()
+
+
+def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None, theta: np.ndarray, batch_size: int,
+                       seed: int, steps: int) -> tuple[np.ndarray, dict | None, str]:
+    """Fit the bundle's output adapter, if it has one; keep the fit only if it improves ``held_out``
+    (ranked as the trainer ranks adapters), or always without held-out data (on the training data
+    the fit cannot lose). Returns (vector, record or None, words for the start's description)."""
+    from .evaluate import evaluate
+    from .trainer import rank_key
+
+    if output_bias_slice(bundle) is not None:
+        fitted, losses = fit_output_bias(bundle, train, theta, batch_size, seed, OutputFitConfig(steps=steps))
+        if not losses:
+            raise EdgeftError("output-bias fit: the training data has no window of two or more tokens")
+        record = {"kind": "output bias", "steps": steps, "forward_passes": steps,
+                  "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+        what = f" + output bias fitted in {steps} steps"
+    elif label_probe_tensors(bundle):
+        fitted, record = fit_label_probe(bundle, train, theta)
+        record["kind"] = "label-word probe"
+        what = " + label-word probe on the answer's hidden state"
+    else:
+        return theta, None, ""
+    record["kept"] = True
+    if held_out is not None:
+        before, after = evaluate(bundle, theta, held_out, 32), evaluate(bundle, fitted, held_out, 32)
+        record.update(eval_before=before, eval_after=after,
+                      kept=rank_key(bundle.task, after, True) > rank_key(bundle.task, before, True))
+    if not record["kept"]:
+        what += " (not kept: the start was better on held-out data)"
+    return (fitted if record["kept"] else theta), record, what
+
+
+def describe_fit(record: dict) -> str:
+    first = record.get("train_loss_first", record.get("train_loss_before"))
+    last = record.get("train_loss_last", record.get("train_loss_after"))
+    text = f"{record['kind']}: train loss {first:.4f} -> {last:.4f}"
+    if "eval_before" in record:
+        text += f", held-out loss {record['eval_before']['loss']:.4f} -> {record['eval_after']['loss']:.4f}"
+        text += "" if record["kept"] else " (not kept)"
+    return text
