@@ -75,7 +75,7 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     from edgeft.adapters import FITTED_ROLES, OUTPUT_ADAPTER_WEIGHTS
-    from edgeft.plots import learning_curve
+    from edgeft.plots import learning_curve_in_child
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
     from edgeft.runtime.optimizers import POPULATION, REGISTRY
     from edgeft.runtime.output_fit import (OutputFitConfig, describe_fit, fit_output_adapter, label_probe_tensors,
@@ -175,7 +175,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
                  _peft_task_type(bundle.task))
     summary.update(adapter=str(adapter_dir), optimizer=name, recipe=recipe.why if recipe else None,
                    output_fit=output_fit, run_wall_s=round(time.perf_counter() - started, 2))
-    plot = learning_curve(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{name} on {Path(req.bundle).name}")
+    plot = learning_curve_in_child(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{name} on {Path(req.bundle).name}")
     summary["plot"] = str(plot) if plot else None
     warning = budget_warning(summary["peak_rss_mb"], profile.memory_budget_mb, profile.name)
     summary["memory_warning"] = warning
