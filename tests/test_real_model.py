@@ -54,7 +54,7 @@ def test_real_bundle_matches_sentence_embeddings(tmp_path):
 
 
 def test_default_demo_end_to_end_small(tmp_path):
-    """SmolLM2 from GGUF, prompt mode: export (checked against torch), zero-shot, a few MeZO steps."""
+    """SmolLM2 from GGUF, prompt mode: export (checked against torch), zero-shot, label probe, a few MeZO steps."""
     from edgeft.demo import run_demo
 
     result = run_demo(tmp_path, steps=3, test_size=48, log=lambda m: None)
@@ -64,4 +64,6 @@ def test_default_demo_end_to_end_small(tmp_path):
     assert before["accuracy"] > 0.55, before
     summary = result["summary"]
     assert summary["best"]["accuracy"] >= summary["start"]["accuracy"]  # on the dev split that picks it
-    assert summary["forward_passes"] == 6
+    # 3 MeZO steps of 2 passes, after the label-word probe's one pass over the 32 examples (auto's start)
+    assert summary["output_fit"]["kind"] == "label-word probe" and summary["output_fit"]["forward_passes"] == 1
+    assert summary["forward_passes"] == 6 + 1
