@@ -173,7 +173,7 @@ class Trainer:
                 self.start_metrics = self._consider()
                 if on_eval:
                     on_eval(0, self.start_metrics)
-            evaluated = saved = self.optimizer.step
+            evaluated = self.optimizer.step
             while not self.budget_spent():
                 report = self.step()
                 if on_step:
@@ -185,13 +185,13 @@ class Trainer:
                         on_eval(step, metrics)
                 if self.run_dir and step % c.checkpoint_every == 0:
                     self.save()
-                    saved = step
-            # the last step, whatever stopped the run, is evaluated and saved
+            # the last step, whatever stopped the run, is evaluated and saved (also when a budget spent
+            # by the start's output fit left no step to take: --resume then has a checkpoint to extend)
             if evaluated != self.optimizer.step:
                 metrics = self._consider()
                 if on_eval:
                     on_eval(self.optimizer.step, metrics)
-            if self.run_dir and saved != self.optimizer.step:
+            if self.run_dir:
                 self.save()
         finally:
             self.elapsed_s, self._clock = self._elapsed(), None
@@ -244,7 +244,8 @@ class Trainer:
         self.optimizer.load_state_dict({k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")},
                                        scalars["optimizer_state"])
         self.best = np.array(arrays["best"], dtype=np.float32)
-        self.best_score, self.best_step = tuple(scalars["best_score"]), scalars["best_step"]
+        best = scalars["best_score"]  # a list; a single number in checkpoints from before rank_key
+        self.best_score, self.best_step = (tuple(best) if isinstance(best, list) else (best,)), scalars["best_step"]
         self.best_metrics, self.start_metrics = scalars["best_metrics"], scalars["start_metrics"]
         self.evaluator.forward_passes, self.wall_s = scalars["forward_passes"], scalars["wall_s"]
         self.elapsed_s = scalars.get("elapsed_s", self.wall_s)

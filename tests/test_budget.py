@@ -93,3 +93,14 @@ def test_without_eval_data_the_lower_training_loss_is_kept(bert_bundle):
     assert summary["best"]["loss"] == min(losses)
     assert min(losses) < losses[0], "training did not lower the whole-set loss: the test proves nothing"
     assert summary["best_step"] > 0 and trainer.best.tobytes() != theta.tobytes()
+
+
+def test_a_budget_spent_by_the_output_fit_still_saves_a_resumable_run(llama_lm_bundle, tmp_path):
+    run = tmp_path / "run"
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["the movie was great and the acting was good"] * 6))
+    args = ["train", str(llama_lm_bundle), "--data", str(data), "-o", str(run), "--json", "--batch-size", "2"]
+    first = _summary(CliRunner().invoke(main, [*args, "--budget", "3fwd", "--output-fit-steps", "3"]))
+    assert first["steps"] == 0 and first["forward_passes"] == 3 and (run / "checkpoint").is_dir()
+    resumed = _summary(CliRunner().invoke(main, [*args, "--budget", "7fwd", "--output-fit-steps", "3", "--resume"]))
+    assert resumed["steps"] == 2 and resumed["forward_passes"] == 7
