@@ -26,15 +26,13 @@ from edgeft.errors import EdgeftError
 
 from .bundle import Bundle, Encoded
 from .evaluate import causal_lm_rows
+from .optimizers.updates import Adam
 
 
 @dataclass(frozen=True)
 class OutputFitConfig:
     steps: int = 40  # one forward pass (one batch) per step
-    lr: float = 3e-2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    lr: float = 3e-2  # Adam (the zeroth-order optimizers' rule, fed the exact gradient)
 
 
 ROWS_PER_CHUNK = 64  # scored positions whose softmax is formed at once (64 x 49k vocab = 12.6 MB in fp32)
@@ -84,8 +82,8 @@ def fit_output_bias(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
         raise ValueError("this bundle has no output bias (exported before edgeft had one?)")
     theta = np.array(theta, dtype=np.float32, copy=True)
     bias = theta[where]  # a view: updating it updates theta
-    m = np.zeros(bias.size, dtype=np.float64)
-    v = np.zeros(bias.size, dtype=np.float64)
+    adam = Adam()
+    state = adam.init(bias.size)
     rows_per_run = causal_lm_rows(bundle, batch_size)
     n, losses = len(train), []
     for step in range(config.steps):
@@ -101,13 +99,8 @@ def fit_output_bias(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
             del logits
         if tokens == 0:
             continue
-        gradient /= tokens
         losses.append(nll / tokens)
-        m = config.beta1 * m + (1 - config.beta1) * gradient
-        v = config.beta2 * v + (1 - config.beta2) * gradient**2
-        t = step + 1
-        update = config.lr * (m / (1 - config.beta1**t)) / (np.sqrt(v / (1 - config.beta2**t)) + config.eps)
-        bias -= update.astype(np.float32)
+        bias -= adam.apply((gradient / tokens).astype(np.float32), state, config.lr, len(losses) - 1)
     return theta, losses
 
 
