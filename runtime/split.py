@@ -53,8 +53,14 @@ class SegmentChain:
         self.available = {name for names in self.outputs for name in names}
         layout = bundle.layout
         self.slices = [[layout.slice_of(n) for n in group] for group in spec.adapters]
-        # segment -> (feeds dict, its adapter values, its outputs); valid only while every lower one is
-        self._cache: list[tuple | None] = [None] * len(self.sessions)
+        # segment -> {id(feeds): (feeds dict, its adapter values, its outputs)}, for the batch (or the
+        # row chunks of one batch) being evaluated; an entry is valid only while every lower one is
+        self._cache: list[dict[int, tuple]] = [{} for _ in self.sessions]
+
+    def forget(self) -> None:
+        """Drop every cached segment output (the trainer moved to a new batch)."""
+        for entries in self._cache:
+            entries.clear()
 
     def provides(self, outputs: list[str]) -> bool:
         return all(o in self.available for o in outputs)
@@ -75,7 +81,7 @@ class SegmentChain:
         valid = True
         for index, session in enumerate(self.sessions):
             own = np.concatenate([adapter[s] for s in self.slices[index]]) if self.slices[index] else adapter[:0]
-            cached = self._cache[index]
+            cached = self._cache[index].get(id(feeds))
             # A batch is known by identity: the trainer builds one feeds dict per step and never
             # mutates it; holding the dict itself keeps a new batch from reusing its id.
             valid = valid and keep and cached is not None and cached[0] is feeds and np.array_equal(cached[1], own)
@@ -86,7 +92,8 @@ class SegmentChain:
             values.update(result)
             if not keep:
                 continue
-            # the top segment's outputs (logits, up to 256 MB for a causal LM) are not kept: its
-            # adapters change with every candidate, so they would never be read again
-            self._cache[index] = (feeds, own.copy(), result) if index + 1 < len(self.sessions) else None
+            # the top segment's outputs (the logits) are not kept: its adapters change with every
+            # candidate, so they would never be read again
+            if index + 1 < len(self.sessions):
+                self._cache[index][id(feeds)] = (feeds, own.copy(), result)
         return [values[o] for o in outputs]

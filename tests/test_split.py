@@ -116,6 +116,9 @@ class _Counting:
         self.runs[self.index] += 1
         return self.session.run(*args)
 
+    def __getattr__(self, name):  # get_inputs, get_outputs, ...
+        return getattr(self.session, name)
+
 
 def test_layerwise_training_uses_the_split(bert3_bundles, sentiment_data):
     """Same run with and without the split: the same losses step by step; the split was used."""
@@ -228,3 +231,26 @@ def test_bad_layers_spec_is_a_one_line_error(bert_folder, tmp_path):
     result = CliRunner().invoke(main, ["export", str(bert_folder), "-o", str(tmp_path / "b"), "--labels", "neg,pos",
                                        "--layers", "top:9"])
     assert result.exit_code != 0 and "--layers" in result.output and not (tmp_path / "b").exists()
+
+
+def test_causal_lm_row_chunks_share_the_lower_segment_across_candidates(llama_lm_bundle, tmp_path, monkeypatch):
+    """A causal LM batch run one row at a time: each row's lower segment runs once for all candidates."""
+    import importlib
+
+    from edgeft.runtime import Bundle, CandidateEvaluator
+
+    evaluation = importlib.import_module("edgeft.runtime.evaluate")
+    folder = tmp_path / "lm"
+    shutil.copytree(llama_lm_bundle, folder)
+    split_bundle(folder, [1], log=lambda m: None)
+    bundle = Bundle(folder)
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET_BYTES", bundle.max_length * bundle.output_shape("logits")[-1] * 4)
+    feeds = sample_batch(bundle.manifest, 60, 3, 9, seed=2)
+    candidates = _candidates(bundle, seed=3)
+    runs = [0, 0]
+    for i, session in enumerate(bundle.chain.sessions):
+        bundle.chain.sessions[i] = _Counting(session, runs, i)
+    losses = CandidateEvaluator(bundle).losses(feeds, candidates)
+    assert runs == [3, 9]  # 3 rows: the lower segment once per row, the upper per row and candidate
+    whole = CandidateEvaluator(Bundle(folder, use_segments=False)).losses(feeds, candidates)
+    np.testing.assert_allclose(losses, whole, rtol=1e-5)

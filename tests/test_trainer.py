@@ -149,3 +149,22 @@ def test_small_training_set_is_evaluated_whole_by_default(bert_bundle, sentiment
             "--json", "--device", str(profile)]
     assert CliRunner().invoke(main, args).exit_code == 0
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["batch_size"] == 4
+
+
+def test_causal_lm_candidates_run_in_row_chunks_with_the_same_loss(llama_lm_bundle, monkeypatch):
+    import importlib
+
+    from edgeft.runtime import CandidateEvaluator
+
+    evaluation = importlib.import_module("edgeft.runtime.evaluate")
+    b = Bundle(llama_lm_bundle)
+    enc = b.encode(["the movie was great and the acting was good " * 3, "i hated this film", "it is fun and dull"])
+    feeds = b.feeds(enc, np.arange(len(enc)))
+    rng = np.random.default_rng(0)
+    candidates = [b.layout.initial(0) + (rng.standard_normal(b.layout.size) * 0.01).astype(np.float32) for _ in range(2)]
+    whole = CandidateEvaluator(b).losses(feeds, candidates)
+    vocab = b.output_shape("logits")[-1]
+    monkeypatch.setattr(evaluation, "LOGITS_BUDGET_BYTES", b.max_length * vocab * 4)  # one row per run
+    chunked = CandidateEvaluator(b)
+    np.testing.assert_allclose(chunked.losses(feeds, candidates), whole, rtol=1e-6)
+    assert len(chunked._row_chunks(feeds)) == len(feeds["input_ids"]) > 1 and chunked.forward_passes == 2
