@@ -117,10 +117,11 @@ def _batch(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:
     """A prompt bundle's output adapter as a linear probe on the answer position's hidden state h:
     label logits = zero-shot logits + h·Wᵀ + b, (W, b) by L2-regularised logistic regression with the
-    zero-shot logits as a fixed offset (``fit_linear_probe``), so the regulariser pulls towards the
-    zero-shot prompt rather than towards a uniform guess. One forward pass over the training set."""
+    zero-shot logits as a fixed offset, so the regulariser pulls towards the zero-shot prompt rather
+    than towards a uniform guess; its strength chosen by cross-validation on the training set
+    (``fit_linear_probe_cv``). One forward pass over the training set."""
     from .evaluate import length_sorted_batches
-    from .probe import fit_linear_probe
+    from .probe import fit_linear_probe_cv
 
     named = bundle.layout.unflatten(np.array(theta, dtype=np.float32, copy=True))
     theta = bundle.layout.flatten({**named, "output.weight": np.zeros_like(named["output.weight"]),
@@ -132,7 +133,7 @@ def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
         if features is None:
             features = np.empty((n, h.shape[-1]), dtype=np.float32)
         features[index], logits[index] = h, z
-    weight, bias = fit_linear_probe(features, train.labels, labels, offset=logits)
+    weight, bias, c = fit_linear_probe_cv(features, train.labels, labels, offset=logits)
     named = bundle.layout.unflatten(theta)
     named["output.weight"][...] = weight
     named["output.bias"][...] = bias
@@ -142,7 +143,7 @@ def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
         return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(n), train.labels]))
 
     after = logits + features.astype(np.float64) @ weight.T.astype(np.float64) + bias
-    return theta, {"examples": n, "train_loss_before": loss(logits), "train_loss_after": loss(after),
+    return theta, {"examples": n, "c": c, "train_loss_before": loss(logits), "train_loss_after": loss(after),
                    "forward_passes": -(-n // batch_size)}
 
 

@@ -45,3 +45,34 @@ def fit_linear_probe(
         v = w_next + ((t - 1) / t_next) * (w_next - w)
         w, t = w_next, t_next
     return w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
+
+
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def fit_linear_probe_cv(features: np.ndarray, labels: np.ndarray, num_labels: int, offset: np.ndarray | None = None,
+                        grid: tuple[float, ...] = C_GRID, folds: int = 4, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """``fit_linear_probe`` with C chosen by ``folds``-fold cross-validated loss on the training set
+    itself (a few-shot user rarely has a dev set). Returns (weight, bias, C).
+
+    Why: on SmolLM2's prompt features (576 values of norm ≈ 44, 32 examples) C = 1 drove the
+    training loss to 0.02 and lost to the zero-shot prompt on dev for one of three draws; the
+    cross-validated C gave +6.3 to +7.5 test points over zero-shot on all three (docs/LEARNING.md)."""
+    n = len(labels)
+    folds = max(2, min(folds, n))
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    base = np.zeros((n, num_labels)) if offset is None else np.asarray(offset, dtype=np.float64)
+    x = features.astype(np.float64)
+    best = (np.inf, grid[0])
+    for c in grid:
+        total = 0.0
+        for held in parts:
+            kept = np.setdiff1d(np.arange(n), held)
+            w, b = fit_linear_probe(x[kept], labels[kept], num_labels, c=c, offset=base[kept])
+            z = base[held] + x[held] @ w.T.astype(np.float64) + b
+            z -= z.max(1, keepdims=True)
+            total += float((np.log(np.exp(z).sum(1)) - z[np.arange(len(held)), labels[held]]).sum())
+        best = min(best, (total / n, c))
+    weight, bias = fit_linear_probe(features, labels, num_labels, c=best[1], offset=offset)
+    return weight, bias, best[1]

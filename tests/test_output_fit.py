@@ -187,3 +187,18 @@ def test_prompt_training_keeps_the_probe_only_if_it_beats_zero_shot(llama_prompt
     saved = load_file(str(tmp_path / "run" / "adapter" / "output_adapter.safetensors"))
     assert saved["weight"].shape == (2, 32) and saved["bias"].shape == (2,)
     assert (np.abs(saved["weight"]).max() > 0) == fit["kept"]
+
+
+def test_cross_validated_probe_picks_strong_regularisation_when_features_are_noise():
+    from edgeft.runtime.probe import fit_linear_probe_cv
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 200)) * 40  # many large, uninformative features: C = 1 over-fits them
+    offset = rng.standard_normal((32, 2))
+    y = offset.argmax(1)  # the offset (zero-shot) already explains the labels
+    w, b, c = fit_linear_probe_cv(x, y, 2, offset=offset)
+    assert c <= 1e-2, c
+    # and with an informative feature the chosen fit uses it
+    y2 = (x[:, 0] > 0).astype(np.int64)
+    w2, b2, c2 = fit_linear_probe_cv(x, y2, 2, offset=np.zeros((32, 2)))
+    assert ((x @ w2.T + b2).argmax(1) == y2).mean() == 1.0
