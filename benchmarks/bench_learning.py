@@ -356,6 +356,9 @@ def render() -> None:
         return
     text = ("# Learning in a device's budget (issue 12)\n\n`benchmarks/bench_learning.py`; raw per-run results in "
             "`docs/learning-runs/` (one JSON per run, kept as it finishes).\n\n" + "\n".join(sections))
+    notes = DOCS / "learning-notes.md"  # hand-written reading of the tables, kept across re-renders
+    if notes.is_file():
+        text += "\n" + notes.read_text()
     (DOCS / "LEARNING.md").write_text(text)
     print(text)
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .base import StepReport
-from .zeroorder import NONFINITE_LR_FACTOR, auto_step
+from .zeroorder import NONFINITE_LR_FACTOR, auto_step, warmup_steps
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,7 @@ class FZOO:
         return self._theta
 
     def warmup_steps(self) -> int:
-        c = self.config
-        if c.warmup is not None:
-            return c.warmup
-        return min(50, c.total_steps // 20) if c.lr is None else 0
+        return warmup_steps(self.config)
 
     def lr(self) -> float:
         c = self.config

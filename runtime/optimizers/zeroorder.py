@@ -75,6 +75,14 @@ class ZOConfig:
             raise ValueError(f"unknown directions {self.directions!r} or update {self.update!r}")
 
 
+def warmup_steps(config) -> int:
+    """Linear lr warm-up length: ``config.warmup`` if set; else 5% of the run (at most 50 steps) with the
+    default lr, none with an explicit one (it reproduces a paper's setting: MeZO has no warm-up)."""
+    if config.warmup is not None:
+        return config.warmup
+    return min(50, config.total_steps // 20) if config.lr is None else 0
+
+
 def adazeta_queries(epoch: int, total_epochs: int, max_queries: int, shrink: float) -> int:
     """Q_e = min(max(floor(shrink·e^inc), 1), Q_max), inc = log(Q_max/shrink)/log(total_epochs)."""
     if total_epochs <= 1:
@@ -102,11 +110,7 @@ class ZeroOrder:
         return self._theta
 
     def warmup_steps(self) -> int:
-        c = self.config
-        if c.warmup is not None:
-            return c.warmup
-        # an explicit lr reproduces a paper's setting (MeZO has no warm-up); the default lr warms up
-        return min(50, c.total_steps // 20) if c.lr is None else 0
+        return warmup_steps(self.config)
 
     def lr(self) -> float:
         """The step's learning rate; with the default (auto) lr, per unit of RMS-normalised estimate."""
