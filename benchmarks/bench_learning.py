@@ -305,7 +305,7 @@ def _section(task: str) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{max(r['train']['peak_rss_mb'] for r in got.values()):.0f} |")
     paired = []
-    for other in ("mezo", "backprop"):
+    for other in ("mezo", "fit-only", "probe", "backprop"):
         if "auto" not in by_line or other not in by_line:
             continue
         for seed in sorted(set(by_line["auto"]) & set(by_line[other])):
