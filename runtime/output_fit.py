@@ -13,7 +13,9 @@ zeroth-order search of the body close to the optimum of the output layer.
 Measured here with torch (research.md, SmolLM2-135M, three tragedies → Macbeth, 40 Adam steps
 of batch 8, body frozen): the bias alone at lr 3e-2 lowered perplexity 52.03 → 47.53 (−8.7%),
 as much as LoRA on the LM head (47.55); every zeroth-order optimizer at 160 passes: −1.4% at best.
-So the bias is the default output adapter and these are its default settings.
+So the bias is the default output adapter and these are its default settings. Measured with this code
+(docs/LEARNING.md, 40 steps of batch 4, test perplexity on 8,750 Macbeth tokens): 55.76 → 52.06 (−6.6%,
+median of 3 seeds); 200 steps over-fit (−5.5%).
 """
 
 from __future__ import annotations
