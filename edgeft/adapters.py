@@ -40,7 +40,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_WEIGHTS = "head.safetensors"
 OUTPUT_ADAPTER_WEIGHTS = "output_adapter.safetensors"
-# The output adapter: fitted in closed form at the start (runtime/output_fit.py, start.py), never searched.
+# The output adapter: fitted in closed form at the start (runtime/output_fit.py), never searched.
 FITTED_ROLES = ("output_weight", "output_bias")
 # Tensors outside the transformer body, saved beside the PEFT files.
 OUTPUT_ROLES = ("head_weight", "head_bias", *FITTED_ROLES)
