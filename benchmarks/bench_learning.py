@@ -15,7 +15,8 @@ one at the same training forward passes (batch --batch-size):
   auto       edgeft's default: output-bias fit, then MeZO on the body for the rest of the budget
   fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
   backprop   reference: peft LoRA r=8 (q, v) + AdamW lr 3e-4 in torch, --backprop-steps steps at the same
-             batch, kept on dev like the others (a backward pass: not what a device can run)
+             batch, kept on dev like the others (a backward pass: not what a device can run;
+             learning_backprop.py, its own process)
 
 Task rt-prompt: SmolLM2-135M prompt mode on Rotten Tomatoes ("Review: {text}\nSentiment (positive or
 negative):", " negative"/" positive"), 16 examples per label drawn per seed (the whole set is the
@@ -65,7 +66,6 @@ def parse_args(argv):
     p.add_argument("--lines", help="comma-separated subset of the task's lines (default: all)")
     p.add_argument("--backprop-steps", type=int, default=40)
     p.add_argument("--resume", action="store_true", help="skip runs whose result JSON exists")
-    p.add_argument("--worker-backprop", type=int, metavar="SEED", help=argparse.SUPPRESS)
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--docs", type=Path, default=DOCS, help="where the table, plot and per-run JSON go")
     return p.parse_args(argv)
@@ -160,8 +160,8 @@ def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
 
 
 def _backprop_run(args, files, seed: int, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--bundle", args.bundle, "--work", args.work, "--batch-size", args.batch_size,
-           "--backprop-steps", args.backprop_steps, "--worker-backprop", seed, "--docs", DOCS]
+    cmd = [sys.executable, Path(__file__).with_name("learning_backprop.py"), "--bundle", args.bundle, "--work", args.work,
+           "--batch-size", args.batch_size, "--steps", args.backprop_steps, "--seed", seed]
     started = time.perf_counter()
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if result.returncode != 0:
@@ -172,93 +172,6 @@ def _backprop_run(args, files, seed: int, out: Path) -> dict:
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"  done backprop seed {seed}: test perplexity {record['test']['perplexity']:.2f}", flush=True)
     return record
-
-
-def _windows(tokenizer, path: Path, length: int) -> list[list[int]]:
-    """The windows edgeft's Bundle.encode makes of a causal-LM data file (consecutive, ≥ 2 tokens)."""
-    out = []
-    for line in path.read_text().splitlines():
-        ids = tokenizer.encode(json.loads(line)["text"]).ids
-        out += [ids[i : i + length] for i in range(0, len(ids), length) if len(ids[i : i + length]) >= 2]
-    return out
-
-
-def backprop_worker(args) -> None:
-    """peft LoRA + AdamW on the same windows, batches and keep-best rule as edgeft train; prints one JSON line."""
-    import resource
-
-    import numpy as np
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-
-    from edgeft import assets
-
-    torch.set_num_threads(1)
-    torch.manual_seed(args.worker_backprop)
-    seed, batch_size = args.worker_backprop, args.batch_size
-    manifest = json.loads((args.bundle / "edgeft.json").read_text())
-    length, pad = manifest["max_length"], manifest["pad_token_id"]
-    tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
-    data = {k: _windows(tok, args.work / f"{k}.jsonl", length) for k in ("train", "dev", "test")}
-    gguf = assets.smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-
-    def batch(rows):
-        width = max(len(rows[i]) for i in range(len(rows)))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
-        return ids, mask
-
-    def nll(rows):
-        ids, mask = batch(rows)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        per = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        m = mask[:, 1:].float()
-        return (per * m).sum(), m.sum()
-
-    def evaluate(windows):
-        model.eval()
-        total, count = 0.0, 0.0
-        with torch.no_grad():
-            for i in range(0, len(windows), 8):
-                s, c = nll(windows[i : i + 8])
-                total, count = total + float(s), count + float(c)
-        model.train()
-        return total / count
-
-    n = len(data["train"])
-    per_epoch = n // batch_size
-    best = (evaluate(data["dev"]), 0, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k})
-    started = time.perf_counter()
-    best_elapsed = 0.0
-    for step in range(args.backprop_steps):
-        epoch, position = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, 7, epoch]).permutation(n)
-        rows = [data["train"][i] for i in np.sort(order[position * batch_size : (position + 1) * batch_size])]
-        s, c = nll(rows)
-        (s / c).backward()
-        optim.step()
-        optim.zero_grad()
-        if (step + 1) % 10 == 0 or step + 1 == args.backprop_steps:
-            dev = evaluate(data["dev"])
-            if dev < best[0]:
-                best = (dev, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k})
-                best_elapsed = time.perf_counter() - started
-    elapsed = time.perf_counter() - started
-    model.load_state_dict(best[2], strict=False)
-    test = evaluate(data["test"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"train": {"steps": args.backprop_steps, "forward_passes": args.backprop_steps, "elapsed_s": round(elapsed, 1),
-                                "peak_rss_mb": round(peak, 1), "best_step": best[1], "elapsed_s_to_best": round(best_elapsed, 1),
-                                "note": "each step is one forward + one backward pass"},
-                      "test": {"loss": test, "perplexity": float(np.exp(test)), "tokens": sum(len(w) - 1 for w in data["test"])}}))
 
 
 def _score_text(metrics: dict) -> str:
@@ -387,9 +300,6 @@ def main(argv=None) -> None:
     global DOCS, RUNS
     args = parse_args(argv)
     DOCS, RUNS = args.docs, args.docs / "learning-runs"
-    if args.worker_backprop is not None:
-        backprop_worker(args)
-        return
     if args.render_only:
         render()
         return

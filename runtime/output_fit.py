@@ -24,11 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeft.data import epoch_batch
 from edgeft.errors import EdgeftError
 
 from .bundle import Bundle, Encoded
 from .evaluate import causal_lm_rows
 from .optimizers.updates import Adam
+
+
+FIT_STREAM = 11  # the fit's batch order, its own stream beside the trainer's (edgeft.data.epoch_batch)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def fit_output_bias(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
     rows_per_run = causal_lm_rows(bundle, batch_size)
     n, losses = len(train), []
     for step in range(config.steps):
-        batch = _batch(n, batch_size, seed, step)
+        batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
         gradient, nll, tokens = np.zeros(bias.size), 0.0, 0
         for start in range(0, len(batch), rows_per_run):
             feeds = bundle.feeds(train, batch[start : start + rows_per_run])
@@ -104,16 +108,6 @@ def fit_output_bias(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_siz
         losses.append(nll / tokens)
         bias -= adam.apply((gradient / tokens).astype(np.float32), state, config.lr, len(losses) - 1)
     return theta, losses
-
-
-def _batch(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """A fresh permutation of the windows each epoch (the trainer's rule, its own stream)."""
-    if n <= batch_size:
-        return np.arange(n)
-    per_epoch = n // batch_size
-    epoch, position = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, 11, epoch]).permutation(n)
-    return np.sort(order[position * batch_size : (position + 1) * batch_size])
 
 
 def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:

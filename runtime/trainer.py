@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeft.data import epoch_batch
 from edgeft.errors import EdgeftError
 
 from .budget import Budget
@@ -29,6 +30,7 @@ METRICS = "metrics.jsonl"
 # rolls a zeroth-order optimizer back to the best adapter with half the lr.
 DIVERGENCE_LOSS_RATIO = 1.5
 CHECKPOINT = "checkpoint"
+BATCH_STREAM = 7  # the batch order's random stream (edgeft.data.epoch_batch)
 
 
 @dataclass
@@ -96,13 +98,7 @@ class Trainer:
 
     def batch_index(self, step: int) -> np.ndarray:
         """Rows of the batch for ``step``: a fresh permutation of the training set each epoch."""
-        n, b = len(self.train), self.config.batch_size
-        if n <= b:
-            return np.arange(n)
-        per_epoch = n // b
-        epoch, position = divmod(step, per_epoch)
-        order = np.random.default_rng([self.config.seed, 7, epoch]).permutation(n)
-        return np.sort(order[position * b : (position + 1) * b])
+        return epoch_batch(len(self.train), self.config.batch_size, self.config.seed, BATCH_STREAM, step)
 
     # --- one step -----------------------------------------------------------
 
