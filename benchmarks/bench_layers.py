@@ -67,7 +67,7 @@ def worker(model: str, folder: Path) -> dict:
     import numpy as np
 
     from edgeft import assets
-    from edgeft.adapters import FITTED_ROLES
+    from edgeft.adapters import searched_tensors
     from edgeft.data import Dataset, k_shot
     from edgeft.runtime import Bundle, DeviceProfile, Trainer, TrainConfig, make_optimizer, starting_adapter
     from edgeft.runtime.memory import peak_rss_mb
@@ -82,7 +82,7 @@ def worker(model: str, folder: Path) -> dict:
         train = bundle.encode([assets.shakespeare()["tragedies/hamlet"]])
         train.ids = train.ids[:4]
     theta, _ = starting_adapter(bundle, train, 0)
-    trainable = [t.name for t in bundle.layout.tensors if t.role not in FITTED_ROLES]
+    trainable = searched_tensors(bundle.layout, bundle.manifest)
     optimizer = make_optimizer("mezo", theta, layout=bundle.layout, trainable=trainable, lr=1e-3, total_steps=100)
     trainer = Trainer(bundle, train, optimizer, TrainConfig(steps=100, batch_size=len(train), eval_every=1000))
     trainer.step()  # warm-up: sessions allocate, the lower segment runs once

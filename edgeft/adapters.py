@@ -141,6 +141,14 @@ class AdapterLayout:
         return int(self.adapter_mask().sum())
 
 
+def searched_tensors(layout: AdapterLayout, manifest: Manifest) -> list[str]:
+    """The tensors zeroth-order search changes: all but those fitted from exact gradients at the start
+    (the output adapter; a causal LM's top MLP LoRA, ``runtime/top_fit.py``)."""
+    top = manifest.top_mlp
+    fitted = {f"{m}.{ab}" for m in top.modules.values() for ab in ("lora_A", "lora_B")} if top else set()
+    return [t.name for t in layout.tensors if t.role not in FITTED_ROLES and t.name not in fitted]
+
+
 def bundle_layout(folder: Path, manifest: Manifest) -> AdapterLayout:
     """The layout of a bundle folder, with its stored start values when it has any."""
     stored = None

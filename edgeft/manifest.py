@@ -71,6 +71,21 @@ class Segments:
 
 
 @dataclass
+class TopMLP:
+    """A causal LM's top-layer MLP, out = down(silu(gate(n)) ⊙ up(n)), added to the residual stream that
+    the final RMSNorm and the LM head read. Its LoRA has an exact loss gradient computable from forward
+    outputs (``outputs``: the final residual, n, and the gate and up outputs at every position) and
+    the frozen weights in ``weights`` (a safetensors file in the bundle: ``lm_head`` [vocab, hidden],
+    ``final_norm`` [hidden], ``down`` [hidden, intermediate])."""
+
+    modules: dict[str, str]  # "gate" | "up" | "down" -> adapted module name (LoRA tensors <module>.lora_A/B)
+    outputs: dict[str, str]  # "residual" | "mlp_input" | "gate" | "up" -> graph output name
+    weights: str
+    norm_eps: float
+    activation: str = "silu"
+
+
+@dataclass
 class Manifest:
     task: str
     source: str
@@ -93,6 +108,9 @@ class Manifest:
     # graph outputs after ``outputs``: the hidden state entering each layer [batch, seq, hidden],
     # read once before training to scale population optimizers' projections per layer
     hidden_states: list[str] = field(default_factory=list)
+    # causal LM: the top layer's MLP, whose LoRA the device fits from exact gradients (runtime/top_fit.py);
+    # None for bundles without it (other architectures and adapter types, older exports)
+    top_mlp: TopMLP | None = None
 
     @property
     def graph_outputs(self) -> list[str]:
@@ -118,6 +136,17 @@ class Manifest:
                 raise EdgeftError(f"manifest: adapter tensor {t.name!r} is not among the graph inputs")
             if not t.shape or any(int(d) <= 0 for d in t.shape):
                 raise EdgeftError(f"manifest: adapter tensor {t.name!r} has an invalid shape {t.shape}")
+        if self.top_mlp is not None:
+            top = self.top_mlp
+            if not isinstance(top.modules, dict) or not isinstance(top.outputs, dict) or not isinstance(top.weights, str):
+                raise EdgeftError("manifest: malformed top_mlp")
+            if set(top.modules) != {"gate", "up", "down"} or set(top.outputs) != {"residual", "mlp_input", "gate", "up"}:
+                raise EdgeftError("manifest: top_mlp must name the gate, up and down modules and its four outputs")
+            missing = [f"{m}.{ab}" for m in top.modules.values() for ab in ("lora_A", "lora_B") if f"{m}.{ab}" not in names]
+            if missing or top.activation != "silu" or not all(o in self.outputs for o in top.outputs.values()):
+                raise EdgeftError(f"manifest: top_mlp does not match the graph ({missing[0] if missing else 'outputs'})")
+            if Path(top.weights).name != top.weights or top.weights.startswith("."):
+                raise EdgeftError(f"manifest: top_mlp weights {top.weights!r} must be a file name inside the bundle")
         if self.segments and (sorted(n for group in self.segments.adapters for n in group) != sorted(names)
                               or len(self.segments.files) != len(self.segments.adapters)):
             raise EdgeftError("manifest: segments do not cover the adapter tensors exactly once")
@@ -136,9 +165,10 @@ class Manifest:
             tensors = [_known(AdapterTensor, t) for t in adapter_raw.pop("tensors", [])]
             adapter = _known(AdapterSpec, adapter_raw)
             adapter.tensors = tensors
-            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments")}
+            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments", "top_mlp")}
             segments = _known(Segments, raw["segments"]) if raw.get("segments") else None
-            manifest = _known(cls, {**body, "adapter": adapter, "segments": segments})
+            top_mlp = _known(TopMLP, raw["top_mlp"]) if raw.get("top_mlp") else None
+            manifest = _known(cls, {**body, "adapter": adapter, "segments": segments, "top_mlp": top_mlp})
         except (KeyError, TypeError, ValueError) as err:
             raise EdgeftError(f"manifest: malformed ({err})") from None
         if manifest.format_version > FORMAT_VERSION:

@@ -74,7 +74,7 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
 
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
-    from edgeft.adapters import FITTED_ROLES, OUTPUT_ADAPTER_WEIGHTS
+    from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS, searched_tensors
     from edgeft.plots import learning_curve_in_child
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
     from edgeft.runtime.optimizers import POPULATION, REGISTRY
@@ -149,8 +149,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
                 "steps_per_epoch": max(1, len(train_enc) // batch_size)}
     if name in POPULATION and settings.get("projection") == "hidden":
         settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
-    # the output bias is fitted in closed form, never searched (runtime/optimizers/frozen.py)
-    trainable = [t.name for t in bundle.layout.tensors if t.role not in FITTED_ROLES]
+    # the output side is fitted from exact gradients, never searched (runtime/optimizers/frozen.py)
+    trainable = searched_tensors(bundle.layout, bundle.manifest)
     optimizer = make_optimizer(name, theta, layout=bundle.layout, trainable=trainable, **settings)
     config = TrainConfig(steps=steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed, budget=budget)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)

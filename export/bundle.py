@@ -17,6 +17,8 @@ from .adapters import DEFAULT_TARGETS, KINDS, LORA_INITS, inject_adapters
 from .loading import Source, load_source
 from .onnx_graph import export_onnx, verify_against_torch
 from .tasks import CausalLM, Classification, Prompt, head_tensors, label_head_tensors, output_bias_tensor
+from .top_mlp import OUTPUTS as TOP_OUTPUTS
+from .top_mlp import Capture, top_mlp_manifest, top_mlp_modules, write_top_mlp_weights
 
 
 @dataclass
@@ -57,6 +59,10 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     layer_count = _layer_count(src.model)
     top = _top_layers(options.layers, layer_count)
     adapted = set(range(layer_count - top, layer_count)) if top else None
+    # causal LM: LoRA on the top layer's MLP too, fitted on the device from its exact gradient (top_mlp.py)
+    top_mlp = top_mlp_modules(src.model, src.architecture, options.adapter) if options.task == "causal-lm" else None
+    if top_mlp:
+        targets = list(targets) + [m for m in top_mlp.values() if m not in targets]
     slots, tensors, stored = inject_adapters(src.model, targets, options.adapter, options.rank, options.alpha,
                                              options.init, options.tt_cores, adapted)
     manifest_extra: dict = {}
@@ -82,8 +88,12 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         manifest_extra["verbalizer"] = dict(options.verbalizer)
     else:
         tensors.append(output_bias_tensor(src.model.config.vocab_size))
-        wrapper = CausalLM(src.model, slots, [t.name for t in tensors])
+        capture = Capture(src.model, top_mlp) if top_mlp else None
+        wrapper = CausalLM(src.model, slots, [t.name for t in tensors], capture)
         outputs = ["loss", "token_count", "logits"]  # loss first: the runtime asks by name
+        if top_mlp:
+            outputs += list(TOP_OUTPUTS.values())
+            manifest_extra["top_mlp"] = top_mlp_manifest(src.model, top_mlp)
     wrapper.eval()
     data_inputs = ["input_ids", "attention_mask"] + ([] if options.task == "causal-lm" else ["labels"])
 
@@ -111,6 +121,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         log(f"exporting {src.architecture} ({options.task}) to ONNX ...")
         export_onnx(wrapper, manifest, tensors, tmp / MODEL_NAME, vocab_size=src.model.config.vocab_size)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_NAME))
+        if top_mlp:
+            write_top_mlp_weights(src.model, top_mlp, tmp)
         if stored:
             from safetensors.numpy import save_file
 

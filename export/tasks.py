@@ -121,7 +121,13 @@ class CausalLM(_Task):
     the scored-token count (perplexity weights), then the next-token logits [B, T, vocab]
     the loss is made of — what a merged inference model keeps (``edgeft deploy --merge``).
     The logits include the output bias (an adapter input, zero at the start).
+    With ``capture`` (``export/top_mlp.py``), the top MLP's four tensors follow the logits: what the
+    device's exact-gradient fit of the top MLP's LoRA reads.
     """
+
+    def __init__(self, model, slots, adapter_names, capture=None):
+        super().__init__(model, slots, adapter_names)
+        self.capture = capture
 
     def forward(self, input_ids, attention_mask, *adapters):
         self._fill(adapters)
@@ -133,4 +139,5 @@ class CausalLM(_Task):
         mask = attention_mask[:, 1:].to(nll.dtype)
         count = mask.sum(1)
         loss = (nll * mask).sum(1) / count.clamp(min=1.0)
-        return loss, count, logits, *out.hidden_states[:-1]
+        top = self.capture.outputs() if self.capture is not None else []
+        return loss, count, logits, *top, *out.hidden_states[:-1]

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from edgeft.cli import main
 from edgeft.runtime import Bundle
-from edgeft.runtime.output_fit import OutputFitConfig, bias_gradient, fit_output_bias, output_bias_slice
+from edgeft.runtime.output_fit import OutputFitConfig, bias_gradient, fit_lm_output, output_bias_slice
 
 LM_TEXTS = ["the movie was great and the acting was good", "the film was terrible and the plot was dull",
             "i loved this story it is very fun", "i hated this film it is boring", "the music in this scene was great",
@@ -42,17 +42,24 @@ def _encoded(b):
     return b.encode(LM_TEXTS)
 
 
-def test_fit_lowers_the_loss_and_touches_only_the_bias(llama_lm_bundle):
+def test_fit_lowers_the_loss_and_touches_only_the_output_side(llama_lm_bundle):
+    from edgeft.adapters import searched_tensors
     from edgeft.runtime import evaluate
 
     b = Bundle(llama_lm_bundle)
     enc = _encoded(b)
     theta = b.layout.initial(0)
-    fitted, losses = fit_output_bias(b, enc, theta, batch_size=4, config=OutputFitConfig(steps=20, lr=0.1))
+    fitted, losses = fit_lm_output(b, enc, theta, batch_size=4, config=OutputFitConfig(steps=20, lr=0.1))
     where = output_bias_slice(b)
-    rest = np.ones(theta.size, dtype=bool)
-    rest[where] = False
-    assert fitted[rest].tobytes() == theta[rest].tobytes() and np.abs(fitted[where]).max() > 0
+    searched = searched_tensors(b.layout, b.manifest)
+    assert len(searched) < len(b.layout.tensors) - 1  # the top MLP's six LoRA tensors are fitted, not searched
+    for t in b.layout.tensors:
+        part = b.layout.slice_of(t.name)
+        if t.name in searched:
+            assert fitted[part].tobytes() == theta[part].tobytes(), t.name
+        elif t.role == "lora_B":  # starts at 0: the fit moved it
+            assert np.abs(fitted[part]).max() > 0, t.name
+    assert np.abs(fitted[where]).max() > 0
     assert evaluate(b, fitted, enc, 8)["loss"] < evaluate(b, theta, enc, 8)["loss"] - 0.05
     assert losses[-1] < losses[0]
 
@@ -100,9 +107,16 @@ def test_auto_fits_the_bias_then_searches_the_body_only(llama_lm_bundle, lm_data
     # the search moved the body but never the bias: the checkpoint's bias is the fitted one
     theta = load_file(str(tmp_path / "run" / "checkpoint" / "arrays.safetensors"))["optimizer.frozen.full"]
     np.testing.assert_array_equal(theta[output_bias_slice(b)], saved)
-    # the saved adapter loads back with its bias; starting from it skips the fit
+    # the saved adapter loads back with its bias and the top MLP's LoRA, which the search never moved either
     vector = load_adapter(tmp_path / "run" / "adapter", b.layout)
     np.testing.assert_array_equal(vector[output_bias_slice(b)], saved)
+    top = [n for n in b.layout.names() if ".mlp." in n]
+    assert len(top) == 6
+    for name in top:
+        part = b.layout.slice_of(name)
+        np.testing.assert_array_equal(theta[part], vector[part])
+        if name.endswith("lora_B"):  # zero at the start: the fit moved it
+            assert np.abs(vector[part]).max() > 0, name
     again = _train(llama_lm_bundle, lm_data, tmp_path / "run2", "--steps", "2", "--init-adapter", str(tmp_path / "run" / "adapter"))
     assert again["output_fit"] is None
 

@@ -1,0 +1,102 @@
+"""The top MLP's exact-gradient fit: numpy gradients from ORT outputs against torch autograd, and the
+bundle's contract (manifest, weights file)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgeft.errors import EdgeftError
+from edgeft.manifest import Manifest
+from edgeft.runtime import Bundle
+from edgeft.runtime.top_fit import TopMLPFit, rms_norm_backward, scored_softmax_chunks
+
+
+def _torch_reference(llama_folder, manifest, feeds, values):
+    """Summed next-token NLL over real tokens and its autograd gradient for every adapter tensor, in torch,
+    with the adapters injected as the exporter injects them."""
+    import torch
+
+    from export.adapters import inject_adapters
+    from export.loading import load_source
+    from export.tasks import CausalLM
+
+    src = load_source(str(llama_folder), "causal-lm", None)
+    spec = manifest.adapter
+    slots, tensors, _ = inject_adapters(src.model, spec.targets, spec.kind, spec.rank, spec.alpha)
+    names = [t.name for t in manifest.adapter.tensors]
+    wrapper = CausalLM(src.model, slots, names)
+    adapters = [torch.tensor(values[n], dtype=torch.float32, requires_grad=True) for n in names]
+    loss, count, _, *_ = wrapper(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]), *adapters)
+    total = (loss * count).sum()
+    total.backward()
+    return float(total.detach()), {n: a.grad.double().numpy() for n, a in zip(names, adapters)}
+
+
+@pytest.mark.parametrize("batch, length", [(2, 7), (3, 11)])
+def test_top_mlp_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_folder, batch, length):
+    b = Bundle(llama_lm_bundle)
+    assert b.manifest.top_mlp is not None
+    top = TopMLPFit(b.folder, b.manifest)
+    rng = np.random.default_rng(batch)
+    ids = rng.integers(5, 200, size=(batch, length)).astype(np.int64)
+    mask = np.ones((batch, length), dtype=np.int64)
+    mask[1:, length // 2 + 1 :] = 0  # right padding, as Bundle.feeds pads
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    # non-zero values everywhere (B ≠ 0, or dA would be trivially zero)
+    theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
+    named = b.layout.unflatten(theta)
+    logits, *outputs = b.run(feeds, theta, ["logits", *top.outputs])
+    got = {n: np.zeros(named[n].shape) for n in top.tensor_names()}
+    got["bias"] = np.zeros(logits.shape[-1])
+    nll = 0.0
+    for rows, cols, g, summed in scored_softmax_chunks(logits, ids, mask):
+        got["bias"] += g.sum(0)
+        top.add(rows, cols, g, outputs, named, got)
+        nll += summed
+    total, want = _torch_reference(llama_folder, b.manifest, feeds, {k: np.array(v) for k, v in named.items()})
+    np.testing.assert_allclose(nll, total, rtol=1e-4)
+    np.testing.assert_allclose(got["bias"], want["output.bias"], rtol=1e-3, atol=1e-5)
+    for name in top.tensor_names():
+        scale = np.abs(want[name]).max()
+        assert scale > 1e-6, name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("rows, width", [(3, 5), (4, 16)])
+def test_rms_norm_backward_equals_torch_autograd(rows, width):
+    import torch
+
+    rng = np.random.default_rng(width)
+    r, w, up = rng.standard_normal((rows, width)), rng.standard_normal(width), rng.standard_normal((rows, width))
+    x = torch.tensor(r, requires_grad=True)
+    y = torch.tensor(w) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    (y * torch.tensor(up)).sum().backward()
+    np.testing.assert_allclose(rms_norm_backward(up, r, w, 1e-5), x.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def _copy(bundle, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle, folder)
+    return folder
+
+
+def test_top_mlp_weights_outside_the_bundle_are_refused(llama_lm_bundle, tmp_path):
+    folder = _copy(llama_lm_bundle, tmp_path)
+    raw = json.loads((folder / "edgeft.json").read_text())
+    for bad in ("../top_mlp.safetensors", "/etc/passwd", ".hidden"):
+        raw["top_mlp"]["weights"] = bad
+        with pytest.raises(EdgeftError, match="inside the bundle"):
+            Manifest.from_dict(raw)
+    raw["top_mlp"]["modules"] = "gate"
+    with pytest.raises(EdgeftError, match="malformed top_mlp"):
+        Manifest.from_dict(raw)
+
+
+def test_corrupt_top_mlp_weights_get_a_one_line_error(llama_lm_bundle, tmp_path):
+    folder = _copy(llama_lm_bundle, tmp_path)
+    (folder / "top_mlp.safetensors").write_bytes(b"not a safetensors file")
+    b = Bundle(folder)
+    with pytest.raises(EdgeftError, match="cannot read the top MLP's weights"):
+        TopMLPFit(b.folder, b.manifest)
