@@ -10,10 +10,13 @@ one at the same training forward passes (batch --batch-size):
 
   start      the base model (LoRA B = 0, output bias 0)
   mezo       MeZO at edgeft's defaults on LoRA, no output fit
-  fit-only   the output-bias fit alone (--fit-steps passes)
-  fit-all    the output-bias fit for the whole budget (no search of the body)
-  auto       edgeft's default: output-bias fit, then MeZO on the body for the rest of the budget
+  fit-only   the output fit alone (--fit-steps passes): the output bias and the top MLP's LoRA
+             from their exact gradient
+  fit-all    the output fit for the whole budget (no search of the body)
+  auto       edgeft's default: output fit, then MeZO on the body for the rest of the budget
   fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
+  bias-only, bias-all, bias+mezo   kept from session 7 (not re-run): fit-only, fit-all and auto when
+             the output fit was the output bias alone (bundles exported before the top MLP LoRA)
   backprop   reference: peft LoRA r=8 (q, v) + AdamW lr 3e-4 in torch, --backprop-steps steps at the same
              batch, kept on dev like the others (a backward pass: not what a device can run;
              learning_backprop.py, its own process)
@@ -46,8 +49,9 @@ DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smo
 RUNS = DOCS / "learning-runs"
 TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
-LINES = {"shakespeare": ("mezo", "fzoo", "fit-only", "fit-all", "auto", "backprop"),
+LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit-all", "auto", "backprop"),
          "rt-prompt": ("mezo", "probe", "auto")}
+HISTORICAL = ("bias-only", "bias-all", "bias+mezo")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 
 
@@ -218,7 +222,7 @@ def _section(task: str) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{max(r['train']['peak_rss_mb'] for r in got.values()):.0f} |")
     paired = []
-    for other in ("mezo", "fit-only", "probe", "backprop"):
+    for other in ("mezo", "bias+mezo", "fit-only", "probe", "backprop"):
         if "auto" not in by_line or other not in by_line:
             continue
         for seed in sorted(set(by_line["auto"]) & set(by_line[other])):
@@ -236,9 +240,11 @@ the kept adapter is chosen on 16 windows of {DEV_PLAY}; **test perplexity on {st
 {runs[0]['batch_size']}, one ORT thread, one subprocess (`edgeft train` then `edgeft eval`).
 
 Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO (N = 8) on LoRA; `fit-only` =
-the output-bias fit alone (its default 40 steps, one pass each); `fit-all` = the output-bias fit for the whole budget;
-`auto` = edgeft's default recipe: the output-bias fit (40 passes), then MeZO on the body for the rest of the budget;
-`backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
+the output fit alone — the output bias and LoRA r=8 on the top layer's MLP (gate, up, down) by Adam on their exact
+gradient (its default 40 steps, one pass each); `fit-all` = the output fit for the whole budget; `auto` = edgeft's
+default recipe: the output fit (40 passes), then MeZO on the body for the rest of the budget; `bias-only`,
+`bias-all`, `bias+mezo` = the same three when the output fit was the bias alone (session 7's code and bundle, kept,
+not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
@@ -308,10 +314,11 @@ def main(argv=None) -> None:
     files = prepare(args)
     start_record(args, files)
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines = [l for l in (args.lines or ",".join(LINES[args.task])).split(",") if l]
-    unknown = sorted(set(lines) - set(LINES[args.task]))
+    runnable = [l for l in LINES[args.task] if l not in HISTORICAL]
+    lines = [l for l in (args.lines or ",".join(runnable)).split(",") if l]
+    unknown = sorted(set(lines) - set(runnable))
     if unknown:
-        raise SystemExit(f"--lines: {', '.join(unknown)} not lines of {args.task} ({', '.join(LINES[args.task])})")
+        raise SystemExit(f"--lines: {', '.join(unknown)} not runnable lines of {args.task} ({', '.join(runnable)})")
     jobs = [(line, seed) for seed in seeds for line in lines]
     with ThreadPoolExecutor(args.workers) as pool:
         for future in [pool.submit(run_one, args, files, line, seed) for line, seed in jobs]:

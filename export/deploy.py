@@ -52,7 +52,8 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
     model = onnx.load(str(bundle / MODEL_NAME))
     if merge:
-        deployed = inference_only(merge_adapters(model, manifest, values), outputs)
+        # prune first: a causal LM's top MLP outputs (training only) are adapted layers' outputs
+        deployed = merge_adapters(inference_only(model, outputs), manifest, values)
     else:
         deployed = _with_default_adapters(inference_only(model, outputs), layout.unflatten(layout.initial(0)))
     info = {"task": manifest.task, "labels": manifest.labels, "template": manifest.template,
