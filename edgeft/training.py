@@ -125,7 +125,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     eval_enc = bundle.encode(eval_set.texts, eval_set.labels) if eval_set else None
     has_bias = output_bias_slice(bundle) is not None
     has_label_probe = label_probe_tensors(bundle)
-    recipe = auto_recipe(bundle.task, has_bias, has_label_probe) if req.optimizer == "auto" else None
+    has_top_mlp = bundle.manifest.top_mlp is not None
+    recipe = auto_recipe(bundle.task, has_bias, has_label_probe, has_top_mlp) if req.optimizer == "auto" else None
     name = recipe.optimizer if recipe else req.optimizer
     if recipe:
         log(f"optimizer auto: {recipe.why}")
@@ -135,12 +136,21 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     else:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
         fit_steps = OutputFitConfig.steps if req.output_fit_steps is None else req.output_fit_steps
+        if budget and recipe and recipe.fit_whole_budget and req.output_fit_steps is None:
+            fit_steps = budget.forward_passes or 10**9  # a time budget stops it (out_of_time)
         if budget and budget.forward_passes is not None:
             fit_steps = min(fit_steps, budget.forward_passes)  # the fit's passes count in the budget
         brought = req.init_adapter is not None and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()
         if fit_steps and not brought:
             started_fit = time.perf_counter()
-            theta, output_fit, what = fit_output_adapter(bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps)
+            deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
+            bar = _fit_progress(req, fit_steps, budget)
+            try:
+                theta, output_fit, what = fit_output_adapter(
+                    bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,
+                    out_of_time=lambda: time.perf_counter() - started_fit >= deadline, on_step=bar)
+            finally:
+                bar.close()
             if output_fit:
                 how += what
                 fit_cost = (output_fit["forward_passes"], time.perf_counter() - started_fit)
@@ -198,6 +208,31 @@ def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
     if budget.forward_passes is not None:
         return max(1, budget.forward_passes // forwards_per_step(name, req.settings))
     return DEFAULT_STEPS
+
+
+class _FitBar:
+    """The output fit's progress: a tqdm bar over its steps with the training loss (silent under --json)."""
+
+    def __init__(self, bar=None):
+        self.bar = bar
+
+    def __call__(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fit_progress(req: TrainRequest, fit_steps: int, budget) -> _FitBar:
+    if not req.progress:
+        return _FitBar()
+    from tqdm import tqdm
+
+    total = fit_steps if fit_steps < 10**9 else None  # a time budget: steps unknown, the bar counts
+    return _FitBar(tqdm(total=total, desc="output fit", unit="fwd", dynamic_ncols=True))
 
 
 def _progress(req: TrainRequest, trainer, steps: int | None, budget):

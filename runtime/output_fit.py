@@ -67,12 +67,19 @@ def output_bias_slice(bundle: Bundle) -> slice | None:
 
 
 def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int, seed: int = 0,
-                  config: OutputFitConfig = OutputFitConfig()) -> tuple[np.ndarray, list[float]]:
+                  config: OutputFitConfig = OutputFitConfig(), held_out: Encoded | None = None, eval_every: int = 50,
+                  out_of_time=lambda: False, on_step=None) -> tuple[np.ndarray, list[float], dict]:
     """Adam on the output bias (and the top MLP's LoRA where the bundle has one) over ``config.steps``
-    batches of ``train``; the rest of ``theta`` is unchanged. Returns the new vector and each step's
-    training loss (mean NLL per token, before that step's update). The logits of a batch are computed
+    batches of ``train`` (fewer if ``out_of_time()`` says so); the rest of ``theta`` is unchanged.
+
+    With ``held_out`` data the fit is scored on it at the start, every ``eval_every`` steps and at the
+    end, and the best-scoring vector is returned (early stopping: a long fit can over-fit the training
+    text). Returns (vector, each step's training loss — mean NLL per token before that step's
+    update —, {"best_step", "evals": [(step, held-out metrics)]}). The logits of a batch are computed
     in row chunks that stay within the evaluation's logits budget, so a 49k-token vocabulary does
     not multiply memory."""
+    from .evaluate import evaluate
+
     where = output_bias_slice(bundle)
     if where is None:
         raise ValueError("this bundle has no output bias (exported before edgeft had one?)")
@@ -86,8 +93,21 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
     states = {k: adam.init(v.size) for k, (v, _) in groups.items()}
     outputs = ["logits", *(top.outputs if top else [])]
     rows_per_run = causal_lm_rows(bundle, batch_size)
-    n, losses = len(train), []
+    n, losses, evals = len(train), [], []
+    best = None  # (held-out loss, step, vector)
+
+    def consider(step):
+        nonlocal best
+        metrics = evaluate(bundle, theta, held_out, 32)
+        evals.append((step, metrics))
+        if best is None or metrics["loss"] < best[0]:
+            best = (metrics["loss"], step, theta.copy())
+
+    if held_out is not None:
+        consider(0)
     for step in range(config.steps):
+        if out_of_time():
+            break
         batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
         gradients = {k: np.zeros(v.shape, dtype=np.float64) for k, (v, _) in groups.items()}
         nll, tokens = 0.0, 0
@@ -106,7 +126,15 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
         for key, (value, lr) in groups.items():
             step_size = adam.apply((gradients[key] / tokens).astype(np.float32).ravel(), states[key], lr, len(losses) - 1)
             value -= step_size.reshape(value.shape)
-    return theta, losses
+        if on_step:
+            on_step(len(losses), losses[-1])
+        if held_out is not None and len(losses) % eval_every == 0:
+            consider(len(losses))
+    if held_out is None:
+        return theta, losses, {"best_step": len(losses), "evals": evals}
+    if not evals or evals[-1][0] != len(losses):
+        consider(len(losses))
+    return best[2], losses, {"best_step": best[1], "evals": evals}
 
 
 def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:
@@ -148,32 +176,40 @@ def label_probe_tensors(bundle: Bundle) -> bool:
 
 
 def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None, theta: np.ndarray, batch_size: int,
-                       seed: int, steps: int) -> tuple[np.ndarray, dict | None, str]:
+                       seed: int, steps: int, eval_every: int = 50, out_of_time=lambda: False, on_step=None
+                       ) -> tuple[np.ndarray, dict | None, str]:
     """Fit the bundle's output adapter, if it has one; keep the fit only if it improves ``held_out``
     (ranked as the trainer ranks adapters), or always without held-out data (on the training data
-    the fit cannot lose). Returns (vector, record or None, words for the start's description)."""
+    the fit cannot lose). A causal LM's fit keeps its best held-out point (``fit_lm_output``).
+    Returns (vector, record or None, words for the start's description)."""
     from .evaluate import evaluate
     from .trainer import rank_key
 
     if output_bias_slice(bundle) is not None:
-        fitted, losses = fit_lm_output(bundle, train, theta, batch_size, seed, OutputFitConfig(steps=steps))
+        fitted, losses, info = fit_lm_output(bundle, train, theta, batch_size, seed, OutputFitConfig(steps=steps),
+                                             held_out, eval_every, out_of_time, on_step)
         if not losses:
             raise EdgeftError("output fit: the training data has no window of two or more tokens")
         kind = "output bias + top MLP LoRA" if bundle.manifest.top_mlp is not None else "output bias"
-        record = {"kind": kind, "steps": steps, "forward_passes": steps,
-                  "train_loss_first": losses[0], "train_loss_last": losses[-1]}
-        what = f" + {kind} fitted in {steps} steps"
+        record = {"kind": kind, "steps": len(losses), "forward_passes": len(losses), "best_step": info["best_step"],
+                  "forward_passes_to_best": info["best_step"], "train_loss_first": losses[0], "train_loss_last": losses[-1], "kept": True}
+        what = f" + {kind} fitted in {len(losses)} steps"
+        if held_out is not None:
+            (_, before), after = info["evals"][0], dict(info["evals"])[info["best_step"]]
+            record.update(eval_before=before, eval_after=after, kept=info["best_step"] > 0,
+                          evals=[{"step": k, "loss": m["loss"]} for k, m in info["evals"]])
+            what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
     elif label_probe_tensors(bundle):
         fitted, record = fit_label_probe(bundle, train, theta)
         record["kind"] = "label-word probe"
         what = " + label-word probe on the answer's hidden state"
+        record["kept"] = True
+        if held_out is not None:
+            before, after = evaluate(bundle, theta, held_out, 32), evaluate(bundle, fitted, held_out, 32)
+            record.update(eval_before=before, eval_after=after,
+                          kept=rank_key(bundle.task, after, True) > rank_key(bundle.task, before, True))
     else:
         return theta, None, ""
-    record["kept"] = True
-    if held_out is not None:
-        before, after = evaluate(bundle, theta, held_out, 32), evaluate(bundle, fitted, held_out, 32)
-        record.update(eval_before=before, eval_after=after,
-                      kept=rank_key(bundle.task, after, True) > rank_key(bundle.task, before, True))
     if not record["kept"]:
         what += " (not kept: the start was better on held-out data)"
     return (fitted if record["kept"] else theta), record, what

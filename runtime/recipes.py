@@ -23,9 +23,15 @@ from dataclasses import dataclass
 class Recipe:
     optimizer: str  # the search; the start (probe, output adapter) follows from the bundle (training.py)
     why: str
+    # the output fit takes the whole forward-pass or time budget (keeping its best held-out point);
+    # the search then gets what is left, and a --resume with a larger budget
+    fit_whole_budget: bool = False
 
 
-def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False) -> Recipe:
+def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False, has_top_mlp: bool = False) -> Recipe:
+    if task == "causal-lm" and has_top_mlp:
+        return Recipe("mezo", "causal LM: output bias + top MLP LoRA fitted from their exact gradient for the budget "
+                              "(best held-out point kept), then MeZO on the body with what is left", True)
     if task == "causal-lm" and has_output_bias:
         return Recipe("mezo", "causal LM: output bias fitted from its exact gradient, then MeZO on the body")
     if task == "causal-lm":

@@ -49,7 +49,7 @@ def test_fit_lowers_the_loss_and_touches_only_the_output_side(llama_lm_bundle):
     b = Bundle(llama_lm_bundle)
     enc = _encoded(b)
     theta = b.layout.initial(0)
-    fitted, losses = fit_lm_output(b, enc, theta, batch_size=4, config=OutputFitConfig(steps=20, lr=0.1))
+    fitted, losses, _ = fit_lm_output(b, enc, theta, batch_size=4, config=OutputFitConfig(steps=20, lr=0.1))
     where = output_bias_slice(b)
     searched = searched_tensors(b.layout, b.manifest)
     assert len(searched) < len(b.layout.tensors) - 1  # the top MLP's six LoRA tensors are fitted, not searched
@@ -127,6 +127,36 @@ def test_output_fit_is_kept_only_if_held_out_loss_falls(llama_lm_bundle, lm_data
     fit = summary["output_fit"]
     assert fit["kept"] == (fit["eval_after"]["loss"] < fit["eval_before"]["loss"])
     assert summary["start"]["loss"] == pytest.approx(min(fit["eval_after"]["loss"], fit["eval_before"]["loss"]))
+
+
+def test_fit_keeps_its_best_held_out_point(llama_lm_bundle):
+    from edgeft.runtime import evaluate
+
+    b = Bundle(llama_lm_bundle)
+    enc = _encoded(b)
+    held = b.encode(["the acting was great", "i hated the boring music"])
+    theta = b.layout.initial(0)
+    fitted, losses, info = fit_lm_output(b, enc, theta, batch_size=4, config=OutputFitConfig(steps=12, lr=0.3, lora_lr=0.1),
+                                         held_out=held, eval_every=3)
+    steps = [k for k, _ in info["evals"]]
+    assert steps == [0, 3, 6, 9, 12] and len(losses) == 12
+    best = min(info["evals"], key=lambda e: e[1]["loss"])
+    assert info["best_step"] == best[0]
+    np.testing.assert_allclose(evaluate(b, fitted, held, 32)["loss"], best[1]["loss"], rtol=1e-6)
+
+
+def test_auto_spends_a_forward_pass_budget_on_the_output_fit(llama_lm_bundle, lm_data, tmp_path):
+    summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--budget", "12fwd", "--eval-data", str(lm_data))
+    fit = summary["output_fit"]
+    assert "top MLP" in summary["recipe"] and fit["steps"] == 12 and summary["forward_passes"] == 12
+    assert summary["steps"] == 0 and summary["stopped_by"] == "budget"
+    assert fit["best_step"] == min(fit["evals"], key=lambda e: e["loss"])["step"]
+
+
+def test_auto_output_fit_stops_at_a_time_budget(llama_lm_bundle, lm_data, tmp_path):
+    summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--budget", "2s")
+    assert 1 <= summary["output_fit"]["steps"] < 10**6 and summary["stopped_by"] == "budget"
+    assert summary["elapsed_s"] < 30
 
 
 def test_no_output_fit_when_asked(llama_lm_bundle, lm_data, tmp_path):
