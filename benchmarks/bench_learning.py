@@ -12,11 +12,13 @@ one at the same training forward passes (batch --batch-size):
   mezo       MeZO at edgeft's defaults on LoRA, no output fit
   fit-only   the output fit alone (--fit-steps passes): the output bias and the top MLP's LoRA
              from their exact gradient
-  fit-all    the output fit for the whole budget (no search of the body)
-  auto       edgeft's default: output fit, then MeZO on the body for the rest of the budget
+  fit+mezo   the output fit (--fit-steps passes), then MeZO on the body for the rest of the budget
+  auto       edgeft's default: the output fit for the whole budget, its best held-out point kept
   fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
-  bias-only, bias-all, bias+mezo   kept from session 7 (not re-run): fit-only, fit-all and auto when
-             the output fit was the output bias alone (bundles exported before the top MLP LoRA)
+  bias-only, bias-all, bias+mezo   kept from session 7 (not re-run): fit-only, a 200-step fit and
+             fit+mezo when the output fit was the output bias alone (bundles before the top MLP LoRA)
+  fit-all-last   kept (one seed): the 200-step output fit returning its last step, before the fit
+             kept its best held-out point
   backprop   reference: peft LoRA r=8 (q, v) + AdamW lr 3e-4 in torch, --backprop-steps steps at the same
              batch, kept on dev like the others (a backward pass: not what a device can run;
              learning_backprop.py, its own process)
@@ -49,9 +51,10 @@ DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smo
 RUNS = DOCS / "learning-runs"
 TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
-LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit-all", "auto", "backprop"),
+LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
+                         "backprop"),
          "rt-prompt": ("mezo", "probe", "auto")}
-HISTORICAL = ("bias-only", "bias-all", "bias+mezo")  # rows kept from earlier code, not runnable now
+HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 
 
@@ -140,8 +143,8 @@ def run_one(args, files, line: str, seed: int) -> dict:
     settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                 "fzoo": ["--optimizer", "fzoo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                 "fit-only": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.fit_steps}fwd"],
-                "fit-all": ["--optimizer", "auto", "--output-fit-steps", args.budget, "--budget", f"{args.budget}fwd"],
-                "auto": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.budget}fwd"]}[line]
+                "fit+mezo": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.budget}fwd"],
+                "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
     return _finish(args, files, line, seed, out, run_dir, common, settings)
 
 
@@ -222,7 +225,7 @@ def _section(task: str) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{max(r['train']['peak_rss_mb'] for r in got.values()):.0f} |")
     paired = []
-    for other in ("mezo", "bias+mezo", "fit-only", "probe", "backprop"):
+    for other in ("mezo", "bias+mezo", "fit+mezo", "probe", "backprop"):
         if "auto" not in by_line or other not in by_line:
             continue
         for seed in sorted(set(by_line["auto"]) & set(by_line[other])):
@@ -241,10 +244,11 @@ the kept adapter is chosen on 16 windows of {DEV_PLAY}; **test perplexity on {st
 
 Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO (N = 8) on LoRA; `fit-only` =
 the output fit alone — the output bias and LoRA r=8 on the top layer's MLP (gate, up, down) by Adam on their exact
-gradient (its default 40 steps, one pass each); `fit-all` = the output fit for the whole budget; `auto` = edgeft's
-default recipe: the output fit (40 passes), then MeZO on the body for the rest of the budget; `bias-only`,
-`bias-all`, `bias+mezo` = the same three when the output fit was the bias alone (session 7's code and bundle, kept,
-not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
+gradient (40 steps, one pass each); `fit+mezo` = that fit, then MeZO on the body for the rest of the budget; `auto` =
+edgeft's default recipe now: the output fit for the whole budget, its best point on the dev windows kept (scored
+every 25 steps); `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
+point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
+alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
