@@ -100,3 +100,22 @@ def test_corrupt_top_mlp_weights_get_a_one_line_error(llama_lm_bundle, tmp_path)
     b = Bundle(folder)
     with pytest.raises(EdgeftError, match="cannot read the top MLP's weights"):
         TopMLPFit(b.folder, b.manifest)
+
+
+def test_int8_bundle_keeps_the_top_fit_and_lord_drops_it(llama_lm_bundle, tmp_path):
+    """int8 frozen weights: the fit's weights file comes along and the fit runs; LoRD replaces the down
+    projection the gradient needs, so its bundle has no top_mlp and searches that LoRA like the body."""
+    from edgeft.adapters import searched_tensors
+    from edgeft.export.compress import compress_bundle, quantize_bundle
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+
+    quantize_bundle(llama_lm_bundle, tmp_path / "int8")
+    b8 = Bundle(tmp_path / "int8")
+    assert b8.manifest.top_mlp is not None and (tmp_path / "int8" / "top_mlp.safetensors").is_file()
+    enc = b8.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
+    _, losses, _ = fit_lm_output(b8, enc, b8.layout.initial(0), batch_size=2, config=OutputFitConfig(steps=5, lr=0.1))
+    assert losses[-1] < losses[0]
+    compress_bundle(llama_lm_bundle, tmp_path / "lord", params_ratio=0.7)
+    lord = Bundle(tmp_path / "lord")
+    assert lord.manifest.top_mlp is None and not (tmp_path / "lord" / "top_mlp.safetensors").exists()
+    assert any(".mlp." in n for n in searched_tensors(lord.layout, lord.manifest))
