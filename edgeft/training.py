@@ -145,13 +145,18 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
             started_fit = time.perf_counter()
             deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
             bar = _fit_progress(req, fit_steps, budget)
+            fit_train, fit_held_out = train_enc, eval_enc
+            if eval_enc is None and recipe and recipe.fit_whole_budget and len(train_enc) >= 2 * STOP_WINDOWS:
+                fit_train, fit_held_out = _stopping_split(train_enc)
             try:
                 theta, output_fit, what = fit_output_adapter(
-                    bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,
+                    bundle, fit_train, fit_held_out, theta, batch_size, req.seed, fit_steps, req.eval_every,
                     out_of_time=lambda: time.perf_counter() - started_fit >= deadline, on_step=bar)
             finally:
                 bar.close()
             if output_fit:
+                if fit_held_out is not eval_enc:
+                    output_fit["stopping_windows"] = len(fit_held_out)  # held back from the training text
                 how += what
                 fit_cost = (output_fit["forward_passes"], time.perf_counter() - started_fit)
                 log(f"output adapter: {describe_fit(output_fit)}")
@@ -208,6 +213,20 @@ def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
     if budget.forward_passes is not None:
         return max(1, budget.forward_passes // forwards_per_step(name, req.settings))
     return DEFAULT_STEPS
+
+
+STOP_WINDOWS = 16  # text windows held back from a long output fit to stop it, when no --eval-data is given
+
+
+def _stopping_split(train):
+    """A causal LM's training windows without every 10th (at most ``STOP_WINDOWS``), and those windows:
+    a long exact-gradient fit can over-fit the training text, and text, unlike k-shot labels, is
+    plentiful enough to hold some back for choosing where to stop."""
+    from edgeft.runtime.bundle import Encoded
+
+    held = set(range(0, len(train), 10)[:STOP_WINDOWS])
+    rest = [x for i, x in enumerate(train.ids) if i not in held]
+    return Encoded(rest, None), Encoded([train.ids[i] for i in sorted(held)], None)
 
 
 class _FitBar:

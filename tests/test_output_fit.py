@@ -153,6 +153,23 @@ def test_auto_spends_a_forward_pass_budget_on_the_output_fit(llama_lm_bundle, lm
     assert fit["best_step"] == min(fit["evals"], key=lambda e: e["loss"])["step"]
 
 
+def test_auto_holds_back_windows_to_stop_a_long_fit_without_eval_data(llama_lm_bundle, tmp_path):
+    words = " ".join(LM_TEXTS).split()
+    data = tmp_path / "long.jsonl"  # 40 texts: enough windows to hold 4 back
+    data.write_text("".join(json.dumps({"text": " ".join(words[i % 30 : i % 30 + 9])}) + "\n" for i in range(40)))
+    summary = _train(llama_lm_bundle, data, tmp_path / "run", "--budget", "6fwd", "--eval-every", "3")
+    fit = summary["output_fit"]
+    assert fit["stopping_windows"] == 4 and [e["step"] for e in fit["evals"]] == [0, 3, 6]
+    few = _train(llama_lm_bundle, _few(tmp_path), tmp_path / "run2", "--budget", "4fwd")
+    assert "stopping_windows" not in few["output_fit"] and "evals" not in few["output_fit"]
+
+
+def _few(tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in LM_TEXTS))
+    return path
+
+
 def test_auto_output_fit_stops_at_a_time_budget(llama_lm_bundle, lm_data, tmp_path):
     summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--budget", "2s")
     assert 1 <= summary["output_fit"]["steps"] < 10**6 and summary["stopped_by"] == "budget"
