@@ -169,7 +169,7 @@ class Manifest:
             segments = _known(Segments, raw["segments"]) if raw.get("segments") else None
             top_mlp = _known(TopMLP, raw["top_mlp"]) if raw.get("top_mlp") else None
             manifest = _known(cls, {**body, "adapter": adapter, "segments": segments, "top_mlp": top_mlp})
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise EdgeftError(f"manifest: malformed ({err})") from None
         if manifest.format_version > FORMAT_VERSION:
             raise EdgeftError(

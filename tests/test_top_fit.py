@@ -89,9 +89,14 @@ def test_top_mlp_weights_outside_the_bundle_are_refused(llama_lm_bundle, tmp_pat
         raw["top_mlp"]["weights"] = bad
         with pytest.raises(EdgeftError, match="inside the bundle"):
             Manifest.from_dict(raw)
+    raw["top_mlp"]["weights"] = "top_mlp.safetensors"
     raw["top_mlp"]["modules"] = "gate"
     with pytest.raises(EdgeftError, match="malformed top_mlp"):
         Manifest.from_dict(raw)
+    for bad in ("gate", ["gate"], {"modules": {}}):
+        raw["top_mlp"] = bad
+        with pytest.raises(EdgeftError, match="malformed"):
+            Manifest.from_dict(raw)
 
 
 def test_corrupt_top_mlp_weights_get_a_one_line_error(llama_lm_bundle, tmp_path):
