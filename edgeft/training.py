@@ -40,7 +40,7 @@ class TrainRequest:
     seed: int = 0
     device: str | None = None
     init_adapter: Path | None = None
-    output_fit_steps: int | None = None  # causal LM: output-bias fit steps (None: OutputFitConfig's); 0: no output fit
+X
     text_field: str = "text"
     label_field: str = "label"
     resume: bool = False
