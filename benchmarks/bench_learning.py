@@ -65,7 +65,7 @@ def parse_args(argv):
     p.add_argument("--work", type=Path, default=Path("/tmp/edgeft-bench-learning"), help="data files and run folders")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=int, default=200, help="training forward passes per run")
-    p.add_argument("--fit-steps", type=int, default=40, help="output-bias fit steps (fit-only, auto)")
+    p.add_argument("--fit-steps", type=int, default=40, help="output fit steps (fit-only, fit+mezo)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dev-windows", type=int, default=16)
     p.add_argument("--test-tokens", type=int, default=8192)

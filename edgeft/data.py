@@ -130,7 +130,7 @@ def k_shot(data: Dataset, k: int, seed: int) -> Dataset:
 def epoch_batch(n: int, batch_size: int, seed: int, stream: int, step: int) -> np.ndarray:
     """Rows of the batch for ``step``: a fresh permutation of the ``n`` examples each epoch, drawn
     from (seed, stream, epoch) so that a resumed run takes the same batches; the whole set when it
-    fits one batch. Each consumer has its own ``stream`` (the trainer 7, the output-bias fit 11)."""
+    fits one batch. Each consumer has its own ``stream`` (the trainer 7, the causal LM's output fit 11)."""
     if n <= batch_size:
         return np.arange(n)
     per_epoch = n // batch_size

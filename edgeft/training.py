@@ -40,7 +40,7 @@ class TrainRequest:
     seed: int = 0
     device: str | None = None
     init_adapter: Path | None = None
-X
+    output_fit_steps: int | None = None  # causal LM: output fit steps (None: the recipe's, recipes.py); 0: no output fit
     text_field: str = "text"
     label_field: str = "label"
     resume: bool = False
