@@ -8,7 +8,8 @@ step chosen every 10 steps on 16 windows of Romeo and Juliet; test perplexity on
 of Macbeth), 40 Adam steps of batch 4 (edgeft's batch order), the rest of the model frozen. CONFIG
 joins with "+": ``bias`` (output bias over the vocabulary, lr 3e-2); LoRA r=8 on ``down29`` (the top
 layer's down projection), ``mlp29`` (its gate, up and down), ``qvtop6`` (q, v of the top 6 layers),
-``qvall`` (q, v of every layer: the backprop reference); ``hi``: LoRA lr 3e-3 instead of 3e-4. One JSON
+``qvall`` (q, v of every layer: the backprop reference); ``hi``: LoRA lr 3e-3 instead of 3e-4; ``rN``: LoRA
+rank N instead of 8 (alpha 2N, the same scale). One JSON
 line per run is appended to docs/top-trial/results.jsonl. Reads the GGUF asset; needs torch and peft.
 """
 
@@ -63,7 +64,8 @@ def main(argv=None) -> None:
     if "qvall" in config:
         targets += ["q_proj", "v_proj"]
     if targets:
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+        rank = next((int(t[1:]) for t in config.split("+") if t[:1] == "r" and t[1:].isdigit()), 8)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
         params += [(q, 3e-3 if "hi" in config else 3e-4) for q in model.parameters() if q.requires_grad]
     else:
         model.requires_grad_(False)
