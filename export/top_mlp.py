@@ -11,7 +11,7 @@ writes the weights the device needs.
 Measured with torch before building it (SmolLM2-135M, three tragedies → 8,192 Macbeth tokens, 40 Adam
 steps of batch 4, body otherwise frozen, seed 0): output bias alone 55.76 → 52.11 perplexity; bias +
 LoRA r8 on the top down projection 47.33; bias + LoRA on the top gate, up and down 44.30 (−20.6%,
-against −27% for backprop LoRA on q, v of all 30 layers; LoRA on q, v of the top 6 layers: 50.13).
+against −27% for backprop LoRA on q, v of all 30 layers; bias + LoRA on q, v of the top 6 layers: 50.13).
 (benchmarks/trial_output_side.py; results in docs/top-trial/.)
 """
 
