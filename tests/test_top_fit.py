@@ -124,3 +124,18 @@ def test_int8_bundle_keeps_the_top_fit_and_lord_drops_it(llama_lm_bundle, tmp_pa
     lord = Bundle(tmp_path / "lord")
     assert lord.manifest.top_mlp is None and not (tmp_path / "lord" / "top_mlp.safetensors").exists()
     assert any(".mlp." in n for n in searched_tensors(lord.layout, lord.manifest))
+
+
+def test_top_fit_runs_on_a_bundle_cut_below_its_top_layer(export_bundle_for, llama_folder):
+    """--layers top:1: the top segment returns the four outputs, and its gradients equal the whole graph's."""
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+
+    cut = Bundle(export_bundle_for("llama-lm-top1", llama_folder, task="causal-lm", layers="top:1"))
+    assert cut.chain is not None and cut.manifest.top_mlp is not None
+    whole = Bundle(cut.folder, use_segments=False)
+    enc = cut.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
+    config = OutputFitConfig(steps=4, lr=0.1)
+    a, losses, _ = fit_lm_output(cut, enc, cut.layout.initial(0), 2, config=config)
+    b, _, _ = fit_lm_output(whole, enc, whole.layout.initial(0), 2, config=config)
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
