@@ -144,7 +144,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         if fit_steps and not brought:
             started_fit = time.perf_counter()
             deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
-            bar = _fit_progress(req, fit_steps, budget)
+            bar = _fit_progress(req, fit_steps, budget) if has_bias else _FitBar()  # the probes take one pass
             fit_train, fit_held_out = train_enc, eval_enc
             if eval_enc is None and recipe and recipe.fit_whole_budget and len(train_enc) >= 2 * STOP_WINDOWS:
                 fit_train, fit_held_out = _stopping_split(train_enc)

@@ -24,7 +24,8 @@ from torch import nn
 
 from edgeft.manifest import TopMLP
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")  # pre-norm, RMSNorm, SwiGLU MLP, plain LM head
+from .quantize import GATED_FFN  # pre-norm, RMSNorm, SwiGLU MLP, plain LM head
+
 WEIGHTS = "top_mlp.safetensors"
 OUTPUTS = {"residual": "top.residual", "mlp_input": "top.mlp_input", "gate": "top.gate", "up": "top.up"}
 
@@ -33,7 +34,7 @@ def top_mlp_modules(model: nn.Module, architecture: str, adapter: str) -> dict[s
     """Module names of the top layer's gate, up and down projections, or None where the exact fit
     does not apply (another architecture or activation, or an adapter type other than LoRA)."""
     config = model.config
-    if architecture not in ARCHITECTURES or adapter != "lora" or getattr(config, "hidden_act", None) != "silu":
+    if architecture not in GATED_FFN or adapter != "lora" or getattr(config, "hidden_act", None) != "silu":
         return None
     if getattr(config, "logit_scale", None) or getattr(config, "final_logit_softcapping", None):
         return None

@@ -111,13 +111,14 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
         batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
         gradients = {k: np.zeros(v.shape, dtype=np.float64) for k, (v, _) in groups.items()}
         nll, tokens = 0.0, 0
+        down = top.down_projection(named) if top else None
         for start in range(0, len(batch), rows_per_run):
             feeds = bundle.feeds(train, batch[start : start + rows_per_run])
             logits, *top_outputs = bundle.run(feeds, theta, outputs)
             for rows, cols, g, summed in scored_softmax_chunks(logits, feeds["input_ids"], feeds["attention_mask"]):
                 gradients["bias"] += g.sum(0, dtype=np.float64)
                 if top:
-                    top.add(rows, cols, g, top_outputs, named, gradients)
+                    top.add(rows, cols, g, top_outputs, named, down, gradients)
                 nll, tokens = nll + summed, tokens + len(rows)
             del logits, top_outputs
         if tokens == 0:

@@ -88,7 +88,7 @@ class TopMLPFit:
         self.lm_head, self.final_norm, self.down = weights.get("lm_head"), weights.get("final_norm"), weights.get("down")
         if self.lm_head is None or self.final_norm is None or self.down is None:
             raise EdgeftError(f"{path}: needs lm_head, final_norm and down")
-        self.final_norm = self.final_norm.astype(np.float64)
+        self.final_norm, self.down = self.final_norm.astype(np.float64), self.down.astype(np.float64)
         self.eps, self.scale = float(top.norm_eps), manifest.adapter.scale
         self.outputs = [top.outputs[k] for k in ("residual", "mlp_input", "gate", "up")]
         self.names = {role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in top.modules.items()}
@@ -96,20 +96,27 @@ class TopMLPFit:
     def tensor_names(self) -> list[str]:
         return [n for pair in self.names.values() for n in pair]
 
+    def down_projection(self, adapters: dict[str, np.ndarray]) -> np.ndarray:
+        """The top down projection the graph runs with these adapter values, W_down + s·B·A (float64);
+        once per step: the adapters are the same for every chunk of the batch."""
+        a_d, b_d = (adapters[n].astype(np.float64) for n in self.names["down"])
+        return self.down + self.scale * (b_d @ a_d)
+
     def add(self, rows, cols, g: np.ndarray, outputs: list[np.ndarray], adapters: dict[str, np.ndarray],
-            into: dict[str, np.ndarray]) -> None:
+            down: np.ndarray, into: dict[str, np.ndarray]) -> None:
         """Add the six LoRA tensors' summed gradients over one chunk of scored positions (``rows``,
         ``cols`` and g = softmax − one-hot, from ``scored_softmax_chunks``) to ``into``; ``outputs`` are
-        the graph's ``self.outputs`` for the batch, ``adapters`` the named adapter values it ran with."""
+        the graph's ``self.outputs`` for the batch, ``adapters`` the named adapter values it ran with and
+        ``down`` their ``down_projection``."""
         residual, mlp_input, gate, up = outputs
         (a_g, b_g), (a_u, b_u), (a_d, b_d) = ([adapters[n] for n in self.names[r]] for r in ("gate", "up", "down"))
-        down_eff = self.down + np.float32(self.scale) * (b_d @ a_d)  # the down projection the graph ran
         delta = rms_norm_backward(g @ self.lm_head, residual[rows, cols], self.final_norm, self.eps)
         n = mlp_input[rows, cols].astype(np.float64)
         gt, ut = gate[rows, cols].astype(np.float64), up[rows, cols].astype(np.float64)
-        dx = delta @ down_eff.astype(np.float64)
-        for role, error, inputs, (a, b) in (("down", delta, silu(gt) * ut, (a_d, b_d)),
-                                            ("up", dx * silu(gt), n, (a_u, b_u)),
+        activated = silu(gt)
+        dx = delta @ down
+        for role, error, inputs, (a, b) in (("down", delta, activated * ut, (a_d, b_d)),
+                                            ("up", dx * activated, n, (a_u, b_u)),
                                             ("gate", dx * ut * silu_derivative(gt), n, (a_g, b_g))):
             dA, dB = lora_gradients(error, inputs, a, b, self.scale)
             name_a, name_b = self.names[role]

@@ -53,7 +53,7 @@ def test_top_mlp_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_
     nll = 0.0
     for rows, cols, g, summed in scored_softmax_chunks(logits, ids, mask):
         got["bias"] += g.sum(0)
-        top.add(rows, cols, g, outputs, named, got)
+        top.add(rows, cols, g, outputs, named, top.down_projection(named), got)
         nll += summed
     total, want = _torch_reference(llama_folder, b.manifest, feeds, {k: np.array(v) for k, v in named.items()})
     np.testing.assert_allclose(nll, total, rtol=1e-4)
