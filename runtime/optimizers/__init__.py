@@ -17,9 +17,10 @@ from edgeft.adapters import layer_of
 from .base import Optimizer, StepReport
 from .frozen import Frozen
 from .fzoo import FZOO, FZOOConfig
+from .lora_pro import LoRAPro, lora_pairs
 from .population import CMA, Fireworks, Layerwise, PopulationConfig
 from .spread import tensor_spreads
-from .zeroorder import ZeroOrder, ZOConfig
+from .zeroorder import LORA_PRO, ZeroOrder, ZOConfig
 
 
 def _zo(name: str, **pieces):
@@ -31,7 +32,13 @@ def _shapes(layout):
 
 
 def _build_zo(name, pieces, theta, settings, layout):
-    return ZeroOrder(theta, _config(ZOConfig, {**pieces, **settings}), _shapes(layout), name)
+    config = _config(ZOConfig, {**pieces, **settings})
+    adjust = None
+    if config.update.startswith(LORA_PRO):  # LoRA-Pro's adjustment needs each pair's place and LoRA's scale
+        if layout is None:
+            raise ValueError("update lora-pro needs the bundle's adapter layout")
+        adjust = LoRAPro(lora_pairs(layout), layout.spec.scale)
+    return ZeroOrder(theta, config, _shapes(layout), name, adjust)
 
 
 def _population(cls):
@@ -57,6 +64,7 @@ REGISTRY = {
     "lozo-m": _zo("lozo-m", directions="lowrank", rank=2, refresh=50, update="momentum"),
     "adazeta": _zo("adazeta", queries="auto"),
     "zo-kalman": _zo("zo-kalman", update="kalman"),
+    "lora-pro": _zo("lora-pro", update="lora-pro"),
     "fzoo": lambda theta, settings, layout: FZOO(theta, _config(FZOOConfig, settings)),
     "cma": _population(CMA),
     "fireworks": _population(Fireworks),

@@ -53,7 +53,7 @@ class ZOConfig:
     total_steps: int = 1000
     seed: int = 0
     directions: str = "gaussian"  # gaussian | subspace | lowrank
-    update: str = "sgd"  # sgd | momentum | adam | kalman
+    update: str = "sgd"  # sgd | momentum | adam | kalman; "lora-pro[+rule]": LoRA-Pro's adjustment first (lora_pro.py)
     sign: bool = False
     conservative: bool = False
     rank: int = 2  # subspace / lowrank directions
@@ -71,8 +71,18 @@ class ZOConfig:
             raise ValueError(f"queries must be a positive integer or 'auto', not {self.queries!r}")
         if self.schedule not in ("constant", "linear"):
             raise ValueError(f"unknown lr schedule {self.schedule!r}")
-        if self.directions not in FAMILIES or self.update not in RULES:
+        if self.directions not in FAMILIES or rule_name(self.update) not in RULES:
             raise ValueError(f"unknown directions {self.directions!r} or update {self.update!r}")
+
+
+LORA_PRO = "lora-pro"
+
+
+def rule_name(update: str) -> str:
+    """The update rule of ``update``: "lora-pro" chains LoRA-Pro's adjustment before SGD, "lora-pro+R" before R."""
+    if update == LORA_PRO:
+        return "sgd"
+    return update[len(LORA_PRO) + 1:] if update.startswith(LORA_PRO + "+") else update
 
 
 def warmup_steps(config) -> int:
@@ -92,13 +102,18 @@ def adazeta_queries(epoch: int, total_epochs: int, max_queries: int, shrink: flo
 
 
 class ZeroOrder:
-    def __init__(self, theta: np.ndarray, config: ZOConfig = ZOConfig(), shapes=None, name: str = "zo"):
+    def __init__(self, theta: np.ndarray, config: ZOConfig = ZOConfig(), shapes=None, name: str = "zo", adjust=None):
+        """``adjust(theta, ĝ) -> ĝ'``: a transformation of the estimate before the update rule (LoRA-Pro's,
+        required when ``config.update`` names it)."""
         self.name = name
         self.config = config
         self._theta = np.array(theta, dtype=np.float32, copy=True)
         shapes = shapes or [(self._theta.size,)]
         self.directions = FAMILIES[config.directions](shapes, config.seed, rank=config.rank, refresh=config.refresh)
-        self.rule = RULES[config.update]()
+        self.rule = RULES[rule_name(config.update)]()
+        if config.update.startswith(LORA_PRO) and adjust is None:
+            raise ValueError("update lora-pro needs the bundle's LoRA pairs")
+        self.adjust = adjust
         self.state = self.rule.init(self._theta.size)
         self.step = 0
         self.lr_scale = 1.0
@@ -119,7 +134,7 @@ class ZeroOrder:
         warm = min(1.0, (self.step + 1) / self.warmup_steps()) if self.warmup_steps() else 1.0
         if c.lr is not None:
             return c.lr * decay * warm * self.lr_scale
-        base = auto_step(self._theta.size) * ((1 - self.rule.beta) if c.update == "momentum" else 1.0)
+        base = auto_step(self._theta.size) * ((1 - self.rule.beta) if self.rule.name == "momentum" else 1.0)
         return base * decay * warm * self.lr_scale
 
     def _normaliser(self, grads: np.ndarray) -> float:
@@ -172,6 +187,8 @@ class ZeroOrder:
         g_hat = np.zeros_like(self._theta)
         for q, g in enumerate(grads):
             g_hat += np.float32(g / len(grads)) * self.directions(step, q)
+        if self.adjust is not None:
+            g_hat = self.adjust(self._theta, g_hat)
         if c.weight_decay:
             g_hat += np.float32(c.weight_decay) * self._theta
         self._theta -= self.rule.apply(g_hat, self.state, lr, step)
