@@ -2,6 +2,7 @@
 
     python benchmarks/bench_learning.py --task shakespeare --bundle LM_BUNDLE [--seeds 0,1,2] [--budget 200]
     python benchmarks/bench_learning.py --task rt-prompt --bundle PROMPT_BUNDLE [--seeds 0,1,2] [--budget 200]
+    python benchmarks/bench_learning.py --task 20ng --bundle MINILM_BUNDLE [--seeds 0,1,2] [--budget 200]
 
 Task shakespeare: SmolLM2-135M causal LM — training windows from three tragedies (Hamlet, Othello,
 King Lear), the kept adapter chosen on 16 windows of Romeo and Juliet (dev), perplexity on the
@@ -29,6 +30,12 @@ batch), 200 dev snippets pick the kept adapter, accuracy on 1,000 test snippets.
 (zero-shot), mezo (from zero-shot), probe (the label-word probe alone), auto (probe if it beats
 zero-shot on dev, then MeZO).
 
+Task 20ng: all-MiniLM-L6-v2 classification of 20 Newsgroups (20 labels), 16 examples per label drawn per
+seed from the training split (320, batch 32), the linear-probe head first; 200 examples of the test split
+pick the kept adapter, accuracy on 1,000 others. Lines: probe (each seed's start: the linear-probe head,
+as ``edgeft train`` fits it, saved untrained), mezo (MeZO on LoRA + head), lora-pro (the same with LoRA-Pro's adjustment,
+``runtime/optimizers/lora_pro.py``).
+
 Each run is one ``edgeft train`` subprocess (one ORT thread, via a device profile written here),
 then ``edgeft eval`` of its saved adapter on the test windows. Per-run results are kept as JSON
 in docs/learning-runs/ as they finish, so an interrupted benchmark resumes (--resume skips done
@@ -53,7 +60,8 @@ TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
                          "backprop"),
-         "rt-prompt": ("mezo", "probe", "auto")}
+         "rt-prompt": ("mezo", "probe", "auto"),
+         "20ng": ("probe", "mezo", "lora-pro")}
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 
@@ -97,6 +105,18 @@ def prepare(args) -> dict[str, Path]:
     args.work.mkdir(parents=True, exist_ok=True)
     profile = args.work / "one-thread.toml"
     profile.write_text('name = "bench-one-thread"\nthreads = 1\nbatch_size = 4\nmax_length = 128\n')
+    if args.task == "20ng":
+        import numpy as np
+
+        texts, labels = assets.newsgroups("train")
+        test_texts, test_labels = assets.newsgroups("test")  # its own split: disjoint from training
+        order = np.random.default_rng(RT_SEED).permutation(len(test_texts))
+        parts = {"train": list(zip(texts, labels)), "test": [(test_texts[i], test_labels[i]) for i in order[:RT_TEST]],
+                 "dev": [(test_texts[i], test_labels[i]) for i in order[RT_TEST : RT_TEST + RT_DEV]]}
+        files = {k: args.work / f"20ng-{k}.jsonl" for k in parts}
+        for k, rows in parts.items():
+            files[k].write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+        return {**files, "profile": profile}
     if args.task == "rt-prompt":
         import numpy as np
 
@@ -139,6 +159,12 @@ def run_one(args, files, line: str, seed: int) -> dict:
                     "probe": ["--optimizer", "auto", "--budget", "1fwd"],
                     "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
+    if args.task == "20ng" and line == "probe":
+        return _probe_run(args, files, seed, out, run_dir)
+    if args.task == "20ng":  # 320 examples: batches of 32 (more than a whole-set pass fits)
+        common += ["--k-shot", 16, "--batch-size", 32]
+        settings = ["--optimizer", line, "--budget", f"{args.budget}fwd"]
+        return _finish(args, files, line, seed, out, run_dir, common, settings)
     common += ["--batch-size", args.batch_size]
     settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                 "fzoo": ["--optimizer", "fzoo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
@@ -163,6 +189,33 @@ def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"  done {args.task} {line} seed {seed}: test {_score_text(test)} "
           f"({record['train']['forward_passes']} fwd, {record['run_s']:.0f} s)", flush=True)
+    return record
+
+
+PROBE_START = """
+import sys
+from edgeft.adapters import save_adapter
+from edgeft.data import k_shot, load_dataset
+from edgeft.runtime import Bundle, starting_adapter
+bundle_dir, data, seed, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+b = Bundle(bundle_dir)
+shots = k_shot(load_dataset(data, b.labels), 16, seed)
+vector, _ = starting_adapter(b, b.encode(shots.texts, shots.labels), seed)
+save_adapter(out, b.layout, vector, b.manifest.peft_base.get("source", ""), None)
+"""
+
+
+def _probe_run(args, files, seed: int, out: Path, run_dir: Path) -> dict:
+    """A classification run's start for this seed (k-shot draw, LoRA init and linear-probe head as
+    ``edgeft train`` makes them), saved untrained and scored on the test set."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", PROBE_START, str(args.bundle), str(files["train"]), str(seed),
+                    str(run_dir / "adapter")], check=True)
+    test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+    record = {"line": "probe", "seed": seed, "budget_fwd": args.budget, "batch_size": 32, "test": test,
+              "train": {"forward_passes": 10, "elapsed_s": 0.0, "peak_rss_mb": None}}  # one pass over 320 examples
+    RUNS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
 
 
@@ -201,6 +254,9 @@ def _section(task: str) -> str | None:
     records = [json.loads(p.read_text()) for p in sorted(RUNS.glob(f"{task}-*.json"))]
     start = next((r for r in records if r["line"] == "start"), None)
     runs = [r for r in records if r["line"] != "start"]
+    probes = [r["test"]["accuracy"] for r in runs if r["line"] == "probe"]
+    if start is None and probes:  # classification: the start is each seed's linear probe (its own line)
+        start = {"test": {"accuracy": statistics.median(probes)}}
     if start is None or not runs:
         return None
     lm = task == "shakespeare"
@@ -220,18 +276,20 @@ def _section(task: str) -> str | None:
             continue
         values = [r["test"][key] for r in got.values()]
         med = statistics.median(values)
+        rss = max(r["train"]["peak_rss_mb"] or 0 for r in got.values())  # none for a probe scored untrained
         rows.append(f"| {line} | {','.join(map(str, sorted(got)))} | {fmt(med)} ({fmt(min(values))}–{fmt(max(values))}) | "
                     f"{change(med)} | {statistics.median(r['train']['forward_passes'] for r in got.values()):.0f} | "
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
-                    f"{max(r['train']['peak_rss_mb'] for r in got.values()):.0f} |")
+                    f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
+    main_line = "lora-pro" if task == "20ng" else "auto"
     for other in ("mezo", "bias+mezo", "fit+mezo", "probe", "backprop"):
-        if "auto" not in by_line or other not in by_line:
+        if main_line not in by_line or other not in by_line:
             continue
-        for seed in sorted(set(by_line["auto"]) & set(by_line[other])):
-            a, m = by_line["auto"][seed]["test"][key], by_line[other][seed]["test"][key]
+        for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
+            a, m = by_line[main_line][seed]["test"][key], by_line[other][seed]["test"][key]
             diff = f"{100 * (a / m - 1):+.1f}%" if lm else f"{100 * (a - m):+.1f} points"
-            paired.append(f"seed {seed}: auto {fmt(a)} vs {other} {fmt(m)} ({diff})")
+            paired.append(f"seed {seed}: {main_line} {fmt(a)} vs {other} {fmt(m)} ({diff})")
     _plot(task, by_line, base, key)
     if lm:
         head = f"""## SmolLM2-135M causal LM, Shakespeare
@@ -250,6 +308,16 @@ every 25 steps); `fit-all-last` = a 200-step fit returning its last step (one se
 point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
 alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""
+    elif task == "20ng":
+        head = f"""## MiniLM-L6 classification, 20 Newsgroups
+
+`python benchmarks/bench_learning.py --task 20ng --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — all-MiniLM-L6-v2
+(LoRA r=8 on q/v + a linear-probe head), 16 examples per label drawn per seed (320, batches of 32); {RT_DEV} examples
+of the test split pick the kept adapter; **accuracy on {RT_TEST} others** (standard error ≈ 1.5 points). Every run:
+{budget} training forward passes, one ORT thread.
+
+Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head, scored untrained; `start`
+is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate."""
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
 
@@ -316,7 +384,8 @@ def main(argv=None) -> None:
     if args.bundle is None:
         raise SystemExit("--bundle is required")
     files = prepare(args)
-    start_record(args, files)
+    if args.task != "20ng":  # a classifier's start is its probe line (a zero head would score chance)
+        start_record(args, files)
     seeds = [int(s) for s in args.seeds.split(",")]
     runnable = [l for l in LINES[args.task] if l not in HISTORICAL]
     lines = [l for l in (args.lines or ",".join(runnable)).split(",") if l]

@@ -6,12 +6,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from edgeft.adapters import AdapterLayout
+from edgeft.manifest import AdapterSpec, AdapterTensor
 from edgeft.runtime.optimizers import REGISTRY, make_optimizer
 from edgeft.runtime.optimizers.zeroorder import adazeta_queries
 
 # Two 4x5 "layers" (40 values): enough structure for subspace/low-rank directions and layer-wise search.
 LAYOUT = SimpleNamespace(tensors=[SimpleNamespace(name="layer.0.q.lora_A", shape=[4, 5]),
                                   SimpleNamespace(name="layer.1.q.lora_A", shape=[4, 5])])
+# LoRA-Pro adjusts LoRA pairs: the same 40 values as two (A [2, 5], B [5, 2]) pairs. At A = B = 0 every
+# LoRA gradient is zero (and so is LoRA-Pro's): it starts where LoRA does not vanish.
+LORA_LAYOUT = AdapterLayout(AdapterSpec("lora", 2, 4.0, [], [
+    AdapterTensor(f"layer.{i}.q.lora_{ab}", shape, "zeros", None, f"layer.{i}.q", f"lora_{ab}")
+    for i in (0, 1) for ab, shape in (("A", [2, 5]), ("B", [5, 2]))]))
+LORA_START = 0.5
 POP = dict(intrinsic_dim=40, popsize=12, sigma=2.0)
 # name -> (settings for this 40-dim quadratic, steps)
 TABLE = {
@@ -26,6 +34,7 @@ TABLE = {
     "adazeta": (dict(lr=0.02, eps=1e-3, max_queries=6, steps_per_epoch=30), 300),
     "zo-kalman": (dict(lr=0.01, eps=1e-3, queries=2), 300),
     "fzoo": (dict(lr=0.05, eps=1e-3, directions_per_step=4), 300),
+    "lora-pro": (dict(lr=0.002, eps=1e-3, queries=2), 300),  # on the factorisation (loss_of)
     # population methods search a random projection, where this problem is ill-conditioned: more steps
     "cma": (POP, 300),
     "fireworks": (dict(POP, popsize=20, sigma=5.0), 400),
@@ -39,15 +48,37 @@ def quadratic(candidates):
     return np.array([float(np.sum(scales * (c - 1.0) ** 2)) for c in candidates])
 
 
-def build(name, seed, steps, start=0.0):
+_TARGETS = [np.random.default_rng(i).standard_normal((5, 2)) @ np.random.default_rng(10 + i).standard_normal((2, 5)) * 0.5
+            for i in (0, 1)]
+
+
+def factorisation(candidates):
+    """LoRA-Pro's problem: two rank-2 weight updates s·B·A to match (LoRA-Pro is a rule for losses of
+    the weight update, not of the raw A and B values)."""
+    out = []
+    for c in candidates:
+        named = LORA_LAYOUT.unflatten(np.asarray(c, dtype=np.float32))
+        out.append(sum(float(np.sum((2.0 * named[f"layer.{i}.q.lora_B"] @ named[f"layer.{i}.q.lora_A"] - t) ** 2))
+                       for i, t in enumerate(_TARGETS)))
+    return np.array(out)
+
+
+def loss_of(name):
+    return factorisation if name == "lora-pro" else quadratic
+
+
+def build(name, seed, steps, start=None):
     settings, _ = TABLE[name]
-    return make_optimizer(name, np.full(40, start, dtype=np.float32), layout=LAYOUT, seed=seed, total_steps=steps, **settings)
+    start = start if start is not None else (LORA_START if name == "lora-pro" else 0.0)
+    layout = LORA_LAYOUT if name == "lora-pro" else LAYOUT
+    return make_optimizer(name, np.full(40, start, dtype=np.float32), layout=layout, seed=seed, total_steps=steps, **settings)
 
 
 def advance(opt, n):
+    loss = loss_of(opt.name)
     for _ in range(n):
         candidates = opt.ask()
-        opt.tell(candidates, quadratic(candidates))
+        opt.tell(candidates, loss(candidates))
     return opt
 
 
@@ -58,8 +89,9 @@ def test_every_registered_optimizer_is_in_the_table():
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_optimizer_lowers_the_loss(name):
     steps = TABLE[name][1]
-    start = quadratic([np.zeros(40)])[0]
-    end = quadratic([advance(build(name, 0, steps), steps).theta])[0]
+    opt, loss = build(name, 0, steps), loss_of(name)
+    start = loss([opt.theta])[0]
+    end = loss([advance(opt, steps).theta])[0]
     assert end < 0.1 * start, f"{name}: loss {start:.3f} -> {end:.3f}"
 
 
@@ -130,7 +162,8 @@ ZERO_ORDER = [name for name, (settings, _) in TABLE.items() if "intrinsic_dim" n
 @pytest.mark.parametrize("name", ZERO_ORDER)
 def test_default_step_size_lowers_the_loss(name):
     """No lr given: the RMS-normalised, size-scaled default step (with warm-up) still converges."""
-    opt = make_optimizer(name, np.zeros(40, dtype=np.float32), layout=LAYOUT, seed=0, total_steps=300)
+    start = np.full(40, LORA_START if name == "lora-pro" else 0.0, dtype=np.float32)
+    opt = make_optimizer(name, start, layout=LORA_LAYOUT if name == "lora-pro" else LAYOUT, seed=0, total_steps=300)
     assert opt.config.lr is None and opt.warmup_steps() == 15
     advance(opt, 300)
-    assert quadratic([opt.theta])[0] < quadratic([np.zeros(40)])[0] / 5
+    assert loss_of(name)([opt.theta])[0] < loss_of(name)([start])[0] / 5

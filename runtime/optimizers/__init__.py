@@ -37,7 +37,7 @@ def _build_zo(name, pieces, theta, settings, layout):
     if config.update.startswith(LORA_PRO):  # LoRA-Pro's adjustment needs each pair's place and LoRA's scale
         if layout is None:
             raise ValueError("update lora-pro needs the bundle's adapter layout")
-        adjust = LoRAPro(lora_pairs(layout), layout.spec.scale)
+        adjust = LoRAPro(lora_pairs(layout), layout.spec.scale, config.lora_pro_damping)
     return ZeroOrder(theta, config, _shapes(layout), name, adjust)
 
 

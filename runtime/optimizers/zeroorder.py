@@ -61,10 +61,11 @@ class ZOConfig:
     max_queries: int = 15  # AdaZeta Q_max
     shrink: float = 0.85  # AdaZeta
     steps_per_epoch: int = 1  # AdaZeta counts epochs
+    lora_pro_damping: float = 1.0  # update lora-pro: ρ of its damped inverses (lora_pro.py)
 
     def __post_init__(self):
-        if (self.lr is not None and self.lr <= 0) or self.eps <= 0 or self.weight_decay < 0:
-            raise ValueError("needs lr > 0, eps > 0, weight_decay >= 0")
+        if (self.lr is not None and self.lr <= 0) or self.eps <= 0 or self.weight_decay < 0 or self.lora_pro_damping < 0:
+            raise ValueError("needs lr > 0, eps > 0, weight_decay >= 0, lora_pro_damping >= 0")
         if self.warmup is not None and self.warmup < 0:
             raise ValueError("needs warmup >= 0")
         if not (self.queries == "auto" or (isinstance(self.queries, int) and self.queries >= 1)):
