@@ -199,18 +199,23 @@ def _print_summary(summary: dict) -> None:
 @click.option("--device")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--label-field", default="label", show_default=True)
+@click.option("--samples", type=int, help="Average N adapters drawn from the adapter's distribution (--optimizer monteclora).")
 @click.option("--json", "as_json", is_flag=True)
-def eval_cmd(bundle, data, adapter, batch_size, device, text_field, label_field, as_json):
-    """Accuracy and loss (classification, prompt) or perplexity (causal-lm) on --data."""
+def eval_cmd(bundle, data, adapter, batch_size, device, text_field, label_field, samples, as_json):
+    """Accuracy, loss and calibration error (classification, prompt) or perplexity (causal-lm) on --data."""
     from edgeft.data import load_dataset
     from edgeft.runtime import Bundle, evaluate, load_profile
+    from edgeft.runtime.evaluate import evaluate_sampled
     from edgeft.runtime.memory import budget_warning, peak_rss_mb
 
     profile = load_profile(device)
     b = Bundle(bundle, profile)
+    sigma = _distribution(b, adapter, samples)
     dataset = load_dataset(data, b.labels, text_field, label_field)
     vector = _adapter_vector(b, adapter)
-    metrics = evaluate(b, vector, b.encode(dataset.texts, dataset.labels), batch_size)
+    encoded = b.encode(dataset.texts, dataset.labels)
+    metrics = (evaluate_sampled(b, vector, sigma, encoded, samples, batch_size) if samples
+               else evaluate(b, vector, encoded, batch_size))
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=True))
@@ -219,6 +224,21 @@ def eval_cmd(bundle, data, adapter, batch_size, device, text_field, label_field,
     warning = budget_warning(metrics["peak_rss_mb"], profile.memory_budget_mb, profile.name)
     if warning:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _distribution(b, adapter: Path | None, samples: int | None):
+    """The adapter's spread for --samples (checked before any work), or None without --samples."""
+    from edgeft.distribution import load_distribution
+
+    if samples is None:
+        return None
+    if samples < 1:
+        raise EdgeftError(f"--samples {samples}: needs at least 1 sampled adapter")
+    if b.task == "causal-lm":
+        raise EdgeftError("--samples averages label predictions: classification and prompt bundles only")
+    if adapter is None:
+        raise EdgeftError("--samples needs --adapter (a folder trained with --optimizer monteclora)")
+    return load_distribution(adapter, b.layout)
 
 
 def _adapter_vector(b, adapter: Path | None):
@@ -236,19 +256,32 @@ def _adapter_vector(b, adapter: Path | None):
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--adapter", type=click.Path(path_type=Path))
 @click.option("--device")
+@click.option("--samples", type=int, help="Average N adapters drawn from the adapter's distribution; prints each spread.")
 @click.option("--json", "as_json", is_flag=True)
-def predict(bundle, texts, adapter, device, as_json):
+def predict(bundle, texts, adapter, device, samples, as_json):
     """Label each TEXT (classification, prompt bundles)."""
+    import numpy as np
+
     from edgeft.runtime import Bundle, load_profile
     from edgeft.runtime import predict as predict_probs
+    from edgeft.runtime.evaluate import sampled_probabilities
 
     b = Bundle(bundle, load_profile(device))
     if b.task == "causal-lm":
         raise EdgeftError("predict labels texts; a causal-lm bundle has no labels (use eval for perplexity)")
-    probs = predict_probs(b, _adapter_vector(b, adapter), list(texts))
+    sigma = _distribution(b, adapter, samples)
+    vector = _adapter_vector(b, adapter)
+    if samples:
+        encoded = b.encode(list(texts), np.zeros(len(texts), dtype=np.int64))
+        probs, spread = sampled_probabilities(b, vector, sigma, encoded, samples)
+    else:
+        probs, spread = predict_probs(b, vector, list(texts)), None
     rows = [{"text": t, "label": b.labels[int(p.argmax())], "probability": round(float(p.max()), 4)} for t, p in zip(texts, probs)]
-    for row in rows:
-        click.echo(json.dumps(row) if as_json else f"{row['label']}\t{row['probability']:.3f}\t{row['text']}")
+    for i, row in enumerate(rows):
+        if spread is not None:
+            row["spread"] = round(float(spread[i]), 4)
+        extra = f"\t±{row['spread']:.3f}" if spread is not None else ""
+        click.echo(json.dumps(row) if as_json else f"{row['label']}\t{row['probability']:.3f}{extra}\t{row['text']}")
 
 
 @main.command(cls=_Command)

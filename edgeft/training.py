@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from edgeft.adapters import save_adapter
+from edgeft.distribution import save_distribution
 from edgeft.data import k_shot as sample_k_shot
 from edgeft.data import load_dataset
 from edgeft.errors import EdgeftError
@@ -161,7 +162,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
                 fit_cost = (output_fit["forward_passes"], time.perf_counter() - started_fit)
                 log(f"output adapter: {describe_fit(output_fit)}")
     settings = {**req.settings, "total_steps": _horizon(req, name, steps, budget), "seed": req.seed,
-                "steps_per_epoch": max(1, len(train_enc) // batch_size)}
+                "steps_per_epoch": max(1, len(train_enc) // batch_size), "examples": len(train_enc)}
     if name in POPULATION and settings.get("projection") == "hidden":
         settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
     # the output side is fitted from exact gradients, never searched (runtime/optimizers/frozen.py)
@@ -188,6 +189,9 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     adapter_dir = run_dir / "adapter"
     save_adapter(adapter_dir, bundle.layout, trainer.best, bundle.manifest.peft_base.get("source", ""),
                  _peft_task_type(bundle.task))
+    sigma = _distribution(optimizer, bundle.layout.size)
+    if sigma is not None:  # monteclora: the spread beside the mean (edgeft/distribution.py)
+        save_distribution(adapter_dir, bundle.layout, sigma)
     summary.update(adapter=str(adapter_dir), optimizer=name, recipe=recipe.why if recipe else None,
                    output_fit=output_fit, run_wall_s=round(time.perf_counter() - started, 2))
     plot = learning_curve_in_child(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{name} on {Path(req.bundle).name}")
@@ -198,6 +202,17 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         log(f"warning: {warning}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _distribution(optimizer, size: int):
+    """An optimizer's σ over the whole adapter vector (0 where it holds values fixed), or None."""
+    inner = getattr(optimizer, "inner", optimizer)
+    if not hasattr(inner, "distribution"):
+        return None
+    sigma = np.zeros(size, dtype=np.float32)
+    index = getattr(optimizer, "index", np.arange(size))
+    sigma[index] = inner.distribution()
+    return sigma
 
 
 def _peft_task_type(task: str) -> str | None:

@@ -94,12 +94,60 @@ def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: 
         mean = nll / max(tokens, 1.0)
         return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
     total_loss, correct = 0.0, 0
+    probs = np.empty((len(encoded), len(bundle.labels)), dtype=np.float64)
     for index in length_sorted_batches(encoded, batch_size):
         loss, logits = bundle.run(bundle.feeds(encoded, index), adapter, ["loss", "logits"])
         total_loss += float(loss.astype(np.float64).sum())
         correct += int((logits.argmax(-1) == encoded.labels[index]).sum())
+        z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        probs[index] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     n = len(encoded)
-    return {"loss": total_loss / n, "accuracy": correct / n, "examples": n}
+    return {"loss": total_loss / n, "accuracy": correct / n, "examples": n,
+            "ece": calibration_error(probs, encoded.labels)}
+
+
+def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: the confidence-weighted gap between confidence and accuracy over
+    ``bins`` equal-width confidence bins (Guo et al. 2017)."""
+    confidence, correct = probs.max(-1), probs.argmax(-1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            total += inside.mean() * abs(float(confidence[inside].mean()) - float(correct[inside].mean()))
+    return total
+
+
+def sampled_probabilities(bundle: Bundle, mean: np.ndarray, sigma: np.ndarray, encoded: Encoded, samples: int,
+                          batch_size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Label probabilities averaged over ``samples`` adapters drawn from N(mean, σ²) (draw k from the
+    seed (seed, k)), and each example's spread: the standard deviation over the draws of the
+    probability of the averaged prediction's label."""
+    from .optimizers.perturbation import direction
+
+    draws = np.empty((samples, len(encoded), len(bundle.labels)), dtype=np.float64)
+    for k in range(samples):
+        adapter = (mean + sigma * direction((seed, k), mean.size)).astype(np.float32)
+        for index in length_sorted_batches(encoded, batch_size):
+            (logits,) = bundle.run(bundle.feeds(encoded, index), adapter, ["logits"])
+            z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+            draws[k, index] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    probs = draws.mean(0)
+    chosen = probs.argmax(-1)
+    spread = draws[:, np.arange(len(encoded)), chosen].std(0)
+    return probs, spread
+
+
+def evaluate_sampled(bundle: Bundle, mean: np.ndarray, sigma: np.ndarray, encoded: Encoded, samples: int,
+                     batch_size: int = 16) -> dict[str, float]:
+    """accuracy, NLL, expected calibration error and mean spread of the averaged prediction."""
+    probs, spread = sampled_probabilities(bundle, mean, sigma, encoded, samples, batch_size)
+    labels = encoded.labels
+    nll = float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-300)).mean())
+    return {"accuracy": float((probs.argmax(-1) == labels).mean()), "loss": nll, "nll": nll,
+            "ece": calibration_error(probs, labels), "spread": float(spread.mean()), "samples": samples,
+            "examples": len(labels)}
 
 
 def predict(bundle: Bundle, adapter: np.ndarray, texts: list[str], batch_size: int = 16) -> np.ndarray:

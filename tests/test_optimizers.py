@@ -34,6 +34,7 @@ TABLE = {
     "adazeta": (dict(lr=0.02, eps=1e-3, max_queries=6, steps_per_epoch=30), 300),
     "zo-kalman": (dict(lr=0.01, eps=1e-3, queries=2), 300),
     "fzoo": (dict(lr=0.05, eps=1e-3, directions_per_step=4), 300),
+    "monteclora": (dict(lr=0.02, sigma=1e-3, queries=2), 300),
     "lora-pro": (dict(lr=0.002, eps=1e-3, queries=2), 300),  # on the factorisation (loss_of)
     # population methods search a random projection, where this problem is ill-conditioned: more steps
     "cma": (POP, 300),
@@ -163,7 +164,8 @@ ZERO_ORDER = [name for name, (settings, _) in TABLE.items() if "intrinsic_dim" n
 def test_default_step_size_lowers_the_loss(name):
     """No lr given: the RMS-normalised, size-scaled default step (with warm-up) still converges."""
     start = np.full(40, LORA_START if name == "lora-pro" else 0.0, dtype=np.float32)
-    opt = make_optimizer(name, start, layout=LORA_LAYOUT if name == "lora-pro" else LAYOUT, seed=0, total_steps=300)
+    extra = {"examples": 100} if name == "monteclora" else {}  # edgeft train passes the training set's size
+    opt = make_optimizer(name, start, layout=LORA_LAYOUT if name == "lora-pro" else LAYOUT, seed=0, total_steps=300, **extra)
     assert opt.config.lr is None and opt.warmup_steps() == 15
     advance(opt, 300)
     assert loss_of(name)([opt.theta])[0] < loss_of(name)([start])[0] / 5

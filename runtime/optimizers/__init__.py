@@ -18,6 +18,7 @@ from .base import Optimizer, StepReport
 from .frozen import Frozen
 from .fzoo import FZOO, FZOOConfig
 from .lora_pro import LoRAPro, lora_pairs
+from .monteclora import MonteCLoRA, MonteCLoRAConfig
 from .population import CMA, Fireworks, Layerwise, PopulationConfig
 from .spread import tensor_spreads
 from .zeroorder import LORA_PRO, ZeroOrder, ZOConfig
@@ -66,6 +67,7 @@ REGISTRY = {
     "zo-kalman": _zo("zo-kalman", update="kalman"),
     "lora-pro": _zo("lora-pro", update="lora-pro"),
     "fzoo": lambda theta, settings, layout: FZOO(theta, _config(FZOOConfig, settings)),
+    "monteclora": lambda theta, settings, layout: MonteCLoRA(theta, _config(MonteCLoRAConfig, settings)),
     "cma": _population(CMA),
     "fireworks": _population(Fireworks),
     "dfo-layerwise": _population(Layerwise),
@@ -86,6 +88,8 @@ def forwards_per_step(name: str, settings: dict) -> int:
         return int(settings.get("popsize") or PopulationConfig.popsize)
     if name == "fzoo":
         return int(settings.get("directions_per_step") or FZOOConfig.directions_per_step) + 1
+    if name == "monteclora":
+        return 2 * int(settings.get("queries") or MonteCLoRAConfig.queries)
     queries = settings.get("queries")
     queries = queries if isinstance(queries, int) else 1  # "auto" starts at one query and grows
     return 2 * queries + (1 if name == "zo-cons" else 0)
