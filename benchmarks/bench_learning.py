@@ -61,9 +61,10 @@ DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
                          "backprop"),
          "rt-prompt": ("mezo", "probe", "auto"),
-         "20ng": ("probe", "mezo", "lora-pro")}
+         "20ng": ("probe", "mezo", "lora-pro", "monteclora")}
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
+SAMPLES = 4  # monteclora: adapters drawn from its distribution for the sampled test score
 
 
 def parse_args(argv):
@@ -178,12 +179,14 @@ def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
     started = time.perf_counter()
     summary = _edgeft("train", *common, *settings)
     test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+    sampled = (_edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device",
+                       files["profile"], "--samples", SAMPLES) if line == "monteclora" else None)
     curve = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in r]
     record = {"line": line, "seed": seed, "budget_fwd": args.budget, "batch_size": args.batch_size,
               "train": {k: summary.get(k) for k in ("steps", "forward_passes", "wall_s", "elapsed_s", "peak_rss_mb",
                                                      "best_step", "forward_passes_to_best", "elapsed_s_to_best",
                                                      "output_fit", "optimizer", "recipe", "start", "best")},
-              "test": test, "dev_curve": [{"step": r["step"], "loss": r["eval"]["loss"]} for r in curve],
+              "test": test, "test_sampled": sampled, "dev_curve": [{"step": r["step"], "loss": r["eval"]["loss"]} for r in curve],
               "run_s": round(time.perf_counter() - started, 1)}
     RUNS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -282,14 +285,28 @@ def _section(task: str) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    main_line = "lora-pro" if task == "20ng" else "auto"
-    for other in ("mezo", "bias+mezo", "fit+mezo", "probe", "backprop"):
-        if main_line not in by_line or other not in by_line:
-            continue
-        for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
-            a, m = by_line[main_line][seed]["test"][key], by_line[other][seed]["test"][key]
-            diff = f"{100 * (a / m - 1):+.1f}%" if lm else f"{100 * (a - m):+.1f} points"
-            paired.append(f"seed {seed}: {main_line} {fmt(a)} vs {other} {fmt(m)} ({diff})")
+    for main_line in (("lora-pro", "monteclora") if task == "20ng" else ("auto",)):
+        for other in ("mezo", "bias+mezo", "fit+mezo", "probe", "backprop"):
+            if main_line not in by_line or other not in by_line:
+                continue
+            for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
+                a, m = by_line[main_line][seed]["test"][key], by_line[other][seed]["test"][key]
+                diff = f"{100 * (a / m - 1):+.1f}%" if lm else f"{100 * (a - m):+.1f} points"
+                paired.append(f"seed {seed}: {main_line} {fmt(a)} vs {other} {fmt(m)} ({diff})")
+    calibration = ""
+    if task == "20ng":
+        lines = ["| line | test ECE, median (min–max) | sampled accuracy | sampled ECE | mean spread |", "|---|---|---|---|---|"]
+        for line in LINES[task]:
+            got = [r for r in by_line.get(line, {}).values() if "ece" in r["test"]]
+            if not got:
+                continue
+            eces = [r["test"]["ece"] for r in got]
+            sampled = [r["test_sampled"] for r in got if r.get("test_sampled")]
+            cells = (f"{fmt(statistics.median(x['accuracy'] for x in sampled))} | "
+                     f"{statistics.median(x['ece'] for x in sampled):.3f} | {statistics.median(x['spread'] for x in sampled):.4f}"
+                     if sampled else "– | – | –")
+            lines.append(f"| {line} | {statistics.median(eces):.3f} ({min(eces):.3f}–{max(eces):.3f}) | {cells} |")
+        calibration = "" if len(lines) == 2 else "\n\nCalibration (monteclora's sampled columns: the mean of " + str(SAMPLES) + " adapters drawn from it):\n\n" + "\n".join(lines)
     _plot(task, by_line, base, key)
     if lm:
         head = f"""## SmolLM2-135M causal LM, Shakespeare
@@ -317,7 +334,9 @@ of the test split pick the kept adapter; **accuracy on {RT_TEST} others** (stand
 {budget} training forward passes, one ORT thread.
 
 Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head, scored untrained; `start`
-is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate."""
+is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
+MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean.
+ECE: expected calibration error (15 bins) of the kept adapter on the test set."""
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
 
@@ -332,7 +351,7 @@ the 32 examples' hidden states, offset by the zero-shot logits; kept only if it 
 probe (if kept), then MeZO on LoRA for the budget."""
     return f"""{head}
 
-{chr(10).join(rows)}
+{chr(10).join(rows)}{calibration}
 
 Paired by seed: {'; '.join(paired) if paired else 'not yet measured'}.
 
