@@ -58,10 +58,12 @@ DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smo
 RUNS = DOCS / "learning-runs"
 TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
+LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
                          "backprop"),
          "rt-prompt": ("mezo", "probe", "auto"),
-         "20ng": ("probe", "mezo", "lora-pro", "monteclora")}
+         "20ng": ("probe", "mezo", "lora-pro", "monteclora",
+                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID))}
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 SAMPLES = 4  # monteclora: adapters drawn from its distribution for the sampled test score
@@ -164,7 +166,8 @@ def run_one(args, files, line: str, seed: int) -> dict:
         return _probe_run(args, files, seed, out, run_dir)
     if args.task == "20ng":  # 320 examples: batches of 32 (more than a whole-set pass fits)
         common += ["--k-shot", 16, "--batch-size", 32]
-        settings = ["--optimizer", line, "--budget", f"{args.budget}fwd"]
+        name, _, lr = line.partition("@")
+        settings = ["--optimizer", name, "--budget", f"{args.budget}fwd", *(["--lr", lr] if lr else [])]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     common += ["--batch-size", args.batch_size]
     settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
@@ -180,7 +183,7 @@ def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
     summary = _edgeft("train", *common, *settings)
     test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
     sampled = (_edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device",
-                       files["profile"], "--samples", SAMPLES) if line == "monteclora" else None)
+                       files["profile"], "--samples", SAMPLES) if line.startswith("monteclora") else None)
     curve = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in r]
     record = {"line": line, "seed": seed, "budget_fwd": args.budget, "batch_size": args.batch_size,
               "train": {k: summary.get(k) for k in ("steps", "forward_passes", "wall_s", "elapsed_s", "peak_rss_mb",
