@@ -34,7 +34,9 @@ Task 20ng: all-MiniLM-L6-v2 classification of 20 Newsgroups (20 labels), 16 exam
 seed from the training split (320, batch 32), the linear-probe head first; 200 examples of the test split
 pick the kept adapter, accuracy on 1,000 others. Lines: probe (each seed's start: the linear-probe head,
 as ``edgeft train`` fits it, saved untrained), mezo (MeZO on LoRA + head), lora-pro (the same with LoRA-Pro's adjustment,
-``runtime/optimizers/lora_pro.py``).
+``runtime/optimizers/lora_pro.py``), monteclora (the NES distribution, ``runtime/optimizers/monteclora.py``; also scored
+as the mean prediction of SAMPLES adapters drawn from it, with calibration), and OPTIMIZER@LR for LR in LR_GRID (mezo
+and monteclora with that explicit --lr: the spread of the score over learning rates, MonteCLoRA's robustness claim).
 
 Each run is one ``edgeft train`` subprocess (one ORT thread, via a device profile written here),
 then ``edgeft eval`` of its saved adapter on the test windows. Per-run results are kept as JSON
