@@ -189,9 +189,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     adapter_dir = run_dir / "adapter"
     save_adapter(adapter_dir, bundle.layout, trainer.best, bundle.manifest.peft_base.get("source", ""),
                  _peft_task_type(bundle.task))
-    sigma = _distribution(optimizer, bundle.layout.size)
-    if sigma is not None:  # monteclora: the spread beside the mean (edgeft/distribution.py)
-        save_distribution(adapter_dir, bundle.layout, sigma)
+    if hasattr(optimizer, "distribution"):  # monteclora: the spread beside the mean (edgeft/distribution.py)
+        save_distribution(adapter_dir, bundle.layout, optimizer.distribution())
     summary.update(adapter=str(adapter_dir), optimizer=name, recipe=recipe.why if recipe else None,
                    output_fit=output_fit, run_wall_s=round(time.perf_counter() - started, 2))
     plot = learning_curve_in_child(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{name} on {Path(req.bundle).name}")
@@ -202,17 +201,6 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         log(f"warning: {warning}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
-
-
-def _distribution(optimizer, size: int):
-    """An optimizer's σ over the whole adapter vector (0 where it holds values fixed), or None."""
-    inner = getattr(optimizer, "inner", optimizer)
-    if not hasattr(inner, "distribution"):
-        return None
-    sigma = np.zeros(size, dtype=np.float32)
-    index = getattr(optimizer, "index", np.arange(size))
-    sigma[index] = inner.distribution()
-    return sigma
 
 
 def _peft_task_type(task: str) -> str | None:

@@ -99,11 +99,16 @@ def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: 
         loss, logits = bundle.run(bundle.feeds(encoded, index), adapter, ["loss", "logits"])
         total_loss += float(loss.astype(np.float64).sum())
         correct += int((logits.argmax(-1) == encoded.labels[index]).sum())
-        z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-        probs[index] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        probs[index] = softmax(logits)
     n = len(encoded)
     return {"loss": total_loss / n, "accuracy": correct / n, "examples": n,
             "ece": calibration_error(probs, encoded.labels)}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Label probabilities of logits [..., labels], in float64."""
+    z = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
 
 
 def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -131,8 +136,7 @@ def sampled_probabilities(bundle: Bundle, mean: np.ndarray, sigma: np.ndarray, e
         adapter = (mean + sigma * direction((seed, k), mean.size)).astype(np.float32)
         for index in length_sorted_batches(encoded, batch_size):
             (logits,) = bundle.run(bundle.feeds(encoded, index), adapter, ["logits"])
-            z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-            draws[k, index] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+            draws[k, index] = softmax(logits)
     probs = draws.mean(0)
     chosen = probs.argmax(-1)
     spread = draws[:, np.arange(len(encoded)), chosen].std(0)
@@ -156,8 +160,7 @@ def predict(bundle: Bundle, adapter: np.ndarray, texts: list[str], batch_size: i
     probs = np.empty((len(texts), len(bundle.labels)), dtype=np.float64)
     for index in length_sorted_batches(encoded, batch_size):
         (logits,) = bundle.run(bundle.feeds(encoded, index), adapter, ["logits"])
-        z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-        probs[index] = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        probs[index] = softmax(logits)
     return probs
 
 

@@ -43,13 +43,21 @@ class Frozen:
 
     def __getattr__(self, name):
         """The wrapped optimizer's settings and extras (config, lr(), lr_scale, ...); its roll_back
-        (the trainer's divergence guard) takes full vectors here. Absent there, absent here."""
+        (the trainer's divergence guard) takes and its distribution() returns full vectors here.
+        Absent there, absent here."""
         if name == "inner":
             raise AttributeError(name)
         value = getattr(self.inner, name)
         if name == "roll_back":
             return lambda theta, lr_factor=0.5: value(np.asarray(theta)[self.index], lr_factor)
+        if name == "distribution":  # σ over the full vector: 0 where values are held fixed
+            return lambda: self._scatter(value())
         return value
+
+    def _scatter(self, part: np.ndarray) -> np.ndarray:
+        full = np.zeros_like(self._full)
+        full[self.index] = part
+        return full
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays, scalars = self.inner.state_dict()

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .base import StepReport
-from .zeroorder import NONFINITE_LR_FACTOR, auto_step, warmup_steps
+from .zeroorder import NONFINITE_LR_FACTOR, scheduled_lr, warmup_steps
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,7 @@ class FZOO:
         return warmup_steps(self.config)
 
     def lr(self) -> float:
-        c = self.config
-        warm = min(1.0, (self.step + 1) / self.warmup_steps()) if self.warmup_steps() else 1.0
-        base = c.lr if c.lr is not None else auto_step(self._theta.size)
-        return base * warm * self.lr_scale
+        return scheduled_lr(self.config, self.step, self._theta.size, self.lr_scale)
 
     def _direction(self, step: int, i: int) -> np.ndarray:
         return rademacher((self.config.seed, step, i), self._theta.size)

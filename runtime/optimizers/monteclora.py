@@ -38,7 +38,7 @@ import numpy as np
 
 from .base import StepReport
 from .perturbation import direction
-from .zeroorder import GRAD_RMS_DECAY, NONFINITE_LR_FACTOR, auto_step, warmup_steps
+from .zeroorder import GRAD_RMS_DECAY, NONFINITE_LR_FACTOR, scheduled_lr, warmup_steps
 
 SIGMA_RANGE = 10.0  # σ stays within [σ₀ / 10, 10·σ₀]
 
@@ -87,10 +87,7 @@ class MonteCLoRA:
         return warmup_steps(self.config)
 
     def lr(self) -> float:
-        c = self.config
-        warm = min(1.0, (self.step + 1) / self.warmup_steps()) if self.warmup_steps() else 1.0
-        base = c.lr if c.lr is not None else auto_step(self._mu.size)
-        return base * warm * self.lr_scale
+        return scheduled_lr(self.config, self.step, self._mu.size, self.lr_scale)
 
     def _noise(self, step: int, query: int) -> np.ndarray:
         return direction((self.config.seed, step, query), self._mu.size)

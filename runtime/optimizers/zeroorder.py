@@ -94,6 +94,14 @@ def warmup_steps(config) -> int:
     return min(50, config.total_steps // 20) if config.lr is None else 0
 
 
+def scheduled_lr(config, step: int, size: int, lr_scale: float) -> float:
+    """The lr of FZOO and MonteCLoRA: ``config.lr`` or ``auto_step(size)``, after the linear warm-up."""
+    warm_steps = warmup_steps(config)
+    warm = min(1.0, (step + 1) / warm_steps) if warm_steps else 1.0
+    base = config.lr if config.lr is not None else auto_step(size)
+    return base * warm * lr_scale
+
+
 def adazeta_queries(epoch: int, total_epochs: int, max_queries: int, shrink: float) -> int:
     """Q_e = min(max(floor(shrink·e^inc), 1), Q_max), inc = log(Q_max/shrink)/log(total_epochs)."""
     if total_epochs <= 1:

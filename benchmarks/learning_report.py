@@ -1,0 +1,162 @@
+"""bench_learning.py's tasks and lines, and the report drawn from its per-run JSON files: one table,
+paired differences and one plot per task (docs/LEARNING.md, docs/learning-<task>.png), the hand-written
+reading (docs/learning-notes.md) appended."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
+DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
+LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
+LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
+                         "backprop"),
+         "rt-prompt": ("mezo", "probe", "auto"),
+         "20ng": ("probe", "mezo", "lora-pro", "monteclora",
+                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID))}
+HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
+RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
+SAMPLES = 4  # monteclora: adapters drawn from its distribution for the sampled test score
+
+
+def _section(task: str, docs: Path) -> str | None:
+    """One task's table, paired differences and plot, from the per-run JSON files kept so far."""
+    records = [json.loads(p.read_text()) for p in sorted((docs / "learning-runs").glob(f"{task}-*.json"))]
+    start = next((r for r in records if r["line"] == "start"), None)
+    runs = [r for r in records if r["line"] != "start"]
+    probes = [r["test"]["accuracy"] for r in runs if r["line"] == "probe"]
+    if start is None and probes:  # classification: the start is each seed's linear probe (its own line)
+        start = {"test": {"accuracy": statistics.median(probes)}}
+    if start is None or not runs:
+        return None
+    lm = task == "shakespeare"
+    key = "perplexity" if lm else "accuracy"
+    base = start["test"][key]
+    by_line: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by_line.setdefault(r["line"], {})[r["seed"]] = r
+    budget = runs[0]["budget_fwd"]
+    change = (lambda v: f"{100 * (v / base - 1):+.1f}%") if lm else (lambda v: f"{100 * (v - base):+.1f} points")
+    fmt = (lambda v: f"{v:.2f}") if lm else (lambda v: f"{100 * v:.1f}%")
+    rows = [f"| line | seeds | test {key}, median (min–max) | vs start | training fwd | wall s (train) | peak RSS MB |",
+            "|---|---|---|---|---|---|---|", f"| start | – | {fmt(base)} | – | 0 | – | – |"]
+    for line in LINES[task]:
+        got = by_line.get(line)
+        if not got:
+            continue
+        values = [r["test"][key] for r in got.values()]
+        med = statistics.median(values)
+        rss = max(r["train"]["peak_rss_mb"] or 0 for r in got.values())  # none for a probe scored untrained
+        rows.append(f"| {line} | {','.join(map(str, sorted(got)))} | {fmt(med)} ({fmt(min(values))}–{fmt(max(values))}) | "
+                    f"{change(med)} | {statistics.median(r['train']['forward_passes'] for r in got.values()):.0f} | "
+                    f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
+                    f"{f'{rss:.0f}' if rss else '–'} |")
+    paired = []
+    for main_line in (("lora-pro", "monteclora") if task == "20ng" else ("auto",)):
+        for other in ("mezo", "bias+mezo", "fit+mezo", "probe", "backprop"):
+            if main_line not in by_line or other not in by_line:
+                continue
+            for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
+                a, m = by_line[main_line][seed]["test"][key], by_line[other][seed]["test"][key]
+                diff = f"{100 * (a / m - 1):+.1f}%" if lm else f"{100 * (a - m):+.1f} points"
+                paired.append(f"seed {seed}: {main_line} {fmt(a)} vs {other} {fmt(m)} ({diff})")
+    calibration = ""
+    if task == "20ng":
+        lines = ["| line | test ECE, median (min–max) | sampled accuracy | sampled ECE | mean spread |", "|---|---|---|---|---|"]
+        for line in LINES[task]:
+            got = [r for r in by_line.get(line, {}).values() if "ece" in r["test"]]
+            if not got:
+                continue
+            eces = [r["test"]["ece"] for r in got]
+            sampled = [r["test_sampled"] for r in got if r.get("test_sampled")]
+            cells = (f"{fmt(statistics.median(x['accuracy'] for x in sampled))} | "
+                     f"{statistics.median(x['ece'] for x in sampled):.3f} | {statistics.median(x['spread'] for x in sampled):.4f}"
+                     if sampled else "– | – | –")
+            lines.append(f"| {line} | {statistics.median(eces):.3f} ({min(eces):.3f}–{max(eces):.3f}) | {cells} |")
+        calibration = "" if len(lines) == 2 else "\n\nCalibration (monteclora's sampled columns: the mean of " + str(SAMPLES) + " adapters drawn from it):\n\n" + "\n".join(lines)
+    _plot(task, by_line, base, key, docs)
+    if lm:
+        head = f"""## SmolLM2-135M causal LM, Shakespeare
+
+`python benchmarks/bench_learning.py --task shakespeare --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — SmolLM2-135M-Instruct
+(fp32 from the Q4_1 GGUF, LoRA r=8 on q/v + output bias), training windows of 128 tokens from {', '.join(TRAIN_PLAYS)};
+the kept adapter is chosen on 16 windows of {DEV_PLAY}; **test perplexity on {start['test']['tokens']:.0f} tokens of
+{TEST_PLAY}** (never used for training or selection). Every run: {budget} training forward passes at batch
+{runs[0]['batch_size']}, one ORT thread, one subprocess (`edgeft train` then `edgeft eval`).
+
+Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO (N = 8) on LoRA; `fit-only` =
+the output fit alone — the output bias and LoRA r=8 on the top layer's MLP (gate, up, down) by Adam on their exact
+gradient (40 steps, one pass each); `fit+mezo` = that fit, then MeZO on the body for the rest of the budget; `auto` =
+edgeft's default recipe now: the output fit for the whole budget, its best point on the dev windows kept (scored
+every 25 steps); `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
+point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
+alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
+steps; kept on dev every 10 steps like the others)."""
+    elif task == "20ng":
+        head = f"""## MiniLM-L6 classification, 20 Newsgroups
+
+`python benchmarks/bench_learning.py --task 20ng --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — all-MiniLM-L6-v2
+(LoRA r=8 on q/v + a linear-probe head), 16 examples per label drawn per seed (320, batches of 32); {RT_DEV} examples
+of the test split pick the kept adapter; **accuracy on {RT_TEST} others** (standard error ≈ 1.5 points). Every run:
+{budget} training forward passes, one ORT thread.
+
+Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head, scored untrained; `start`
+is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
+MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean.
+ECE: expected calibration error (15 bins) of the kept adapter on the test set."""
+    else:
+        head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
+
+`python benchmarks/bench_learning.py --task rt-prompt --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — the demo's
+prompt ("Review: {{text}}\\nSentiment (positive or negative):", label words " negative"/" positive"), LoRA r=8 on q/v +
+the label-word output adapter; 16 examples per label drawn per seed, the whole set (32) as the batch; {RT_DEV} dev
+snippets pick the kept adapter; **accuracy on {RT_TEST} test snippets** (one test accuracy has a standard error of
+≈ 1.5 points). Every run: {budget} training forward passes of the 32 examples, one ORT thread.
+
+Lines: `mezo` = MeZO at edgeft's defaults from the zero-shot prompt; `probe` = the label-word probe alone (fitted on
+the 32 examples' hidden states, offset by the zero-shot logits; kept only if it beats zero-shot on dev); `auto` =
+probe (if kept), then MeZO on LoRA for the budget."""
+    return f"""{head}
+
+{chr(10).join(rows)}{calibration}
+
+Paired by seed: {'; '.join(paired) if paired else 'not yet measured'}.
+
+Plot: `docs/learning-{task}.png`.
+"""
+
+
+def render(docs: Path) -> None:
+    sections = [text for text in (_section(task, docs) for task in LINES) if text]
+    if not sections:
+        print("nothing to render yet")
+        return
+    text = ("# Learning in a device's budget (issue 12)\n\n`benchmarks/bench_learning.py`; raw per-run results in "
+            "`docs/learning-runs/` (one JSON per run, kept as it finishes).\n\n" + "\n".join(sections))
+    notes = docs / "learning-notes.md"  # hand-written reading of the tables, kept across re-renders
+    if notes.is_file():
+        text += "\n" + notes.read_text()
+    (docs / "LEARNING.md").write_text(text)
+    print(text)
+
+
+def _plot(task, by_line, base, key, docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, line in enumerate(LINES[task]):
+        for seed, r in sorted(by_line.get(line, {}).items()):
+            ax.scatter(r["train"]["forward_passes"], r["test"][key], color=f"C{i}", label=line if seed == min(by_line[line]) else None)
+    ax.axhline(base, color="gray", ls="--", label="start")
+    ax.set_xlabel("training forward passes")
+    ax.set_ylabel(f"test {key}")
+    ax.set_title(task)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs / f"learning-{task}.png", dpi=120)
+    plt.close(fig)
