@@ -3,6 +3,7 @@
     python benchmarks/bench_learning.py --task shakespeare --bundle LM_BUNDLE [--seeds 0,1,2] [--budget 200]
     python benchmarks/bench_learning.py --task rt-prompt --bundle PROMPT_BUNDLE [--seeds 0,1,2] [--budget 200]
     python benchmarks/bench_learning.py --task 20ng --bundle MINILM_BUNDLE [--seeds 0,1,2] [--budget 200]
+    python benchmarks/bench_learning.py --task rt --bundle MINILM_RT_BUNDLE [--seeds 0,1,2] [--budget 200]
 
 Task shakespeare: SmolLM2-135M causal LM — training windows from three tragedies (Hamlet, Othello,
 King Lear), the kept adapter chosen on 16 windows of Romeo and Juliet (dev), perplexity on the
@@ -30,10 +31,11 @@ batch), 200 dev snippets pick the kept adapter, accuracy on 1,000 test snippets.
 (zero-shot), mezo (from zero-shot), probe (the label-word probe alone), auto (probe if it beats
 zero-shot on dev, then MeZO).
 
-Task 20ng: all-MiniLM-L6-v2 classification of 20 Newsgroups (20 labels), 16 examples per label drawn per
+Task 20ng (and rt): all-MiniLM-L6-v2 classification of 20 Newsgroups (20 labels), 16 examples per label drawn per
 seed from the training split (320, batch 32), the linear-probe head first; 200 examples of the test split
-pick the kept adapter, accuracy on 1,000 others. Lines: probe (each seed's start: the linear-probe head,
-as ``edgeft train`` fits it, saved untrained), mezo (MeZO on LoRA + head), lora-pro (the same with LoRA-Pro's adjustment,
+pick the kept adapter, accuracy on 1,000 others (rt: Rotten Tomatoes as rt-prompt splits it, 16 per label =
+32 examples, the whole set per step). Lines: probe (each seed's start: the linear-probe head,
+as ``edgeft train`` fits it, saved untrained), mezo (MeZO on LoRA + head), cma (CMA-ES), lora-pro (the same with LoRA-Pro's adjustment,
 ``runtime/optimizers/lora_pro.py``), monteclora (the NES distribution, ``runtime/optimizers/monteclora.py``; also scored
 as the mean prediction of SAMPLES adapters drawn from it, with calibration), and OPTIMIZER@LR for LR in LR_GRID (mezo
 and monteclora with that explicit --lr: the spread of the score over learning rates, MonteCLoRA's robustness claim).
@@ -54,7 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from learning_report import (DEV_PLAY, HISTORICAL, LINES, RT_DEV, RT_SEED, RT_TEST, SAMPLES, TEST_PLAY,
+from learning_report import (CLASSIFICATION, DEV_PLAY, HISTORICAL, LINES, RT_DEV, RT_SEED, RT_TEST, SAMPLES, TEST_PLAY,
                              TRAIN_PLAYS, render)  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +115,7 @@ def prepare(args) -> dict[str, Path]:
         for k, rows in parts.items():
             files[k].write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
         return {**files, "profile": profile}
-    if args.task == "rt-prompt":
+    if args.task in ("rt-prompt", "rt"):
         import numpy as np
 
         texts, labels = assets.rotten_tomatoes()
@@ -155,9 +157,9 @@ def run_one(args, files, line: str, seed: int) -> dict:
                     "probe": ["--optimizer", "auto", "--budget", "1fwd"],
                     "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
-    if args.task == "20ng" and line == "probe":
+    if args.task in CLASSIFICATION and line == "probe":
         return _probe_run(args, files, seed, out, run_dir)
-    if args.task == "20ng":  # 320 examples: batches of 32 (more than a whole-set pass fits)
+    if args.task in CLASSIFICATION:  # 20ng: 320 examples in batches of 32; rt: the whole 32 per step
         common += ["--k-shot", 16, "--batch-size", 32]
         name, _, lr = line.partition("@")
         settings = ["--optimizer", name, "--budget", f"{args.budget}fwd", *(["--lr", lr] if lr else [])]
@@ -212,7 +214,8 @@ def _probe_run(args, files, seed: int, out: Path, run_dir: Path) -> dict:
                     str(run_dir / "adapter")], check=True)
     test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
     record = {"line": "probe", "seed": seed, "budget_fwd": args.budget, "batch_size": 32, "test": test,
-              "train": {"forward_passes": 10, "elapsed_s": 0.0, "peak_rss_mb": None}}  # one pass over 320 examples
+              "train": {"forward_passes": 10 if args.task == "20ng" else 1, "elapsed_s": 0.0,
+                        "peak_rss_mb": None}}  # one pass over the k-shot set (20ng: 320 examples in batches of 32)
     RUNS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return record
@@ -258,7 +261,7 @@ def main(argv=None) -> None:
     if args.bundle is None:
         raise SystemExit("--bundle is required")
     files = prepare(args)
-    if args.task != "20ng":  # a classifier's start is its probe line (a zero head would score chance)
+    if args.task not in CLASSIFICATION:  # a classifier's start is its probe line (a zero head would score chance)
         start_record(args, files)
     seeds = [int(s) for s in args.seeds.split(",")]
     runnable = [l for l in LINES[args.task] if l not in HISTORICAL]

@@ -10,12 +10,14 @@ from pathlib import Path
 
 TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
-LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
+LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng, rt: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
                          "backprop"),
          "rt-prompt": ("mezo", "probe", "auto"),
-         "20ng": ("probe", "mezo", "lora-pro", "monteclora",
-                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID))}
+         "20ng": ("probe", "mezo", "cma", "lora-pro", "monteclora",
+                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID)),
+         "rt": ("probe", "mezo", "cma", "monteclora", *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID))}
+CLASSIFICATION = ("20ng", "rt")  # MiniLM classification tasks: the start is each seed's probe line
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 SAMPLES = 4  # monteclora: adapters drawn from its distribution for the sampled test score
@@ -23,7 +25,9 @@ SAMPLES = 4  # monteclora: adapters drawn from its distribution for the sampled 
 
 def _section(task: str, docs: Path) -> str | None:
     """One task's table, paired differences and plot, from the per-run JSON files kept so far."""
-    records = [json.loads(p.read_text()) for p in sorted((docs / "learning-runs").glob(f"{task}-*.json"))]
+    longer = [other for other in LINES if other != task and other.startswith(task)]  # "rt" is a prefix of "rt-prompt"
+    records = [json.loads(p.read_text()) for p in sorted((docs / "learning-runs").glob(f"{task}-*.json"))
+               if not any(p.name.startswith(f"{other}-") for other in longer)]
     start = next((r for r in records if r["line"] == "start"), None)
     runs = [r for r in records if r["line"] != "start"]
     probes = [r["test"]["accuracy"] for r in runs if r["line"] == "probe"]
@@ -54,8 +58,8 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("lora-pro", "monteclora") if task == "20ng" else ("auto",)):
-        for other in ("mezo", "bias+mezo", "fit+mezo", "probe", "backprop"):
+    for main_line in (("lora-pro", "monteclora") if task in CLASSIFICATION else ("auto",)):
+        for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "probe", "backprop"):
             if main_line not in by_line or other not in by_line:
                 continue
             for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
@@ -63,7 +67,7 @@ def _section(task: str, docs: Path) -> str | None:
                 diff = f"{100 * (a / m - 1):+.1f}%" if lm else f"{100 * (a - m):+.1f} points"
                 paired.append(f"seed {seed}: {main_line} {fmt(a)} vs {other} {fmt(m)} ({diff})")
     calibration = ""
-    if task == "20ng":
+    if task in CLASSIFICATION:
         lines = ["| line | test ECE, median (min–max) | sampled accuracy | sampled ECE | mean spread |", "|---|---|---|---|---|"]
         for line in LINES[task]:
             got = [r for r in by_line.get(line, {}).values() if "ece" in r["test"]]
@@ -94,17 +98,21 @@ every 25 steps); `fit-all-last` = a 200-step fit returning its last step (one se
 point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
 alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""
-    elif task == "20ng":
-        head = f"""## MiniLM-L6 classification, 20 Newsgroups
+    elif task in CLASSIFICATION:
+        what = ("20 Newsgroups", "20 labels", "16 examples per label drawn per seed (320, batches of 32); {RT_DEV} examples of "
+                "the test split pick") if task == "20ng" else ("Rotten Tomatoes", "2 labels", "16 examples per label drawn per "
+                "seed (32, the whole set as the batch); {RT_DEV} dev snippets pick")
+        head = f"""## MiniLM-L6 classification, {what[0]}
 
-`python benchmarks/bench_learning.py --task 20ng --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — all-MiniLM-L6-v2
-(LoRA r=8 on q/v + a linear-probe head), 16 examples per label drawn per seed (320, batches of 32); {RT_DEV} examples
-of the test split pick the kept adapter; **accuracy on {RT_TEST} others** (standard error ≈ 1.5 points). Every run:
-{budget} training forward passes, one ORT thread.
+`python benchmarks/bench_learning.py --task {task} --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — all-MiniLM-L6-v2
+(LoRA r=8 on q/v + a linear-probe head, {what[1]}), {what[2].format(RT_DEV=RT_DEV)} the kept adapter; **accuracy on
+{RT_TEST} others** (standard error ≈ 1.5 points). Every run: {budget} training forward passes, one ORT thread.
 
 Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head, scored untrained; `start`
-is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
-MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean.
+is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `cma` = CMA-ES (edgeft's population search) on
+the same tensors at the same passes; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
+MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean;
+`OPTIMIZER@LR` = that optimizer with an explicit --lr (the spread of the score over learning rates).
 ECE: expected calibration error (15 bins) of the kept adapter on the test set."""
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes

@@ -11,6 +11,8 @@ what remains takes the bundle's original inputs and returns logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -48,7 +50,8 @@ class _Graph:
 
 
 def _base_weight(g: _Graph, base_out: str, fan_in: int, fan_out: int, depth: int = 4):
-    """Walk up from the base branch's output to the MatMul/Gemm holding W; return (initializer, layout)."""
+    """Walk up from the base branch's output to the MatMul/Gemm holding W; return (initializer, layout,
+    second initializer): layout "in_out", "out_in" (Gemm transB) or "lord" (LoRD's W1 [in, k], W2 [k, out])."""
     frontier = [base_out]
     for _ in range(depth):
         next_frontier = []
@@ -62,26 +65,49 @@ def _base_weight(g: _Graph, base_out: str, fan_in: int, fan_out: int, depth: int
                     dims = list(g.inits[w].dims)
                     trans_b = any(a.name == "transB" and a.i for a in node.attribute) if node.op_type == "Gemm" else False
                     if not trans_b and dims == [fan_in, fan_out]:
-                        return g.inits[w], "in_out"
+                        return g.inits[w], "in_out", None
                     if trans_b and dims == [fan_out, fan_in]:
-                        return g.inits[w], "out_in"
+                        return g.inits[w], "out_in", None
+                    first = g.producer.get(node.input[0])
+                    if w.endswith(".lord_out") and dims[1] == fan_out and first is not None and first.op_type == "MatMul" \
+                            and list(g.inits.get(first.input[1], onnx.TensorProto()).dims) == [fan_in, dims[0]]:
+                        return g.inits[first.input[1]], "lord", g.inits[w]
             next_frontier += list(node.input)
         frontier = next_frontier
     raise EdgeftError(f"merge: no frozen weight of shape [{fan_in}, {fan_out}] under {base_out}")
 
 
-def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    g = _Graph(model)
-    removed: set[str] = set()
-    renames: dict[str, str] = {}
+@dataclass
+class LoRABranch:
+    """One LoRA branch of the bundle graph: x·Aᵀ·Bᵀ·scale added to the output of a frozen weight."""
+
+    module: str
+    a: str  # the adapter inputs
+    b: str
+    scale: float
+    weight: str  # the frozen weight's initializer
+    layout: str  # "in_out" (MatMul), "out_in" (Gemm with transB) or "lord" (W1·W2, export/lord.py)
+    nodes: list[str]  # the branch's nodes (Transpose, MatMul, MatMul, Mul, Add)
+    output: str  # the Add's output: base output + branch
+    base_output: str
+    weight_out: str | None = None  # LoRD: W2 [k, out] (``weight`` is W1 [in, k])
+
+    def delta(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """ΔW in the weight's own layout."""
+        delta = self.scale * (a.astype(np.float64).T @ b.astype(np.float64).T)  # [in, out]
+        return delta if self.layout == "in_out" else delta.T
+
+
+def lora_branches(model: onnx.ModelProto, manifest: Manifest, g: _Graph | None = None) -> list[LoRABranch]:
+    """Every LoRA branch and the frozen weight it adds to (graph walk from the adapter inputs)."""
+    g = g or _Graph(model)
     pairs = {}
     for t in manifest.adapter.tensors:
         if t.role in ("lora_A", "lora_B"):
             pairs.setdefault(t.module, {})[t.role] = t
+    out = []
     for module, pair in pairs.items():
         a_t, b_t = pair["lora_A"], pair["lora_B"]
-        a, b = values[a_t.name].astype(np.float64), values[b_t.name].astype(np.float64)
         ta = g.only_consumer(a_t.name, "Transpose")
         m1 = g.only_consumer(ta.output[0], "MatMul")
         m2 = g.only_consumer(m1.output[0], "MatMul")
@@ -90,13 +116,32 @@ def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str,
         scale = float(g.constant([i for i in mul.input if i != m2.output[0]][0]))
         add = g.only_consumer(mul.output[0], "Add")
         base_out = [i for i in add.input if i != mul.output[0]][0]
-        init, layout = _base_weight(g, base_out, a.shape[1], b.shape[0])
-        w = numpy_helper.to_array(init).astype(np.float64)
-        delta = scale * (a.T @ b.T)  # [in, out]
-        merged = w + (delta if layout == "in_out" else delta.T)
-        init.CopyFrom(numpy_helper.from_array(merged.astype(np.float32), init.name))
-        removed.update(n.name for n in (ta, tb, m1, m2, mul, add))
-        renames[add.output[0]] = base_out
+        init, layout, second = _base_weight(g, base_out, a_t.shape[1], b_t.shape[0])
+        out.append(LoRABranch(module, a_t.name, b_t.name, scale, init.name, layout,
+                              [n.name for n in (ta, tb, m1, m2, mul, add)], add.output[0], base_out,
+                              second.name if second is not None else None))
+    return out
+
+
+def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = _Graph(model)
+    removed: set[str] = set()
+    renames: dict[str, str] = {}
+    for branch in lora_branches(model, manifest, g):
+        init = g.inits[branch.weight]
+        a, b = values[branch.a], values[branch.b]
+        if branch.layout == "lord":  # exact, and still low rank: W1·W2 + s·AᵀBᵀ = [W1 | s·Aᵀ]·[W2 ; Bᵀ]
+            second = g.inits[branch.weight_out]
+            w1 = np.concatenate([numpy_helper.to_array(init), branch.scale * a.T], axis=1)
+            w2 = np.concatenate([numpy_helper.to_array(second), b.T], axis=0)
+            init.CopyFrom(numpy_helper.from_array(w1.astype(np.float32), init.name))
+            second.CopyFrom(numpy_helper.from_array(w2.astype(np.float32), second.name))
+        else:
+            merged = numpy_helper.to_array(init).astype(np.float64) + branch.delta(a, b)
+            init.CopyFrom(numpy_helper.from_array(merged.astype(np.float32), init.name))
+        removed.update(branch.nodes)
+        renames[branch.output] = branch.base_output
     # cut the branches out and point their users at the base outputs
     keep = [n for n in g.graph.node if n.name not in removed]
     for n in keep:
