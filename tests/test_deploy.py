@@ -161,3 +161,25 @@ def test_int8_keeps_gated_ffn_down_projections_fp32(llama_lm_bundle, bert_bundle
     theta = ref.layout.initial(0)
     want, got = (evaluate(b, theta, b.encode(CORPUS[:5]), 8)["loss"] for b in (ref, q))
     assert abs(got - want) < 0.05
+
+
+def test_merge_into_lord_factors_is_exact_at_two_shapes(bert_bundle, trained, tmp_path):
+    """A LoRA on a LoRD layer folds into its factors, [W1 | s·Aᵀ]·[W2 ; Bᵀ], still two thin MatMuls."""
+    import onnx
+
+    from edgeft.export.compress import compress_bundle
+    from edgeft.export.deploy import deploy
+
+    lord_bundle = tmp_path / "lord"
+    compress_bundle(bert_bundle, lord_bundle, params_ratio=0.5, log=lambda m: None)
+    out = tmp_path / "merged"
+    report = deploy(lord_bundle, trained, out, merge=True)
+    assert report["logits"] < 1e-4 and report["label_agreement"] == 1.0
+    for texts in (TEXTS_A, TEXTS_B):
+        feeds, want = _reference(lord_bundle, trained, texts)
+        (got,) = run_deployed(out, feeds)
+        assert np.abs(got - want).max() < 1e-4
+    before = {i.name: list(i.dims) for i in onnx.load(str(lord_bundle / "model.onnx")).graph.initializer}
+    after = {i.name: list(i.dims) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
+    grown = [name for name in after if name.endswith(".lord_in") and after[name][1] == before[name][1] + 8]
+    assert grown, "no LoRD factor took the rank-8 LoRA"
