@@ -122,7 +122,7 @@ def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) ->
                 folder.mkdir()
                 _write(compressed, bundle_dir, manifest, folder)
             run_dir = out / TRAINING_DIR if last else work / f"run-{fold}"
-            summary = _train(req, folder, run_dir, steps[fold], budgets[fold])
+            summary = _train(req, folder, run_dir, steps[fold], budgets[fold], output_fit=last)
             history[-1]["training"] = {k: summary.get(k) for k in ("steps", "forward_passes", "best_step", "best")}
             if not last:
                 _fold_adapters(source.layout, req.seed, run_dir / "adapter", branches, weights)
@@ -210,13 +210,16 @@ def _write(model, source: Path, manifest: Manifest, folder: Path) -> dict:
     return {}
 
 
-def _train(req: TrainedRankRequest, folder: Path, run_dir: Path, steps, budget) -> dict:
+def _train(req: TrainedRankRequest, folder: Path, run_dir: Path, steps, budget, output_fit: bool) -> dict:
+    """One segment: ``edgeft train`` on the bundle as cut so far, at the same seed (the same k-shot draw
+    and LoRA start). A causal LM's output adapter is not a layer weight to fold: only the last segment
+    fits it (as ``edgeft train`` would), the others spend their passes on the body."""
     from edgeft.training import TrainRequest, run_training
 
     return run_training(TrainRequest(
         bundle=folder, data=req.data, run_dir=run_dir, eval_data=req.eval_data, optimizer=req.optimizer, steps=steps,
         budget=budget, batch_size=req.batch_size, k_shot=req.k_shot, seed=req.seed, device=req.device,
-        progress=req.progress, overwrite=True), log=lambda m: None)
+        output_fit_steps=None if output_fit else 0, progress=req.progress, overwrite=True), log=lambda m: None)
 
 
 def _fold_adapters(layout, seed: int, adapter: Path, branches, weights) -> None:

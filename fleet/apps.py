@@ -1,0 +1,267 @@
+"""The Flower apps (Message API): a ServerApp that aggregates seeds and scalars, a ClientApp that trains.
+
+Wire format (ConfigRecords only; no arrays ever cross):
+  server → client, message type "train", record "fleet":
+      round, since (first round in the history part), hist_rounds / hist_indices / hist_values (the
+      pairs of rounds since..round-1, flattened), selected (whether this client trains this round)
+  client → server, record "upload": Upload.to_record() + client (its partition id)
+A client keeps its adapter and applied round in its Context state; one that has none (new, restarted,
+joining late) reports known_round 0 and gets the whole history next time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import directions
+from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, replay
+
+STATE_FILE, ROUNDS_FILE = "state.json", "rounds.jsonl"
+
+
+@dataclass
+class FleetSettings:
+    bundle: Path
+    data: Path
+    run_dir: Path
+    clients: int
+    rounds: int
+    partition: str = "iid"
+    config: FleetConfig = field(default_factory=FleetConfig)
+    eval_data: Path | None = None
+    eval_every: int = 1
+    eval_limit: int | None = 200
+    text_field: str = "text"
+    label_field: str = "label"
+    init_adapter: Path | None = None
+    node_wait_s: float = 120.0  # how long the server waits for the clients to connect
+    log: Callable[[str], None] = print
+
+
+# --- shared by both sides ------------------------------------------------------
+
+
+_BUNDLES: dict[str, object] = {}  # one ORT session per bundle per process (Ray reuses worker processes)
+
+
+def _bundle(path: Path):
+    from edgeft.runtime import Bundle
+
+    key = str(Path(path).resolve())
+    if key not in _BUNDLES:
+        _BUNDLES[key] = Bundle(path)
+    return _BUNDLES[key]
+
+
+def start_and_index(bundle, seed: int, init_adapter: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The shared start (the same on every device: no local probe) and the searched values' positions."""
+    from edgeft.adapters import load_adapter, searched_tensors
+
+    theta = bundle.layout.initial(seed)
+    if init_adapter is not None:
+        theta = load_adapter(init_adapter, bundle.layout, base=theta)
+    names = set(searched_tensors(bundle.layout, bundle.manifest))
+    index = np.concatenate([np.arange(bundle.layout.slice_of(t.name).start, bundle.layout.slice_of(t.name).stop)
+                            for t in bundle.layout.tensors if t.name in names])
+    return theta, index
+
+
+def selected(config: FleetConfig, round_: int, client: int, clients: int) -> bool:
+    """Whether ``client`` trains in ``round_`` (decided from ids both sides know: resumable)."""
+    if config.clients_per_round is None or config.clients_per_round >= clients:
+        return True
+    chosen = np.random.default_rng([config.seed, round_, 7]).choice(clients, config.clients_per_round, replace=False)
+    return client in set(chosen.tolist())
+
+
+def _history_record(history: list[dict], since: int) -> dict:
+    rounds, indices, values = [], [], []
+    for entry in history[since:]:
+        for j, g in entry["pairs"]:
+            rounds.append(int(entry["round"]))
+            indices.append(int(j))
+            values.append(float(g))
+    return {"since": since, "hist_rounds": rounds, "hist_indices": indices, "hist_values": values}
+
+
+def _history_from(record) -> list[list[tuple[int, float]]]:
+    """Per round (from ``since`` to ``round - 1``), its pairs."""
+    since, until = int(record["since"]), int(record["round"])
+    per_round: list[list[tuple[int, float]]] = [[] for _ in range(until - since)]
+    for r, j, g in zip(record["hist_rounds"], record["hist_indices"], record["hist_values"]):
+        per_round[int(r) - since].append((int(j), float(g)))
+    return per_round
+
+
+def wire_bytes(record: dict) -> int:
+    """Bytes of a ConfigRecord as Flower serialises it (protobuf)."""
+    from flwr.app import ConfigRecord
+    from flwr.common.serde import config_record_to_proto
+
+    return config_record_to_proto(ConfigRecord(record)).ByteSize()
+
+
+# --- the client -------------------------------------------------------------------
+
+
+def client_train(settings: FleetSettings, record, state) -> dict:
+    """One train message on a device: catch up on the broadcast history, train if selected, upload.
+    ``state`` is the Context's RecordDict (kept between rounds on that device)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from edgeft.data import load_dataset
+
+    from .client import local_round
+    from .partition import partition
+
+    config, client = settings.config, int(record["client"])
+    bundle = _bundle(settings.bundle)
+    theta0, index = start_and_index(bundle, config.seed, settings.init_adapter)
+    if "edgeft" in state:
+        theta, known = state["edgeft-theta"]["theta"].numpy().copy(), int(state["edgeft"]["known_round"])
+    else:
+        theta, known = theta0, 0
+    since, round_ = int(record["since"]), int(record["round"])
+    if known < since:  # this device lost its state: ask for everything
+        return Upload([], [], 1, known_round=0).to_record() | {"client": client, "skipped": True}
+    seeds = directions.pool(config.seed, config.pool_size)
+    for offset, pairs in enumerate(_history_from(record)):
+        if since + offset >= known:
+            apply_round(theta, pairs, config.lr, seeds, index)
+    known = round_
+    state["edgeft-theta"] = ArrayRecord({"theta": Array(theta)})
+    state["edgeft"] = ConfigRecord({"known_round": known})
+    if not bool(record["selected"]):
+        return Upload([], [], 1, known_round=known).to_record() | {"client": client, "skipped": True}
+    data = load_dataset(settings.data, bundle.labels, settings.text_field, settings.label_field)
+    labels = data.labels if bundle.task != "causal-lm" else None
+    rows = partition(settings.partition, settings.data, settings.clients, config.seed, labels, settings.text_field)[client]
+    mine = data.subset(rows)
+    upload = local_round(bundle, bundle.encode(mine.texts, mine.labels), theta, config, round_, client, index)
+    upload.known_round = known
+    return upload.to_record() | {"client": client, "skipped": False}
+
+
+def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict] | None = None):
+    """The ClientApp. ``tamper`` (tests only) rewrites a client's upload: a poisoned device."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        record = dict(msg.content["fleet"])
+        record["client"] = int(context.node_config.get("partition-id", record.get("client", 0)))
+        reply = client_train(settings, record, context.state)
+        if tamper is not None:
+            reply = tamper(record["client"], reply)
+        return Message(content=RecordDict({"upload": ConfigRecord(reply)}), reply_to=msg)
+
+    return app
+
+
+# --- the server -------------------------------------------------------------------
+
+
+def make_server_app(settings: FleetSettings):
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        run_server(settings, grid)
+
+    return app
+
+
+def _wait_for_nodes(grid, count: int, wait_s: float) -> list[int]:
+    deadline = time.monotonic() + wait_s
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+        nodes = sorted(grid.get_node_ids())
+    if len(nodes) < count:
+        raise RuntimeError(f"fleet: {len(nodes)} of {count} clients connected within {wait_s:.0f} s")
+    return nodes
+
+
+def run_server(settings: FleetSettings, grid) -> FleetState:
+    """Rounds until ``settings.rounds``, resuming from RUN/state.json when it is there."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    run_dir, config = Path(settings.run_dir), settings.config
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_path = run_dir / STATE_FILE
+    state = FleetState.load(state_path) if state_path.is_file() else FleetState(config)
+    nodes = _wait_for_nodes(grid, settings.clients, settings.node_wait_s)
+    known: dict[int, int] = {}  # node → rounds it has applied (what it last said)
+    bundle = _bundle(settings.bundle)
+    theta0, index = start_and_index(bundle, config.seed, settings.init_adapter)
+    while state.round < settings.rounds:
+        r = state.round
+        messages, down = [], {}
+        for node in nodes:
+            since = min(known.get(node, 0), r)
+            record = {"round": r, **_history_record(state.history, since), "selected": True}
+            down[node] = wire_bytes(record)
+            messages.append(Message(content=RecordDict({"fleet": ConfigRecord(record)}), dst_node_id=node,
+                                    message_type="train", group_id=str(r)))
+        uploads, rejected, up, seen, losses, passes = [], [], {}, set(), [], 0
+        for reply in grid.send_and_receive(messages):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                rejected.append({"node": node, "reason": f"client error: {reply.error.reason}"})
+                continue
+            try:
+                raw = dict(reply.content["upload"])
+                up[node] = wire_bytes(raw)
+                client = raw.get("client")
+                if not isinstance(client, int) or not 0 <= client < settings.clients or client in seen:
+                    raise ValueError(f"client id {client!r} unknown or repeated")
+                seen.add(client)
+                known[node] = raw.get("known_round", 0) if isinstance(raw.get("known_round"), int) else 0
+                selected_now = selected(config, r, client, settings.clients)
+                if raw.get("skipped") is True or not selected_now:
+                    continue
+                upload = check_upload(raw, config)
+                uploads.append((client, upload))
+                losses.append(upload.loss)
+                passes += upload.forward_passes
+            except (ValueError, KeyError, TypeError) as err:
+                rejected.append({"node": node, "reason": str(err)})
+        for item in rejected:
+            settings.log(f"round {r}: rejected an upload from node {item['node']}: {item['reason']}")
+        uploads.sort(key=lambda cu: cu[0])  # a fixed order: the same sums on a resumed run
+        pairs = aggregate([u for _, u in uploads], config)
+        state.history.append({"round": r, "pairs": [[j, g] for j, g in pairs]})
+        state.save(state_path)
+        line = {"round": r, "clients": len(nodes), "accepted": len(uploads), "rejected": rejected,
+                "pairs": len(pairs), "upload_bytes_max": max(up.values(), default=0),
+                "download_bytes_max": max(down.values(), default=0), "client_forward_passes": passes,
+                "train_loss": float(np.nanmean(losses)) if losses else None}
+        if settings.eval_data and ((r + 1) % settings.eval_every == 0 or r + 1 == settings.rounds):
+            line["eval"] = _evaluate(settings, bundle, replay(theta0, state.history, config, index))
+        with open(run_dir / ROUNDS_FILE, "a") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        settings.log(f"round {r}: {len(uploads)} uploads, {len(pairs)} pairs, up ≤ {line['upload_bytes_max']} B, "
+                     f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
+    return state
+
+
+def _evaluate(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:
+    from edgeft.data import load_dataset
+    from edgeft.runtime import evaluate
+
+    data = load_dataset(settings.eval_data, bundle.labels, settings.text_field, settings.label_field)
+    if settings.eval_limit and len(data) > settings.eval_limit:
+        data = data.subset(np.arange(settings.eval_limit))
+    metrics = evaluate(bundle, theta, bundle.encode(data.texts, data.labels), batch_size=8)
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
