@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import directions
-from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, replay
+from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, digest, replay
 
 STATE_FILE, ROUNDS_FILE = "state.json", "rounds.jsonl"
 
@@ -205,8 +205,11 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
     known: dict[int, int] = {}  # node → rounds it has applied (what it last said)
     bundle = _bundle(settings.bundle)
     theta0, index = start_and_index(bundle, config.seed, settings.init_adapter)
+    theta = replay(theta0, state.history, config, index)  # the shared adapter (kept up round by round)
+    seeds = directions.pool(config.seed, config.pool_size)
     while state.round < settings.rounds:
         r = state.round
+        shared = digest(theta)  # what every client must hold when it trains this round
         messages, down = [], {}
         for node in nodes:
             since = min(known.get(node, 0), r)
@@ -232,6 +235,8 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                 if raw.get("skipped") is True or not selected_now:
                     continue
                 upload = check_upload(raw, config)
+                if upload.adapter != shared:
+                    raise ValueError(f"trained from another adapter ({upload.adapter or 'none'} != {shared})")
                 uploads.append((client, upload))
                 losses.append(upload.loss)
                 passes += upload.forward_passes
@@ -241,6 +246,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
             settings.log(f"round {r}: rejected an upload from node {item['node']}: {item['reason']}")
         uploads.sort(key=lambda cu: cu[0])  # a fixed order: the same sums on a resumed run
         pairs = aggregate([u for _, u in uploads], config)
+        apply_round(theta, pairs, config.lr, seeds, index)
         state.history.append({"round": r, "pairs": [[j, g] for j, g in pairs]})
         state.save(state_path)
         line = {"round": r, "clients": len(nodes), "accepted": len(uploads), "rejected": rejected,
@@ -248,7 +254,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                 "download_bytes_max": max(down.values(), default=0), "client_forward_passes": passes,
                 "train_loss": float(np.nanmean(losses)) if losses else None}
         if settings.eval_data and ((r + 1) % settings.eval_every == 0 or r + 1 == settings.rounds):
-            line["eval"] = _evaluate(settings, bundle, replay(theta0, state.history, config, index))
+            line["eval"] = _evaluate(settings, bundle, theta)
         with open(run_dir / ROUNDS_FILE, "a") as handle:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
         settings.log(f"round {r}: {len(uploads)} uploads, {len(pairs)} pairs, up ≤ {line['upload_bytes_max']} B, "

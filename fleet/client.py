@@ -7,7 +7,7 @@ import numpy as np
 from edgeft.runtime import CandidateEvaluator
 
 from . import directions
-from .protocol import FleetConfig, Upload
+from .protocol import FleetConfig, Upload, digest
 
 
 def local_round(bundle, train, theta: np.ndarray, config: FleetConfig, round_: int, client: int,
@@ -37,4 +37,4 @@ def local_round(bundle, train, theta: np.ndarray, config: FleetConfig, round_: i
         losses.append(0.5 * (up + down))
     indices = sorted(sums)
     return Upload(indices, [sums[j] for j in indices], len(train), loss=float(np.mean(losses)) if losses else float("nan"),
-                  forward_passes=evaluator.forward_passes)
+                  forward_passes=evaluator.forward_passes, adapter=digest(theta))

@@ -67,11 +67,19 @@ class Upload:
     known_round: int = 0  # the rounds it has applied (the server sends it only what it lacks)
     loss: float = float("nan")  # its mean local training loss (a metric, not used in the update)
     forward_passes: int = 0
+    adapter: str = ""  # digest of the adapter it trained from (the server checks it holds the same one)
 
     def to_record(self) -> dict:
         return {"indices": [int(i) for i in self.indices], "values": [float(v) for v in self.values],
                 "examples": int(self.examples), "known_round": int(self.known_round), "loss": float(self.loss),
-                "forward_passes": int(self.forward_passes)}
+                "forward_passes": int(self.forward_passes), "adapter": self.adapter}
+
+
+def digest(theta: np.ndarray) -> str:
+    """A short fingerprint of an adapter's exact bytes: every device must hold the same one."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(theta, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
 def check_upload(record, config: FleetConfig) -> Upload:
@@ -104,9 +112,10 @@ def check_upload(record, config: FleetConfig) -> Upload:
         raise ValueError(f"known round {known!r} is not a round")
     loss = record.get("loss", float("nan"))
     passes = record.get("forward_passes", 0)
+    held = record.get("adapter", "")
     return Upload(indices, [float(np.clip(v, -config.clip, config.clip)) for v in values], examples, known,
                   float(loss) if isinstance(loss, (int, float)) else float("nan"),
-                  int(passes) if isinstance(passes, int) else 0)
+                  int(passes) if isinstance(passes, int) else 0, held if isinstance(held, str) else "")
 
 
 def aggregate(uploads: list[Upload], config: FleetConfig) -> list[tuple[int, float]]:

@@ -1,0 +1,211 @@
+"""edgeft.fleet: the portable directions (test vectors), upload checks and robust aggregation, the
+replay, partitions, and real Flower simulations (identical adapters everywhere, poisoned clients,
+resume)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+from edgeft.errors import EdgeftError
+from edgeft.fleet import directions
+from edgeft.fleet.partition import partition
+from edgeft.fleet.protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, replay
+
+# SplitMix64's published outputs for seed 0 (the reference C code by Vigna), and this project's own
+# vectors, also in docs/FLEET.md: a client in another language must reproduce these exactly.
+SPLITMIX64_SEED0 = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+DIRECTION_12345 = "++++-++++-++---+"  # direction(12345, 16)
+POOL_7 = [7191089600892374487, 309689372594955804, 16616101746815609346]  # pool(7, 3)
+
+
+def test_directions_match_the_published_generator_and_the_documented_vectors():
+    assert [directions.output(0, n) for n in (1, 2, 3)] == SPLITMIX64_SEED0
+    assert [int(v) for v in directions.outputs(0, 3)] == SPLITMIX64_SEED0
+    rng = np.random.default_rng(0)
+    for seed in [int(s) for s in rng.integers(0, 2**63, size=5, dtype=np.int64)] + [2**64 - 1]:
+        start = int(rng.integers(1, 10**6))
+        assert [int(v) for v in directions.outputs(seed, 4, start)] == [directions.output(seed, n) for n in range(start, start + 4)]
+    d = directions.direction(12345, 16)
+    assert d.dtype == np.float32 and "".join("+" if v > 0 else "-" for v in d) == DIRECTION_12345
+    assert directions.pool(7, 3) == POOL_7
+    big = directions.direction(99, 100_000)
+    assert set(np.unique(big)) == {-1.0, 1.0} and abs(big.mean()) < 0.02  # balanced signs
+
+
+def _upload(**change):
+    record = {"indices": [1, 5], "values": [0.5, -2.0], "examples": 10, "known_round": 0, "adapter": "x"}
+    record.update(change)
+    return record
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"values": [float("nan"), 1.0]}, "non-finite"),
+    ({"values": [1e9, 1.0]}, "beyond"),
+    ({"indices": [1, 4096]}, "unknown seed index 4096"),
+    ({"indices": [-1, 2]}, "unknown seed index -1"),
+    ({"indices": [3, 3]}, "twice"),
+    ({"indices": [1]}, "1 seed indices but 2 values"),
+    ({"values": ["a", 1.0]}, "numbers"),
+    ({"examples": 0}, "positive integer"),
+    ({"examples": "many"}, "positive integer"),
+])
+def test_garbage_uploads_are_rejected_with_a_reason(change, reason):
+    with pytest.raises(ValueError, match=reason):
+        check_upload(_upload(**change), FleetConfig(pool_size=1024))
+    with pytest.raises(ValueError, match="malformed"):
+        check_upload({"indices": [1]}, FleetConfig())
+    with pytest.raises(ValueError, match="malformed"):
+        check_upload("not a record", FleetConfig())
+
+
+def test_aggregation_clips_weights_and_resists_outliers():
+    config = FleetConfig(clip=10.0)
+    clipped = check_upload(_upload(values=[50.0, -2.0]), config)
+    assert clipped.values == [10.0, -2.0]
+    a = Upload([1, 2], [1.0, 4.0], examples=30)
+    b = Upload([2, 3], [2.0, 6.0], examples=10)
+    mean = dict(aggregate([a, b], config))
+    assert mean == pytest.approx({1: 0.75, 2: 3.5, 3: 1.5})  # examples-weighted, absent seeds count 0
+    honest = [Upload([0], [1.0], 5), Upload([0], [1.2], 5), Upload([0], [0.8], 5)]
+    liar = check_upload({"indices": [0], "values": [1e5], "examples": 10**6}, config)
+    for how, bound in (("median", 1.2), ("trimmed", 1.2)):
+        robust = dict(aggregate(honest + [liar], FleetConfig(aggregate=how, trim_fraction=0.25)))
+        assert 0.8 <= robust[0] <= bound
+    # the weighted mean is a convex combination: a liar moves a seed's value by at most the clip
+    assert abs(dict(aggregate(honest + [liar], config))[0]) <= config.clip
+    assert aggregate([], config) == []
+
+
+def test_apply_round_is_the_documented_elementwise_rule_and_replay_chains_rounds():
+    config = FleetConfig(seed=3, pool_size=8, lr=0.01)
+    seeds = directions.pool(config.seed, config.pool_size)
+    theta0 = np.linspace(-1, 1, 50).astype(np.float32)
+    index = np.arange(5, 45)
+    pairs = [(6, -0.3), (2, 1.7)]
+    got = theta0.copy()
+    apply_round(got, pairs, config.lr, seeds, index)
+    want = theta0.copy()
+    for j, g in sorted(pairs):  # the portable definition, one value at a time in float32
+        step = np.float32(config.lr * g)
+        d = directions.direction(seeds[j], len(index))
+        for k, i in enumerate(index):
+            want[i] = np.float32(want[i] - step * d[k])
+    assert np.array_equal(got, want) and np.array_equal(got[:5], theta0[:5])
+    history = [{"round": 0, "pairs": [[6, -0.3], [2, 1.7]]}, {"round": 1, "pairs": [[1, 0.25]]}]
+    chained = replay(theta0, history[:1], config, index)
+    apply_round(chained, [(1, 0.25)], config.lr, seeds, index)
+    assert np.array_equal(replay(theta0, history, config, index), chained)
+
+
+def test_state_saves_atomically_and_refuses_foreign_files(tmp_path):
+    state = FleetState(FleetConfig(seed=4), [{"round": 0, "pairs": [[1, 0.1 + 0.2]]}])
+    state.save(tmp_path / "state.json")
+    again = FleetState.load(tmp_path / "state.json")
+    assert again.config == state.config and again.history == state.history and again.round == 1
+    assert not (tmp_path / "state.json.tmp").exists()
+    (tmp_path / "foreign.json").write_text('{"format": "something else"}')
+    with pytest.raises(EdgeftError, match="not an edgeft fleet state"):
+        FleetState.load(tmp_path / "foreign.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(EdgeftError, match="not a readable fleet state"):
+        FleetState.load(tmp_path / "broken.json")
+
+
+def _fleet_data(path, rows=48):
+    from tests.models import CORPUS
+
+    texts = (CORPUS * 4)[:rows]
+    path.write_text("".join(json.dumps({"text": t, "speaker": "abcdef"[i % 6], "label": ["neg", "pos"][i % 2]}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path
+
+
+def test_partitions(tmp_path):
+    data = _fleet_data(tmp_path / "d.jsonl")
+    iid = partition("iid", data, 4, seed=0)
+    assert sorted(np.concatenate(iid).tolist()) == list(range(48)) and all(len(p) == 12 for p in iid)
+    by = partition("by-field:speaker", data, 6, seed=0)
+    assert all(len(set(i % 6 for i in p)) == 1 for p in by)
+    labels = np.array([i % 2 for i in range(48)])
+    skew = partition("dirichlet:0.3", data, 3, seed=1, labels=labels)
+    assert sorted(np.concatenate(skew).tolist()) == list(range(48))
+    for spec, message in (("by-field:speaker", "fewer than --clients"), ("dirichlet:x", "expected dirichlet:ALPHA"),
+                          ("round-robin", "expected iid")):
+        with pytest.raises(EdgeftError, match=message):
+            partition(spec, data, 7, seed=0, labels=labels)
+    with pytest.raises(EdgeftError, match="has none"):
+        partition("dirichlet:0.3", data, 3, seed=0)
+
+
+# --- real Flower simulations (Ray) ---------------------------------------------------------
+
+
+def _settings(bundle, data, run_dir, rounds, **config):
+    from edgeft.fleet.apps import FleetSettings
+
+    return FleetSettings(bundle, data, run_dir, clients=4, rounds=rounds, partition="by-field:speaker",
+                         config=FleetConfig(pool_size=64, local_steps=2, batch_size=4, lr=1e-2, **config),
+                         eval_data=data, log=lambda m: None)
+
+
+def _poison(client: int, reply: dict) -> dict:
+    """Clients 1-3 turn hostile in round 1: NaN, an absurd value, seed indices outside the pool."""
+    if reply.get("skipped") or reply["known_round"] != 1 or client not in (1, 2, 3):
+        return reply
+    if client == 1:
+        return reply | {"values": [float("nan")] * len(reply["values"])}
+    if client == 2:
+        return reply | {"values": [1e9] * len(reply["values"])}
+    return reply | {"indices": [10_000 + i for i in range(len(reply["indices"]))]}
+
+
+def test_simulation_holds_one_adapter_everywhere_rejects_poison_and_resumes(llama_lm_bundle, tmp_path):
+    from edgeft.adapters import load_adapter
+    from edgeft.fleet.apps import _bundle, start_and_index
+    from edgeft.fleet.simulate import simulate
+
+    data = _fleet_data(tmp_path / "lines.jsonl")
+    # uninterrupted, 3 rounds, with three hostile clients from round 1 on
+    full = simulate(_settings(llama_lm_bundle, data, tmp_path / "full", 3), tamper=_poison)
+    rounds = [json.loads(l) for l in (tmp_path / "full" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["accepted"] for r in rounds] == [4, 1, 4]  # round 2: the clients are honest again
+    reasons = " ".join(x["reason"] for x in rounds[1]["rejected"])
+    assert "non-finite" in reasons and "beyond" in reasons and "unknown seed index" in reasons
+    # every accepted upload was trained from the server's adapter (the digest check): clients and
+    # server held the same adapter bit for bit in every round
+    assert all("another adapter" not in x["reason"] for r in rounds for x in r["rejected"])
+    assert full["upload_bytes_per_client_round_max"] < 1024 and full["rejected_uploads"] == 3
+    b = _bundle(llama_lm_bundle)
+    theta0, index = start_and_index(b, 0, None)
+    state = FleetState.load(tmp_path / "full" / "state.json")
+    saved = load_adapter(tmp_path / "full" / "adapter", b.layout)
+    assert np.array_equal(saved, replay(theta0, state.history, state.config, index))
+    assert not np.array_equal(saved, theta0)
+    # stopped after 1 round, resumed to 3: the same history and adapter as the uninterrupted run
+    simulate(_settings(llama_lm_bundle, data, tmp_path / "split", 1), tamper=_poison)
+    resumed = simulate(_settings(llama_lm_bundle, data, tmp_path / "split", 3), resume=True, tamper=_poison)
+    assert FleetState.load(tmp_path / "split" / "state.json").history == state.history
+    assert np.array_equal(load_adapter(tmp_path / "split" / "adapter", b.layout), saved)
+    assert resumed["eval"] == full["eval"]
+
+
+def test_fleet_simulate_bad_input(llama_lm_bundle, bert_bundle, tmp_path):
+    data = _fleet_data(tmp_path / "lines.jsonl")
+    cases = [
+        ([str(llama_lm_bundle), "--data", str(data), "--clients", "9", "--partition", "by-field:speaker"], "fewer than --clients"),
+        ([str(llama_lm_bundle), "--data", str(data), "--rounds", "0"], "--rounds must be at least 1"),
+        ([str(llama_lm_bundle), "--data", str(data), "--aggregate", "mean", "--pool-size", "0"], "at least 1"),
+        ([str(bert_bundle), "--data", str(data)], "classification head cannot start from zero"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["fleet", "simulate", *args, "-o", str(tmp_path / "run")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "run").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    result = CliRunner().invoke(main, ["fleet", "simulate", str(llama_lm_bundle), "--data", str(data), "-o", str(taken)])
+    assert result.exit_code == 2 and "already holds a run" in result.output and (taken / "mine.txt").read_text() == "keep"
