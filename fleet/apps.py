@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import directions
-from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, digest, replay
+from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, digest, replay, round_lr
 
 STATE_FILE, ROUNDS_FILE = "state.json", "rounds.jsonl"
 
@@ -87,16 +87,17 @@ def _history_record(history: list[dict], since: int) -> dict:
             rounds.append(int(entry["round"]))
             indices.append(int(j))
             values.append(float(g))
-    return {"since": since, "hist_rounds": rounds, "hist_indices": indices, "hist_values": values}
+    lrs = [float(e["lr"] or 0.0) for e in history[since:]]  # 0: a round without pairs
+    return {"since": since, "hist_rounds": rounds, "hist_indices": indices, "hist_values": values, "hist_lr": lrs}
 
 
-def _history_from(record) -> list[list[tuple[int, float]]]:
-    """Per round (from ``since`` to ``round - 1``), its pairs."""
+def _history_from(record) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per round (from ``since`` to ``round - 1``), its lr and pairs."""
     since, until = int(record["since"]), int(record["round"])
     per_round: list[list[tuple[int, float]]] = [[] for _ in range(until - since)]
     for r, j, g in zip(record["hist_rounds"], record["hist_indices"], record["hist_values"]):
         per_round[int(r) - since].append((int(j), float(g)))
-    return per_round
+    return list(zip([float(v) for v in record["hist_lr"]], per_round))
 
 
 def wire_bytes(record: dict) -> int:
@@ -131,9 +132,9 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     if known < since:  # this device lost its state: ask for everything
         return Upload([], [], 1, known_round=0).to_record() | {"client": client, "skipped": True}
     seeds = directions.pool(config.seed, config.pool_size)
-    for offset, pairs in enumerate(_history_from(record)):
-        if since + offset >= known:
-            apply_round(theta, pairs, config.lr, seeds, index)
+    for offset, (lr, pairs) in enumerate(_history_from(record)):
+        if since + offset >= known and pairs:
+            apply_round(theta, pairs, lr, seeds, index)
     known = round_
     state["edgeft-theta"] = ArrayRecord({"theta": Array(theta)})
     state["edgeft"] = ConfigRecord({"known_round": known})
@@ -246,8 +247,10 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
             settings.log(f"round {r}: rejected an upload from node {item['node']}: {item['reason']}")
         uploads.sort(key=lambda cu: cu[0])  # a fixed order: the same sums on a resumed run
         pairs = aggregate([u for _, u in uploads], config)
-        apply_round(theta, pairs, config.lr, seeds, index)
-        state.history.append({"round": r, "pairs": [[j, g] for j, g in pairs]})
+        lr = round_lr(config, state.history, pairs, len(index))
+        if pairs and lr is not None:
+            apply_round(theta, pairs, lr, seeds, index)
+        state.history.append({"round": r, "lr": lr, "pairs": [[j, g] for j, g in pairs] if lr is not None else []})
         state.save(state_path)
         line = {"round": r, "clients": len(nodes), "accepted": len(uploads), "rejected": rejected,
                 "pairs": len(pairs), "upload_bytes_max": max(up.values(), default=0),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgeft.runtime import CandidateEvaluator
+from edgeft.runtime.optimizers.zeroorder import auto_step
 
 from . import directions
 from .protocol import FleetConfig, Upload, digest
@@ -19,7 +22,7 @@ def local_round(bundle, train, theta: np.ndarray, config: FleetConfig, round_: i
     evaluator = CandidateEvaluator(bundle)
     local = np.array(theta, dtype=np.float32, copy=True)
     sums: dict[int, float] = {}
-    losses = []
+    losses, squares = [], 0.0
     for _ in range(config.local_steps):
         j = int(rng.integers(config.pool_size))
         rows = np.sort(rng.choice(len(train), size=min(config.batch_size, len(train)), replace=False))
@@ -32,8 +35,12 @@ def local_round(bundle, train, theta: np.ndarray, config: FleetConfig, round_: i
         g = (up - down) / (2 * config.eps)
         if not np.isfinite(g):
             continue  # a diverged candidate: nothing learned from this draw
-        local[index] = (local[index] - np.float32(config.lr * g) * d).astype(np.float32)
         sums[j] = sums.get(j, 0.0) + float(g)
+        squares += g * g
+        # the local trajectory is never on the wire: --lr, or MeZO's default step on the RMS-normalised estimate
+        rms = math.sqrt(squares / (len(losses) + 1))
+        lr = config.lr if config.lr is not None else (auto_step(len(index)) / rms if rms > 0 else 0.0)
+        local[index] = (local[index] - np.float32(lr * g) * d).astype(np.float32)
         losses.append(0.5 * (up + down))
     indices = sorted(sums)
     return Upload(indices, [sums[j] for j in indices], len(train), loss=float(np.mean(losses)) if losses else float("nan"),

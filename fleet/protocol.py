@@ -10,7 +10,9 @@ device that joins late replays the history of pairs (kilobytes) instead of downl
 
 ``apply_round`` is the portable definition: for each pair (j, g) in ascending j, every searched value
 θᵢ ← fl32(θᵢ − fl32(lr·g)·dᵢ) with dᵢ = ±1 the direction of pool seed j (one float32 rounding per
-value; other values untouched).
+value; other values untouched). Each round's lr travels with its pairs: the server's ``--lr``, or by
+default one fixed at the first round with pairs so that a round moves each value by MeZO's default
+per-value step (``round_lr``) and kept from then on.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ AGGREGATES = ("mean", "median", "trimmed")
 class FleetConfig:
     seed: int = 0  # the fleet's seed: the pool, client sampling, local batches
     pool_size: int = 1024  # K shared seeds (FedKSeed: a few thousand suffice for billion-parameter models)
-    lr: float = 1e-3
+    lr: float | None = None  # None: fixed at the first round with pairs so that its RMS step is MeZO's default
     eps: float = 1e-3
     local_steps: int = 4
     batch_size: int = 4
@@ -47,7 +49,7 @@ class FleetConfig:
     def __post_init__(self):
         if self.pool_size < 1 or self.local_steps < 1 or self.batch_size < 1:
             raise EdgeftError("fleet: --pool-size, --local-steps and --batch-size must be at least 1")
-        if not (self.lr > 0 and self.eps > 0 and self.clip > 0 and self.reject_above >= self.clip):
+        if not ((self.lr is None or self.lr > 0) and self.eps > 0 and self.clip > 0 and self.reject_above >= self.clip):
             raise EdgeftError("fleet: needs lr > 0, eps > 0, clip > 0 and reject_above >= clip")
         if self.aggregate not in AGGREGATES:
             raise EdgeftError(f"fleet: --aggregate {self.aggregate!r} (known: {', '.join(AGGREGATES)})")
@@ -149,12 +151,26 @@ def apply_round(theta: np.ndarray, pairs: list[tuple[int, float]], lr: float, se
         theta[index] = (theta[index] - step * directions.direction(seeds[j], len(index))).astype(np.float32)
 
 
+def round_lr(config: FleetConfig, history: list[dict], pairs: list[tuple[int, float]], size: int) -> float | None:
+    """The lr a round is applied with: --lr; else the run's first fixed one; else, at the first round
+    with pairs, the per-value step of MeZO's default lr (``auto_step``) over the pairs' RMS."""
+    from edgeft.runtime.optimizers.zeroorder import auto_step
+
+    if config.lr is not None:
+        return config.lr
+    fixed = next((e["lr"] for e in history if e.get("lr")), None)
+    if fixed is not None or not pairs:
+        return fixed
+    rms = math.sqrt(sum(g * g for _, g in pairs) / len(pairs))
+    return auto_step(size) / rms if rms > 0 else None
+
+
 @dataclass
 class FleetState:
     """What the server keeps (and checkpoints): the settings, the start, and every round's pairs."""
 
     config: FleetConfig
-    history: list[dict] = field(default_factory=list)  # [{"round": r, "pairs": [[j, g], ...]}]
+    history: list[dict] = field(default_factory=list)  # [{"round": r, "lr": lr, "pairs": [[j, g], ...]}]
 
     @property
     def round(self) -> int:
@@ -189,5 +205,6 @@ def replay(theta0: np.ndarray, history: list[dict], config: FleetConfig, index: 
     theta = np.array(theta0, dtype=np.float32, copy=True)
     seeds = directions.pool(config.seed, config.pool_size)
     for entry in history:
-        apply_round(theta, [(int(j), float(g)) for j, g in entry["pairs"]], config.lr, seeds, index)
+        if entry["pairs"]:
+            apply_round(theta, [(int(j), float(g)) for j, g in entry["pairs"]], entry["lr"], seeds, index)
     return theta

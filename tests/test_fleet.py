@@ -12,7 +12,8 @@ from edgeft.cli import main
 from edgeft.errors import EdgeftError
 from edgeft.fleet import directions
 from edgeft.fleet.partition import partition
-from edgeft.fleet.protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, replay
+from edgeft.fleet.protocol import (FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, replay,
+                                   round_lr)
 
 # SplitMix64's published outputs for seed 0 (the reference C code by Vigna), and this project's own
 # vectors, also in docs/FLEET.md: a client in another language must reproduce these exactly.
@@ -94,14 +95,32 @@ def test_apply_round_is_the_documented_elementwise_rule_and_replay_chains_rounds
         for k, i in enumerate(index):
             want[i] = np.float32(want[i] - step * d[k])
     assert np.array_equal(got, want) and np.array_equal(got[:5], theta0[:5])
-    history = [{"round": 0, "pairs": [[6, -0.3], [2, 1.7]]}, {"round": 1, "pairs": [[1, 0.25]]}]
+    history = [{"round": 0, "lr": 0.01, "pairs": [[6, -0.3], [2, 1.7]]}, {"round": 1, "lr": 0.01, "pairs": [[1, 0.25]]}]
     chained = replay(theta0, history[:1], config, index)
     apply_round(chained, [(1, 0.25)], config.lr, seeds, index)
     assert np.array_equal(replay(theta0, history, config, index), chained)
 
 
+def test_the_default_lr_is_fixed_once_from_the_first_round_with_pairs():
+    from edgeft.runtime.optimizers.zeroorder import auto_step
+
+    config = FleetConfig()
+    assert round_lr(config, [], [], 100) is None  # nothing to size it by yet
+    first = round_lr(config, [{"round": 0, "lr": None, "pairs": []}], [(1, 3.0), (2, -4.0)], 100)
+    assert first == pytest.approx(auto_step(100) / np.sqrt(12.5))
+    assert round_lr(config, [{"round": 0, "lr": first, "pairs": [[1, 3.0]]}], [(5, 100.0)], 100) == first
+    assert round_lr(FleetConfig(lr=0.2), [], [(1, 3.0)], 100) == 0.2
+
+
+def test_speeches_of_a_play():
+    from edgeft.assets import speeches
+
+    play = "# Act 1\n\n**FIRST WITCH**  \nWhen shall we three meet again  \nIn thunder?\n\n_Exeunt_\n\n**Macbeth**  \nSo foul.\n"
+    assert speeches(play) == [("FIRST WITCH", "When shall we three meet again\nIn thunder?"), ("MACBETH", "So foul.")]
+
+
 def test_state_saves_atomically_and_refuses_foreign_files(tmp_path):
-    state = FleetState(FleetConfig(seed=4), [{"round": 0, "pairs": [[1, 0.1 + 0.2]]}])
+    state = FleetState(FleetConfig(seed=4), [{"round": 0, "lr": 0.5, "pairs": [[1, 0.1 + 0.2]]}])
     state.save(tmp_path / "state.json")
     again = FleetState.load(tmp_path / "state.json")
     assert again.config == state.config and again.history == state.history and again.round == 1
