@@ -22,7 +22,8 @@ import numpy as np
 from . import directions
 from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, digest, replay, round_lr
 
-STATE_FILE, ROUNDS_FILE = "state.json", "rounds.jsonl"
+STATE_FILE, ROUNDS_FILE, SUMMARY_FILE = "state.json", "rounds.jsonl", "summary.json"
+OWN_DATA = "own"  # the partition of a deployed device: the whole data file it was started with
 
 
 @dataclass
@@ -138,12 +139,15 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     known = round_
     state["edgeft-theta"] = ArrayRecord({"theta": Array(theta)})
     state["edgeft"] = ConfigRecord({"known_round": known})
-    if not bool(record["selected"]):
-        return Upload([], [], 1, known_round=known).to_record() | {"client": client, "skipped": True}
+    if not bool(record["selected"]):  # not training this round (or the run's closing sync): caught up only
+        return Upload([], [], 1, known_round=known, adapter=digest(theta)).to_record() | {"client": client, "skipped": True}
     data = load_dataset(settings.data, bundle.labels, settings.text_field, settings.label_field)
-    labels = data.labels if bundle.task != "causal-lm" else None
-    rows = partition(settings.partition, settings.data, settings.clients, config.seed, labels, settings.text_field)[client]
-    mine = data.subset(rows)
+    if settings.partition == OWN_DATA:  # a real device: its data file is all its own
+        mine = data
+    else:  # a simulated device: its share of the one file
+        labels = data.labels if bundle.task != "causal-lm" else None
+        mine = data.subset(partition(settings.partition, settings.data, settings.clients, config.seed, labels,
+                                     settings.text_field)[client])
     upload = local_round(bundle, bundle.encode(mine.texts, mine.labels), theta, config, round_, client, index)
     upload.known_round = known
     return upload.to_record() | {"client": client, "skipped": False}
@@ -196,14 +200,13 @@ def _wait_for_nodes(grid, count: int, wait_s: float) -> list[int]:
 
 def run_server(settings: FleetSettings, grid) -> FleetState:
     """Rounds until ``settings.rounds``, resuming from RUN/state.json when it is there."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-
     run_dir, config = Path(settings.run_dir), settings.config
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / STATE_FILE
     state = FleetState.load(state_path) if state_path.is_file() else FleetState(config)
     nodes = _wait_for_nodes(grid, settings.clients, settings.node_wait_s)
     known: dict[int, int] = {}  # node → rounds it has applied (what it last said)
+    client_of: dict[int, int] = {}  # node → the client id it reported
     bundle = _bundle(settings.bundle)
     theta0, index = start_and_index(bundle, config.seed, settings.init_adapter)
     theta = replay(theta0, state.history, config, index)  # the shared adapter (kept up round by round)
@@ -211,13 +214,10 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
     while state.round < settings.rounds:
         r = state.round
         shared = digest(theta)  # what every client must hold when it trains this round
-        messages, down = [], {}
-        for node in nodes:
-            since = min(known.get(node, 0), r)
-            record = {"round": r, **_history_record(state.history, since), "selected": True}
-            down[node] = wire_bytes(record)
-            messages.append(Message(content=RecordDict({"fleet": ConfigRecord(record)}), dst_node_id=node,
-                                    message_type="train", group_id=str(r)))
+        # a node whose client id is known yet is told whether it trains; an unknown one trains (its upload
+        # is dropped if its client is not sampled this round)
+        chosen = {node: node not in client_of or selected(config, r, client_of[node], settings.clients) for node in nodes}
+        messages, down = _broadcast(state, nodes, known, r, chosen)
         uploads, rejected, up, seen, losses, passes = [], [], {}, set(), [], 0
         for reply in grid.send_and_receive(messages):
             node = reply.metadata.src_node_id
@@ -231,6 +231,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                 if not isinstance(client, int) or not 0 <= client < settings.clients or client in seen:
                     raise ValueError(f"client id {client!r} unknown or repeated")
                 seen.add(client)
+                client_of[node] = client
                 known[node] = raw.get("known_round", 0) if isinstance(raw.get("known_round"), int) else 0
                 selected_now = selected(config, r, client, settings.clients)
                 if raw.get("skipped") is True or not selected_now:
@@ -262,7 +263,64 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
         settings.log(f"round {r}: {len(uploads)} uploads, {len(pairs)} pairs, up ≤ {line['upload_bytes_max']} B, "
                      f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
+    agree = _closing_sync(settings, grid, state, nodes, known, digest(theta))
+    finish(settings, state, bundle, theta, agree)
     return state
+
+
+def _broadcast(state: FleetState, nodes: list[int], known: dict[int, int], r: int, chosen: dict[int, bool]):
+    """Round r's train messages: to each node the history it lacks, and whether it trains."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    messages, down = [], {}
+    for node in nodes:
+        since = min(known.get(node, 0), r)
+        # the node id makes every message's content distinct (Flower's deployment engine stores objects by
+        # content hash)
+        record = {"round": r, "node": int(node), **_history_record(state.history, since), "selected": chosen[node]}
+        down[node] = wire_bytes(record)
+        messages.append(Message(content=RecordDict({"fleet": ConfigRecord(record)}), dst_node_id=node,
+                                message_type="train", group_id=str(r)))
+    return messages, down
+
+
+def _closing_sync(settings: FleetSettings, grid, state: FleetState, nodes: list[int], known: dict[int, int],
+                  shared: str) -> int:
+    """After the last round every device applies it too and reports its adapter's digest: how many hold
+    exactly the server's adapter (all of them, unless a device is faulty)."""
+    messages, _ = _broadcast(state, nodes, known, state.round, {node: False for node in nodes})
+    agree = 0
+    for reply in grid.send_and_receive(messages):
+        held = None if reply.has_error() else dict(reply.content["upload"]).get("adapter")
+        if held == shared:
+            agree += 1
+        else:
+            settings.log(f"closing sync: node {reply.metadata.src_node_id} holds another adapter ({held} != {shared})")
+    return agree
+
+
+def finish(settings: FleetSettings, state: FleetState, bundle, theta: np.ndarray, agree: int) -> dict:
+    """The run folder's results: RUN/adapter (PEFT, as edgeft train writes), curve.png, summary.json."""
+    from edgeft.adapters import save_adapter
+
+    run_dir = Path(settings.run_dir)
+    save_adapter(run_dir / "adapter", bundle.layout, theta, bundle.manifest.peft_base.get("source", ""),
+                 "CAUSAL_LM" if bundle.task == "causal-lm" else None)
+    rounds = [json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines()]
+    plot = _plot(rounds, run_dir / "curve.png")
+    final = next((r["eval"] for r in reversed(rounds) if "eval" in r), None)
+    summary = {"rounds": state.round, "clients": settings.clients, "partition": settings.partition,
+               "upload_bytes_per_client_round_max": max(r["upload_bytes_max"] for r in rounds),
+               "download_bytes_per_client_round_max": max(r["download_bytes_max"] for r in rounds),
+               "forward_passes": sum(r["client_forward_passes"] for r in rounds),
+               "rejected_uploads": sum(len(r["rejected"]) for r in rounds), "eval": final,
+               "adapter": str(run_dir / "adapter"), "plot": str(plot) if plot else None,
+               "lr": next((e["lr"] for e in state.history if e.get("lr")), None),
+               "clients_holding_the_adapter": agree}
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
 
 
 def _evaluate(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:
@@ -274,3 +332,27 @@ def _evaluate(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:
         data = data.subset(np.arange(settings.eval_limit))
     metrics = evaluate(bundle, theta, bundle.encode(data.texts, data.labels), batch_size=8)
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _plot(rounds: list[dict], path: Path) -> Path | None:
+    evaluated = [r for r in rounds if "eval" in r]
+    if not evaluated:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "perplexity" if "perplexity" in evaluated[0]["eval"] else "accuracy"
+    sent = np.cumsum([r["upload_bytes_max"] * r["accepted"] + r["download_bytes_max"] * r["clients"] for r in rounds])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.plot([r["round"] + 1 for r in evaluated], [r["eval"][key] for r in evaluated], marker="o")
+    left.set_xlabel("round")
+    right.plot([sent[r["round"]] / 1024 for r in evaluated], [r["eval"][key] for r in evaluated], marker="o")
+    right.set_xlabel("KB on the wire (all clients, up + down)")
+    for ax in (left, right):
+        ax.set_ylabel(key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -197,6 +197,7 @@ def test_simulation_holds_one_adapter_everywhere_rejects_poison_and_resumes(llam
     # server held the same adapter bit for bit in every round
     assert all("another adapter" not in x["reason"] for r in rounds for x in r["rejected"])
     assert full["upload_bytes_per_client_round_max"] < 1024 and full["rejected_uploads"] == 3
+    assert full["clients_holding_the_adapter"] == 4  # after the closing sync, every device holds it
     b = _bundle(llama_lm_bundle)
     theta0, index = start_and_index(b, 0, None)
     state = FleetState.load(tmp_path / "full" / "state.json")
@@ -228,3 +229,77 @@ def test_fleet_simulate_bad_input(llama_lm_bundle, bert_bundle, tmp_path):
     (taken / "mine.txt").write_text("keep")
     result = CliRunner().invoke(main, ["fleet", "simulate", str(llama_lm_bundle), "--data", str(data), "-o", str(taken)])
     assert result.exit_code == 2 and "already holds a run" in result.output and (taken / "mine.txt").read_text() == "keep"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_deployment_engine_superlink_and_two_supernodes(llama_lm_bundle, tmp_path):
+    """``flwr run`` of the same apps against a SuperLink and two SuperNodes started here on 127.0.0.1,
+    each SuperNode with its own data file: two rounds, every device ends holding the server's adapter."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from edgeft.adapters import load_adapter
+    from edgeft.fleet.apps import _bundle, start_and_index
+    from edgeft.fleet.flower_app import write_app
+
+    bin_dir = os.path.dirname(sys.executable)
+    tools = {name: shutil.which(name, path=bin_dir) or shutil.which(name) for name in
+             ("flower-superlink", "flower-supernode", "flwr")}
+    assert all(tools.values()), tools
+    data = _fleet_data(tmp_path / "lines.jsonl")
+    own = []
+    rows = data.read_text().splitlines()
+    for client in range(2):  # each device brings its own file
+        own.append(tmp_path / f"device{client}.jsonl")
+        own[-1].write_text("\n".join(rows[client::2]) + "\n")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    run_dir = tmp_path / "run"
+    app = write_app(tmp_path / "app", {"bundle": str(llama_lm_bundle), "data": str(data), "run-dir": str(run_dir),
+                                        "clients": 2, "rounds": 2, "pool-size": 64, "local-steps": 2, "lr": 0.01})
+    logs = [open(tmp_path / f"{name}.log", "w") for name in ("superlink", "node0", "node1")]
+    procs = [subprocess.Popen([tools["flower-superlink"], "--insecure", "--database", str(tmp_path / "link.db"),
+                               "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(link)],
+                              env=env, stdout=logs[0], stderr=subprocess.STDOUT)]
+    try:
+        time.sleep(5)
+        for client in range(2):
+            procs.append(subprocess.Popen(
+                [tools["flower-supernode"], "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(_free_port()),
+                 "--node-config", f"partition-id={client} data='{own[client]}'"],
+                env=env, stdout=logs[client + 1], stderr=subprocess.STDOUT))
+        result = subprocess.run([tools["flwr"], "run", str(app), "local", "--stream"], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for log in logs:
+            log.close()
+    assert summary["rounds"] == 2 and summary["rejected_uploads"] == 0
+    assert summary["clients_holding_the_adapter"] == 2
+    b = _bundle(llama_lm_bundle)
+    theta0, index = start_and_index(b, 0, None)
+    state = FleetState.load(run_dir / "state.json")
+    assert all(entry["pairs"] for entry in state.history)
+    assert np.array_equal(load_adapter(run_dir / "adapter", b.layout), replay(theta0, state.history, state.config, index))
