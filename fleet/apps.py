@@ -204,6 +204,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
     run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / STATE_FILE
     state = FleetState.load(state_path) if state_path.is_file() else FleetState(config)
+    _drop_unsaved_rounds(run_dir / ROUNDS_FILE, state.round)
     nodes = _wait_for_nodes(grid, settings.clients, settings.node_wait_s)
     known: dict[int, int] = {}  # node → rounds it has applied (what it last said)
     client_of: dict[int, int] = {}  # node → the client id it reported
@@ -252,20 +253,27 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
         if pairs and lr is not None:
             apply_round(theta, pairs, lr, seeds, index)
         state.history.append({"round": r, "lr": lr, "pairs": [[j, g] for j, g in pairs] if lr is not None else []})
-        state.save(state_path)
         line = {"round": r, "clients": len(nodes), "accepted": len(uploads), "rejected": rejected,
                 "pairs": len(pairs), "upload_bytes_max": max(up.values(), default=0),
                 "download_bytes_max": max(down.values(), default=0), "client_forward_passes": passes,
                 "train_loss": float(np.nanmean(losses)) if losses else None}
         if settings.eval_data and ((r + 1) % settings.eval_every == 0 or r + 1 == settings.rounds):
             line["eval"] = _evaluate(settings, bundle, theta)
-        with open(run_dir / ROUNDS_FILE, "a") as handle:
+        with open(run_dir / ROUNDS_FILE, "a") as handle:  # the log first: a kill before the save redoes the round
             handle.write(json.dumps(line, sort_keys=True) + "\n")
+        state.save(state_path)
         settings.log(f"round {r}: {len(uploads)} uploads, {len(pairs)} pairs, up ≤ {line['upload_bytes_max']} B, "
                      f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
     agree = _closing_sync(settings, grid, state, nodes, known, digest(theta))
     finish(settings, state, bundle, theta, agree)
     return state
+
+
+def _drop_unsaved_rounds(log: Path, saved: int) -> None:
+    """A run killed between logging a round and saving it redoes that round: drop its log line."""
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["round"] < saved]
+        log.write_text("".join(line + "\n" for line in kept))
 
 
 def _broadcast(state: FleetState, nodes: list[int], known: dict[int, int], r: int, chosen: dict[int, bool]):

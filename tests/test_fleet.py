@@ -303,3 +303,35 @@ def test_deployment_engine_superlink_and_two_supernodes(llama_lm_bundle, tmp_pat
     state = FleetState.load(run_dir / "state.json")
     assert all(entry["pairs"] for entry in state.history)
     assert np.array_equal(load_adapter(run_dir / "adapter", b.layout), replay(theta0, state.history, state.config, index))
+
+
+def test_server_resumes_after_sigkill_as_an_uninterrupted_run_ends(llama_lm_bundle, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _fleet_data(tmp_path / "lines.jsonl")
+    common = [str(llama_lm_bundle), "--data", str(data), "--clients", "2", "--rounds", "3", "--local-steps", "2",
+              "--pool-size", "64", "--lr", "0.01"]
+    whole = CliRunner().invoke(main, ["fleet", "simulate", *common, "-o", str(tmp_path / "whole"), "--json"])
+    assert whole.exit_code == 0, whole.output
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeft.cli", "fleet", "simulate", *common, "-o", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "state.json").is_file() and FleetState.load(killed / "state.json").round >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers, mid-run
+    proc.wait()
+    assert 1 <= FleetState.load(killed / "state.json").round < 3
+    resumed = CliRunner().invoke(main, ["fleet", "simulate", *common, "-o", str(killed), "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert FleetState.load(killed / "state.json").history == FleetState.load(tmp_path / "whole" / "state.json").history
+    assert (killed / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert [json.loads(l)["round"] for l in (killed / "rounds.jsonl").read_text().splitlines()] == [0, 1, 2]
