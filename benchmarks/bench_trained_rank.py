@@ -18,6 +18,8 @@ windows (three tragedies to train, Romeo and Juliet to keep, perplexity on Macbe
 calibrated on the first 64 training windows (plain SVD wrecks SmolLM2, docs/DEPLOY.md), so E is the energy
 of the whitened weight. Per-run JSON in docs/trained-rank-runs/ as runs finish (--resume skips them); the
 table goes to docs/TRAINED-RANK.md and the plot (parameters kept against the score) to docs/trained-rank-TASK.png.
+Run seconds: trp's four cuts and training segments, lord's training (its LoRD bundle is made once per energy
+and not counted), each + the test evaluation, with other benchmarks sharing the two cores.
 """
 
 from __future__ import annotations
@@ -142,12 +144,14 @@ def render(task: str) -> str | None:
     by = {}
     for r in records:
         by.setdefault((r["line"], r["energy"]), {})[r["seed"]] = r
-    rows = [f"| line | energy | seeds | linear params kept, median | test {key}, median (min–max) |", "|---|---|---|---|---|"]
+    rows = [f"| line | energy | seeds | linear params kept, median | test {key}, median (min–max) | run s, median |",
+            "|---|---|---|---|---|---|"]
     for (line, energy), got in sorted(by.items(), key=lambda kv: (kv[0][1] or 2, kv[0][0])):
         values = [r["test"][key] for r in got.values()]
         rows.append(f"| {line} | {energy if energy is not None else '–'} | {','.join(map(str, sorted(got)))} | "
                     f"{statistics.median(r['kept'] for r in got.values()):.1%} | "
-                    f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))}) |")
+                    f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))}) | "
+                    f"{statistics.median(r['run_s'] for r in got.values()):.0f} |")
     paired = []
     for (line, energy), got in sorted(by.items(), key=lambda kv: kv[0][1] or 2):
         other = by.get(("lord", energy))

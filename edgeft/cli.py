@@ -448,10 +448,12 @@ def fleet():
 @click.option("--aggregate", type=click.Choice(["mean", "median", "trimmed"]), default="mean", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--init-adapter", type=click.Path(path_type=Path), help="A start every client shares (e.g. a head).")
+@click.option("--method", type=click.Choice(["seeds", "fedavg"]), default="seeds", show_default=True,
+              help="seeds: seeds and scalars on the wire; fedavg: the usual baseline (whole adapters, Flower's FedAvg).")
 @click.option("--resume", is_flag=True, help="Continue RUN from its saved state.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 def fleet_simulate(bundle, data, clients, partition, rounds, local_steps, out, eval_data, eval_every, pool_size,
-                   clients_per_round, lr, eps, batch_size, clip, aggregate, seed, init_adapter, resume, as_json):
+                   clients_per_round, lr, eps, batch_size, clip, aggregate, seed, init_adapter, method, resume, as_json):
     """Simulate a fleet of CLIENTS devices with Flower's simulation engine."""
     try:
         from edgeft.fleet.apps import FleetSettings
@@ -463,7 +465,7 @@ def fleet_simulate(bundle, data, clients, partition, rounds, local_steps, out, e
                          clip=clip, aggregate=aggregate, clients_per_round=clients_per_round)
     settings = FleetSettings(bundle, data, out, clients, rounds, partition, config, eval_data, eval_every,
                              init_adapter=init_adapter, log=lambda m: click.echo(m, err=True))
-    summary = simulate(settings, resume=resume)
+    summary = simulate(settings, resume=resume, method=method)
     click.echo(json.dumps(summary, sort_keys=True) if as_json else
                f"{summary['rounds']} rounds, {clients} clients: upload ≤ {summary['upload_bytes_per_client_round_max']} B "
                f"and download ≤ {summary['download_bytes_per_client_round_max']} B per client per round; "

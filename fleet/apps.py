@@ -117,10 +117,7 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     ``state`` is the Context's RecordDict (kept between rounds on that device)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    from edgeft.data import load_dataset
-
     from .client import local_round
-    from .partition import partition
 
     config, client = settings.config, int(record["client"])
     bundle = _bundle(settings.bundle)
@@ -141,16 +138,24 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     state["edgeft"] = ConfigRecord({"known_round": known})
     if not bool(record["selected"]):  # not training this round (or the run's closing sync): caught up only
         return Upload([], [], 1, known_round=known, adapter=digest(theta)).to_record() | {"client": client, "skipped": True}
-    data = load_dataset(settings.data, bundle.labels, settings.text_field, settings.label_field)
-    if settings.partition == OWN_DATA:  # a real device: its data file is all its own
-        mine = data
-    else:  # a simulated device: its share of the one file
-        labels = data.labels if bundle.task != "causal-lm" else None
-        mine = data.subset(partition(settings.partition, settings.data, settings.clients, config.seed, labels,
-                                     settings.text_field)[client])
-    upload = local_round(bundle, bundle.encode(mine.texts, mine.labels), theta, config, round_, client, index)
+    mine = client_data(settings, bundle, client)
+    upload, _ = local_round(bundle, bundle.encode(mine.texts, mine.labels), theta, config, round_, client, index)
     upload.known_round = known
     return upload.to_record() | {"client": client, "skipped": False}
+
+
+def client_data(settings: FleetSettings, bundle, client: int):
+    """This device's rows: its own file (deployed), or its --partition share of the one file (simulated)."""
+    from edgeft.data import load_dataset
+
+    from .partition import partition
+
+    data = load_dataset(settings.data, bundle.labels, settings.text_field, settings.label_field)
+    if settings.partition == OWN_DATA:
+        return data
+    labels = data.labels if bundle.task != "causal-lm" else None
+    return data.subset(partition(settings.partition, settings.data, settings.clients, settings.config.seed, labels,
+                                 settings.text_field)[client])
 
 
 def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict] | None = None):

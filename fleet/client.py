@@ -14,9 +14,10 @@ from .protocol import FleetConfig, Upload, digest
 
 
 def local_round(bundle, train, theta: np.ndarray, config: FleetConfig, round_: int, client: int,
-                index: np.ndarray) -> Upload:
+                index: np.ndarray) -> tuple[Upload, np.ndarray]:
     """``local_steps`` two-sided zeroth-order steps from the shared adapter ``theta`` on this client's
-    data, each along a pool seed's direction; returns the summed projected gradient per seed index."""
+    data, each along a pool seed's direction; returns the summed projected gradient per seed index (what
+    the fleet uploads) and the locally moved adapter (what FedAvg would upload instead)."""
     rng = np.random.default_rng([config.seed, round_, client])  # local choices: never on the wire
     seeds = directions.pool(config.seed, config.pool_size)
     evaluator = CandidateEvaluator(bundle)
@@ -43,5 +44,6 @@ def local_round(bundle, train, theta: np.ndarray, config: FleetConfig, round_: i
         local[index] = (local[index] - np.float32(lr * g) * d).astype(np.float32)
         losses.append(0.5 * (up + down))
     indices = sorted(sums)
-    return Upload(indices, [sums[j] for j in indices], len(train), loss=float(np.mean(losses)) if losses else float("nan"),
-                  forward_passes=evaluator.forward_passes, adapter=digest(theta))
+    upload = Upload(indices, [sums[j] for j in indices], len(train), loss=float(np.mean(losses)) if losses else float("nan"),
+                    forward_passes=evaluator.forward_passes, adapter=digest(theta))
+    return upload, local

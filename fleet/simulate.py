@@ -42,20 +42,35 @@ def check_settings(settings: FleetSettings, resume: bool) -> None:
                           "shared probe yet): pass --init-adapter with a head, or use a prompt or causal-lm bundle")
 
 
-def simulate(settings: FleetSettings, resume: bool = False, tamper=None) -> dict:
+def simulate(settings: FleetSettings, resume: bool = False, tamper=None, method: str = "seeds") -> dict:
+    """Run the fleet under Flower's simulation engine; ``method`` "fedavg" runs the usual baseline instead
+    (the whole adapter each way, Flower's FedAvg; no --resume)."""
     from flwr.simulation import run_simulation
 
+    if method not in ("seeds", "fedavg"):
+        raise EdgeftError(f"--method {method!r}: expected seeds or fedavg")
+    if method == "fedavg" and resume:
+        raise EdgeftError("--resume continues a seeds run; the fedavg baseline keeps no state")
     check_settings(settings, resume)
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(make_server_app(settings), make_client_app(settings, tamper), num_supernodes=settings.clients,
+    if method == "fedavg":
+        from .fedavg import make_fedavg_apps
+
+        server, client = make_fedavg_apps(settings)
+    else:
+        server, client = make_server_app(settings), make_client_app(settings, tamper)
+    run_simulation(server, client, num_supernodes=settings.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": False}})
-    state_path = run_dir / STATE_FILE
-    if not state_path.is_file():
-        raise EdgeftError("fleet: the simulation ended before its first round (see the log above)")
-    state = FleetState.load(state_path)
-    if state.round < settings.rounds or not (run_dir / SUMMARY_FILE).is_file():
-        raise EdgeftError(f"fleet: the simulation stopped after round {state.round} of {settings.rounds} "
-                          "(see the log above); --resume continues it")
+    if method == "seeds":
+        state_path = run_dir / STATE_FILE
+        if not state_path.is_file():
+            raise EdgeftError("fleet: the simulation ended before its first round (see the log above)")
+        state = FleetState.load(state_path)
+        if state.round < settings.rounds or not (run_dir / SUMMARY_FILE).is_file():
+            raise EdgeftError(f"fleet: the simulation stopped after round {state.round} of {settings.rounds} "
+                              "(see the log above); --resume continues it")
+    elif not (run_dir / SUMMARY_FILE).is_file():
+        raise EdgeftError("fleet: the fedavg simulation did not finish (see the log above)")
     return json.loads((run_dir / SUMMARY_FILE).read_text())

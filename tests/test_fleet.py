@@ -335,3 +335,24 @@ def test_server_resumes_after_sigkill_as_an_uninterrupted_run_ends(llama_lm_bund
     assert (killed / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert [json.loads(l)["round"] for l in (killed / "rounds.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_fedavg_baseline_ships_whole_adapters(llama_lm_bundle, tmp_path):
+    data = _fleet_data(tmp_path / "lines.jsonl")
+    common = ["fleet", "simulate", str(llama_lm_bundle), "--data", str(data), "--clients", "2", "--rounds", "2",
+              "--local-steps", "2", "--lr", "0.01", "--eval-data", str(data), "--json"]
+    args = [*common, "--method", "fedavg"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "fedavg")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    seeds = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "seeds")])
+    assert seeds.exit_code == 0, seeds.output
+    small = json.loads(seeds.output.strip().splitlines()[-1])
+    from edgeft.runtime import Bundle
+
+    adapter_bytes = Bundle(llama_lm_bundle).layout.size * 4
+    assert summary["rounds"] == 2 and summary["upload_bytes_per_client_round_max"] >= adapter_bytes
+    assert small["upload_bytes_per_client_round_max"] * 20 < summary["upload_bytes_per_client_round_max"]
+    assert summary["eval"]["perplexity"] > 0 and (tmp_path / "fedavg" / "adapter" / "adapter_model.safetensors").is_file()
+    again = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "fedavg"), "--resume"])
+    assert again.exit_code == 2 and "keeps no state" in again.output
