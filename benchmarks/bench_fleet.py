@@ -9,6 +9,8 @@ first 8,192 tokens of Macbeth (as bench_learning.py). Lines:
   start     the base model
   fleet     ``edgeft fleet simulate``: every client each round, LOCAL_STEPS two-sided ZO steps of batch 4,
             seeds and scalars on the wire, the default lr (fixed at round 0 to MeZO's default step)
+  fedavg    the usual way: the same clients and local steps, the whole LoRA adapter up and down every round,
+            averaged by Flower's FedAvg (``--method fedavg``)
   central   ``edgeft train --optimizer mezo --output-fit-steps 0`` on all the clients' speeches pooled, batch 4,
             the same total training forward passes (clients × rounds × local steps × 2)
 
@@ -71,11 +73,11 @@ def run(args, files, line: str) -> dict:
     passes = args.clients * args.rounds * args.local_steps * 2
     if line == "start":
         test, summary = _edgeft("eval", args.bundle, "--data", files["test"], "--device", files["profile"]), {}
-    elif line == "fleet":
+    elif line in ("fleet", "fedavg"):
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         summary = _edgeft("fleet", "simulate", args.bundle, "--data", files["train"], "--clients", args.clients,
                           "--partition", "by-field:speaker", "--rounds", args.rounds, "--local-steps", args.local_steps,
-                          "--eval-data", files["dev"], "-o", run_dir)
+                          "--eval-data", files["dev"], "-o", run_dir, "--method", "seeds" if line == "fleet" else "fedavg")
         summary["rounds_log"] = [json.loads(l) for l in (run_dir / "rounds.jsonl").read_text().splitlines()]
         test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
     else:
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=2)
-    p.add_argument("--lines", default="start,fleet,central")
+    p.add_argument("--lines", default="start,fleet,fedavg,central")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)

@@ -316,11 +316,13 @@ def info(bundle):
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @click.option("--merge", is_flag=True, help="Fold the adapter into the weights: a plain inference graph.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation of the frozen weights.")
-def deploy(bundle, adapter, out, merge, quantize):
+@click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+              help="ort: ONNX Runtime's own format (model.ort), what ORT Mobile on Android and iOS loads.")
+def deploy(bundle, adapter, out, merge, quantize, fmt):
     """Package a trained adapter for inference: ORT adapter file (default) or merged graph."""
     from edgeft.export.deploy import deploy as run_deploy
 
-    report = run_deploy(bundle, adapter, out, merge=merge, quantize=quantize)
+    report = run_deploy(bundle, adapter, out, merge=merge, quantize=quantize, fmt=fmt)
     for key, value in report.items():
         click.echo(f"check: {key} {value:.4g}" if key != "size_mb" else f"size: {value} MB")
     click.echo(f"deployed to {out}")

@@ -4,7 +4,10 @@
   (``adapter.onnx_adapter``, loaded with ``onnxruntime.LoraAdapter`` and activated
   per run with ``RunOptions.add_active_adapter``): one small file per user or task;
 * ``merge``: adapters folded into the weights, a plain inference graph;
-* ``quantize="int8"``: ORT dynamic quantisation of the frozen weights on top.
+* ``quantize="int8"``: ORT dynamic quantisation of the frozen weights on top;
+* ``fmt="ort"``: the graph converted to ONNX Runtime's own format by its converter
+  (``model.ort``, with ``required_operators.config`` for a reduced ORT Mobile build), what
+  ORT Mobile on Android and iOS loads; the adapter file works with it unchanged.
 
 Every output is checked against the unmerged fp32 bundle on sample texts: agreement
 of predicted labels and the largest logit difference.
@@ -36,8 +39,12 @@ SAMPLE_TEXTS = [
 ]
 
 
+ORT_MODEL, ORT_OPERATORS = "model.ort", "required_operators.config"
+FORMATS = ("onnx", "ort")
+
+
 def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize: str | None = None,
-           texts: list[str] | None = None) -> dict:
+           texts: list[str] | None = None, fmt: str = "onnx") -> dict:
     bundle, out = Path(bundle), Path(out)
     manifest = Manifest.load(bundle)
     # label logits (classification, prompt) or next-token logits (causal LM); a causal-LM bundle
@@ -47,6 +54,8 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
     if quantize not in (None, "int8"):
         raise EdgeftError(f"unknown --quantize {quantize!r} (int8)")
+    if fmt not in FORMATS:
+        raise EdgeftError(f"unknown --format {fmt!r} ({', '.join(FORMATS)})")
     layout = bundle_layout(bundle, manifest)
     vector = load_adapter(adapter, layout)
     values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
@@ -59,7 +68,8 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     info = {"task": manifest.task, "labels": manifest.labels, "template": manifest.template,
             "inputs": [i.name for i in deployed.graph.input if i.name not in values], "outputs": outputs,
             "merged": merge, "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE,
-            "max_length": manifest.max_length, "pad_token_id": manifest.pad_token_id}
+            "max_length": manifest.max_length, "pad_token_id": manifest.pad_token_id,
+            "model_file": ORT_MODEL if fmt == "ort" else MODEL_NAME}
 
     def write(tmp: Path) -> dict:
         path = tmp / MODEL_NAME
@@ -70,6 +80,8 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
             fp32.unlink()
         else:
             onnx.save_model(deployed, str(path))
+        if fmt == "ort":
+            _to_ort_format(path, tmp)
         if not merge:
             _save_ort_adapter(tmp / ADAPTER_FILE, values)
         shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
@@ -79,6 +91,24 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     report = write_bundle(out, write)
     report["size_mb"] = round(sum(p.stat().st_size for p in out.iterdir()) / 1e6, 2)
     return report
+
+
+def _to_ort_format(model: Path, folder: Path) -> None:
+    """ONNX → ORT format with ONNX Runtime's converter (fixed optimisations: the file runs as converted
+    on any ORT build), replacing the .onnx file."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    work = folder / "ort-conversion"
+    convert_onnx_models_to_ort(model, output_dir=work, optimization_styles=[OptimizationStyle.Fixed])
+    converted = work / (model.stem + ".ort")
+    if not converted.is_file():
+        raise EdgeftError(f"ONNX Runtime's converter wrote no {converted.name}")
+    shutil.move(str(converted), str(folder / ORT_MODEL))
+    operators = next(work.glob("*.config"), None)
+    if operators is not None:
+        shutil.move(str(operators), str(folder / ORT_OPERATORS))
+    shutil.rmtree(work)
+    model.unlink()
 
 
 def _with_default_adapters(model: onnx.ModelProto, start: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -108,7 +138,7 @@ def run_deployed(folder: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]
     import onnxruntime as ort
 
     info = json.loads((Path(folder) / "deploy.json").read_text())
-    session = ort.InferenceSession(str(Path(folder) / MODEL_NAME), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(Path(folder) / info.get("model_file", MODEL_NAME)), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     options = ort.RunOptions()
     if info["adapter_file"]:

@@ -183,3 +183,19 @@ def test_merge_into_lord_factors_is_exact_at_two_shapes(bert_bundle, trained, tm
     after = {i.name: list(i.dims) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
     grown = [name for name in after if name.endswith(".lord_in") and after[name][1] == before[name][1] + 8]
     assert grown, "no LoRD factor took the rank-8 LoRA"
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter-file"])
+def test_ort_format_for_phones_matches_the_bundle_at_two_shapes(bert_bundle, trained, tmp_path, merge):
+    """``--format ort``: ONNX Runtime's converter output, loaded and run by ONNX Runtime here as ORT Mobile
+    would load it (with the adapter file when not merged)."""
+    result = CliRunner().invoke(main, ["deploy", str(bert_bundle), "--adapter", str(trained), "-o", str(tmp_path / "ort"),
+                                       "--format", "ort", *(["--merge"] if merge else [])])
+    assert result.exit_code == 0 and "label_agreement 1" in result.output, result.output
+    out = tmp_path / "ort"
+    assert (out / "model.ort").stat().st_size > 0 and not (out / "model.onnx").exists()
+    assert (out / "required_operators.config").is_file()
+    for texts in (TEXTS_A, TEXTS_B):
+        feeds, want = _reference(bert_bundle, trained, texts)
+        (got,) = run_deployed(out, feeds)
+        assert np.abs(got - want).max() < 1e-4
