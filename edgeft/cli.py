@@ -69,7 +69,8 @@ def _verbalizer(value: str | None) -> dict[str, str]:
               help="Classification pooling (default: what the model was trained with).")
 @click.option("--max-length", default=128, show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare ONNX with torch at a second shape.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Also write BUNDLE-int8: frozen weights int8, adapters fp32.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+              help="Also write BUNDLE-int8 (or -int4): frozen weights quantised, adapters fp32.")
 def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, init, tt_cores, targets,
            layers, pooling, max_length, verify, quantize):
     """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
@@ -88,9 +89,9 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
     if quantize:
         from edgeft.export.compress import quantize_bundle
 
-        int8 = out.with_name(out.name + "-int8")
-        excluded = quantize_bundle(out, int8)
-        click.echo(f"int8 bundle written to {int8} ({excluded} adapter nodes kept fp32)")
+        quantized = out.with_name(f"{out.name}-{quantize}")
+        excluded = quantize_bundle(out, quantized, bits=quantize)
+        click.echo(f"{quantize} bundle written to {quantized} ({excluded} adapter nodes kept fp32)")
 
 
 # --- train -------------------------------------------------------------------
@@ -334,7 +335,8 @@ def deploy(bundle, adapter, out, merge, quantize, fmt):
 @click.option("--params-ratio", type=float, help="LoRD: fraction of each linear layer's parameters to keep.")
 @click.option("--energy", type=float, help="LoRD: fraction of spectral energy to keep per layer.")
 @click.option("--calibrate", type=click.Path(path_type=Path), help="Activation-aware LoRD on this data's activations.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="int8 frozen weights, adapters kept fp32 and trainable.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+              help="int8 (dynamic) or int4 (weight-only, MatMulNBits) frozen weights; adapters fp32 and trainable.")
 @click.option("--trained-rank", is_flag=True, help="TRP: train on --data between low-rank cuts, so the ranks are chosen "
                                                    "while the bundle trains (needs --data; --energy default 0.9).")
 @click.option("--data", type=click.Path(path_type=Path), help="--trained-rank: training data (as for edgeft train).")
@@ -368,9 +370,9 @@ def compress(bundle, out, params_ratio, energy, calibrate, quantize, trained_ran
     if params_ratio is None and energy is None:
         if not quantize:
             raise EdgeftError("compress needs --params-ratio, --energy or --quantize")
-        excluded = quantize_bundle(bundle, out)
+        excluded = quantize_bundle(bundle, out, bits=quantize)
         click.echo(json.dumps({"excluded": excluded, "bundle": str(out)}) if as_json
-                   else f"int8 bundle written to {out} ({excluded} adapter nodes kept fp32)")
+                   else f"{quantize} bundle written to {out} ({excluded} adapter nodes kept fp32)")
         return
     if calibrate is None:  # measured on SmolLM2 (docs/DEPLOY.md): plain SVD at 80% params → perplexity 2.8e6
         click.echo("warning: without --calibrate the SVD ignores which directions the data uses; on a causal LM "

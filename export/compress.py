@@ -9,7 +9,9 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
-from .quantize import quantize_int8
+from .quantize import quantize_int4, quantize_int8
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 
 
 def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, energy: float | None = None,
@@ -40,8 +42,8 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
     def write(tmp: Path) -> dict:
         target = tmp / (MODEL_NAME if not quantize else "model.fp32.onnx")
         onnx.save_model(compressed, str(target))
-        if quantize == "int8":
-            quantize_int8(target, tmp / MODEL_NAME, manifest)
+        if quantize:
+            QUANTIZERS[quantize](target, tmp / MODEL_NAME, manifest)
             target.unlink()
         _derived_manifest(bundle, manifest, tmp, keep_top_mlp=False)
         return {}
@@ -53,16 +55,18 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
             "linear_params_after": after, "kept": after / before if before else 1.0}
 
 
-def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None) -> int:
-    """Copy ``bundle`` to ``out`` with int8 MatMul weights; adapter inputs and the loss stay fp32.
+def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None, bits: str = "int8") -> int:
+    """Copy ``bundle`` to ``out`` with int8 (or int4) MatMul weights; adapter inputs and the loss stay fp32.
     ``keep_fp32``: see :func:`quantize_int8` (None: the architecture's default). Returns the adapter nodes kept."""
+    if bits not in QUANTIZERS:
+        raise EdgeftError(f"unknown --quantize {bits!r} ({', '.join(QUANTIZERS)})")
     bundle, out = Path(bundle), Path(out)
     manifest = Manifest.load(bundle)
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
 
     def write(tmp: Path) -> dict:
-        excluded = quantize_int8(bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32)
+        excluded = QUANTIZERS[bits](bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32)
         _derived_manifest(bundle, manifest, tmp)
         return {"excluded": len(excluded)}
 

@@ -1,4 +1,7 @@
-"""int8 pass: ONNX Runtime's dynamic quantisation of the frozen MatMul weights, adapters kept fp32.
+"""int8 and int4 passes: ONNX Runtime's quantisers on the frozen MatMul weights, adapters kept fp32.
+
+int8: dynamic quantisation (``quantize_dynamic``); int4: weight-only blocks (``MatMulNBitsQuantizer``,
+MatMulNBits nodes, symmetric, block 32 along the input dimension), activations stay fp32.
 
 Left alone, ``quantize_dynamic`` also quantises the LoRA MatMuls and folds their
 inputs away (research.md); every node that reads an adapter input — directly or
@@ -93,4 +96,27 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: 
         quantize_dynamic(str(source), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          per_channel=per_channel, reduce_range=reduce_range, nodes_to_exclude=exclude,
                          extra_options={"MatMulConstBOnly": True})
+    return adapters
+
+
+INT4_BLOCK = 32  # divides every linear input size of the families exported here (384, 576, 1536, ...)
+
+
+def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: int = INT4_BLOCK,
+                  keep_fp32: list[str] | None = None, architecture: str | None = None) -> list[str]:
+    """Weight-only int4 of ``src``'s frozen MatMuls into ``dst`` (the same exclusions as int8); returns the
+    adapter nodes excluded."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+    model = onnx.load(str(src))
+    if keep_fp32 is None:
+        keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
+    adapters = adapter_nodes(model, manifest) if manifest is not None else []
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                     nodes_to_exclude=adapters + list(keep_fp32), op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     return adapters

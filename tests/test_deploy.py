@@ -199,3 +199,35 @@ def test_ort_format_for_phones_matches_the_bundle_at_two_shapes(bert_bundle, tra
         feeds, want = _reference(bert_bundle, trained, texts)
         (got,) = run_deployed(out, feeds)
         assert np.abs(got - want).max() < 1e-4
+
+
+def test_int4_base_matches_fp32_to_int4_precision_and_trains(llama_lm_bundle, tmp_path):
+    """compress --quantize int4: MatMulNBits frozen weights (ONNX Runtime's quantiser), adapters still fp32
+    graph inputs; next-token logits track the fp32 bundle's at two shapes, and MeZO lowers the loss."""
+    import onnx
+
+    from edgeft.export.bundle import random_adapters, sample_batch
+    from edgeft.manifest import Manifest
+    from edgeft.runtime import Bundle, MeZO, MeZOConfig, TrainConfig, Trainer
+    from tests.models import CORPUS
+
+    out = tmp_path / "b4"
+    result = CliRunner().invoke(main, ["compress", str(llama_lm_bundle), "-o", str(out), "--quantize", "int4"])
+    assert result.exit_code == 0 and "int4 bundle written" in result.output, result.output
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) >= 4
+    fp32, int4 = Bundle(llama_lm_bundle), Bundle(out)
+    assert fp32.layout.names() == int4.layout.names()
+    manifest = Manifest.load(llama_lm_bundle)
+    vector = fp32.layout.flatten(random_adapters(manifest, seed=1))
+    for batch, seq in ((2, 7), (3, 13)):
+        feeds = sample_batch(manifest, 60, batch, seq, seed=seq)
+        want, got = fp32.run(feeds, vector, ["logits"])[0], int4.run(feeds, vector, ["logits"])[0]
+        assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.99
+        assert 0 < np.abs(got - want).max() < 0.2 * np.abs(want).max()  # quantised, and close
+    enc = int4.encode(CORPUS[:12])
+    opt = MeZO(int4.layout.initial(0), MeZOConfig(lr=0.05, eps=1e-2, queries=4, total_steps=30))
+    trainer = Trainer(int4, enc, opt, TrainConfig(steps=30, batch_size=12, eval_every=30))
+    start = trainer.evaluate()["loss"]
+    trainer.fit()
+    assert trainer.evaluate()["loss"] < start
