@@ -9,7 +9,8 @@ Lines, every one at the same training forward passes (--budget) with MeZO:
   fp32      the uncompressed bundle trained (the reference)
   lord@E    ``edgeft compress --energy E`` (post-hoc LoRD), then ``edgeft train`` for the budget
   trp@E     ``edgeft compress --trained-rank --energy E --folds 4``: four cuts of E^(1/4) each, a quarter of the
-            budget trained after each, the LoRA folded into the layers between
+            budget trained after each, the LoRA folded into the layers between (--shrink 0.01, the default)
+  trp-shrinkS@E   the same with --shrink S
 
 Task rt: all-MiniLM-L6-v2 on Rotten Tomatoes, split as bench_learning.py's rt task (16 examples per label per seed,
 200 dev snippets keep the best adapter, accuracy on 1,000 test snippets); plain SVD (LoRD barely costs MiniLM
@@ -48,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=int, default=200, help="training forward passes per run")
     p.add_argument("--lines", default="fp32,lord,trp")
+    p.add_argument("--shrink", type=float, default=0.01, help="trp's --shrink (other values: line trp-shrinkS)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--render-only", action="store_true")
     return p.parse_args(argv)
@@ -97,6 +99,8 @@ def _lord_bundle(args, files, energy: float) -> tuple[Path, dict]:
 
 
 def run_one(args, files, line: str, energy: float | None, seed: int) -> dict:
+    if line == "trp" and args.shrink != 0.01:
+        line = f"trp-shrink{args.shrink:g}"
     name = line if energy is None else f"{line}@{energy}"
     out = RUNS / f"{args.task}-{name}-seed{seed}.json"
     if args.resume and out.is_file():
@@ -117,7 +121,7 @@ def run_one(args, files, line: str, energy: float | None, seed: int) -> dict:
     else:
         calibrate = ["--calibrate", files["calibrate"]] if "calibrate" in files else []
         compressed = _edgeft("compress", args.bundle, "-o", run_dir, "--trained-rank", "--energy", energy, "--folds", FOLDS,
-                             *calibrate, *_train_args(args, files, seed))
+                             "--shrink", args.shrink, *calibrate, *_train_args(args, files, seed))
         bundle, kept, summary, adapter = run_dir, compressed["kept"], compressed["training"], Path(compressed["adapter"])
     test = _edgeft("eval", bundle, "--data", files["test"], "--adapter", adapter, "--device", files["profile"])
     record = {"task": args.task, "line": line, "energy": energy, "seed": seed, "budget_fwd": args.budget, "kept": kept,
@@ -155,13 +159,13 @@ def render(task: str) -> str | None:
     paired = []
     for (line, energy), got in sorted(by.items(), key=lambda kv: kv[0][1] or 2):
         other = by.get(("lord", energy))
-        if line != "trp" or not other:
+        if not line.startswith("trp") or not other:
             continue
         for seed in sorted(set(got) & set(other)):
             a, b = got[seed], other[seed]
             diff = (f"{100 * (a['test'][key] / b['test'][key] - 1):+.1f}%" if key == "perplexity"
                     else f"{100 * (a['test'][key] - b['test'][key]):+.1f} points")
-            paired.append(f"E {energy} seed {seed}: trp {fmt(a['test'][key])} at {a['kept']:.1%} vs lord "
+            paired.append(f"E {energy} seed {seed}: {line} {fmt(a['test'][key])} at {a['kept']:.1%} vs lord "
                           f"{fmt(b['test'][key])} at {b['kept']:.1%} ({diff})")
     _plot(task, by, key)
     return (f"## {task}\n\n`python benchmarks/bench_trained_rank.py --task {task} ...` — {records[0]['budget_fwd']} training "
@@ -176,7 +180,7 @@ def _plot(task, by, key) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, line in enumerate(("lord", "trp")):
+    for i, line in enumerate(sorted({l for l, _ in by if l != "fp32"})):
         points = sorted((r["kept"], r["test"][key]) for (l, _), got in by.items() if l == line for r in got.values())
         if points:
             ax.scatter(*zip(*points), color=f"C{i}", label=line)
