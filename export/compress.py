@@ -9,6 +9,7 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
+from .onnx_files import load_model
 from .quantize import quantize_int4, quantize_int8
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
@@ -27,7 +28,7 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
     manifest = Manifest.load(bundle)
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
-    model = onnx.load(str(bundle / MODEL_NAME))
+    model = load_model(bundle / MODEL_NAME)
     covariances = None  # filled from --calibrate data
     if calibrate is not None:
         from edgeft.runtime import Bundle

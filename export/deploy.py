@@ -28,6 +28,7 @@ from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
 from .merge import inference_only, merge_adapters
+from .onnx_files import load_model
 from .quantize import quantize_int8
 
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -59,7 +60,7 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     layout = bundle_layout(bundle, manifest)
     vector = load_adapter(adapter, layout)
     values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
-    model = onnx.load(str(bundle / MODEL_NAME))
+    model = load_model(bundle / MODEL_NAME)
     if merge:
         # prune first: a causal LM's top MLP outputs (training only) are adapted layers' outputs
         deployed = merge_adapters(inference_only(model, outputs), manifest, values)

@@ -28,6 +28,8 @@ import onnx
 
 from edgeft.manifest import Manifest
 
+from .onnx_files import load_model
+
 
 def adapter_nodes(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
     """Names of the nodes downstream of an adapter input, up to and including the Add that joins the base path."""
@@ -81,7 +83,7 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: 
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.load(str(src))
+    model = load_model(src)
     if keep_fp32 is None:
         keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
     adapters = adapter_nodes(model, manifest) if manifest is not None else []
@@ -111,7 +113,7 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
-    model = onnx.load(str(src))
+    model = load_model(src)
     if keep_fp32 is None:
         keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
     adapters = adapter_nodes(model, manifest) if manifest is not None else []

@@ -28,7 +28,7 @@ from edgeft.adapters import layer_of
 from edgeft.errors import EdgeftError
 from edgeft.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Segments
 
-from .onnx_files import save_model
+from .onnx_files import load_model, save_model
 
 FOLDER = "segments"
 
@@ -108,7 +108,7 @@ def split_bundle(folder: Path, cuts: list[int], log=print) -> Segments:
         raise EdgeftError(f"--at {bad[0] if bad else ''}: cut above layer 0 and at most at the top adapted layer "
                           f"(adapted layers: {', '.join(map(str, layers)) or 'none'})")
     groups = adapter_groups(manifest, cuts)
-    parts = segment_graph(onnx.load(str(folder / MODEL_NAME)), groups)
+    parts = segment_graph(load_model(folder / MODEL_NAME), groups)
     staging = folder / (FOLDER + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

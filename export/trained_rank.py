@@ -63,6 +63,7 @@ def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) ->
     from . import lord
     from .bundle import write_bundle
     from .merge import lora_branches
+    from .onnx_files import load_model
 
     bundle_dir, out = Path(req.bundle), Path(req.out)
     manifest = Manifest.load(bundle_dir)
@@ -79,7 +80,7 @@ def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) ->
                           f"{manifest.adapter.kind} ({manifest.adapter.init})")
     if not Path(req.data).is_file():
         raise EdgeftError(f"--data {req.data}: no such file")
-    model = onnx.load(str(bundle_dir / MODEL_NAME))
+    model = load_model(bundle_dir / MODEL_NAME)
     if any(i.name.endswith((".lord_in", ".lord_out")) for i in model.graph.initializer):
         raise EdgeftError(f"{bundle_dir}: already LoRD-compressed; --trained-rank starts from the uncompressed bundle")
     source = Bundle(bundle_dir)

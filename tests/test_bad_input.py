@@ -119,3 +119,37 @@ def test_budget_overrun_is_reported(bert_bundle, sentiment_data, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(bert_bundle), "--data", str(sentiment_data), "--device", str(profile)])
     assert result.exit_code == 0
     assert "exceeded the 1 MB budget of device 'small'" in result.output
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_bundle_is_refused(bert_bundle, sentiment_data, tmp_path, where):
+    """A graph whose weights live in a side file outside its folder (../, an absolute path, a symlink out):
+    the device (ONNX Runtime) and the workstation commands (onnx) both refuse it in one line."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bert_bundle, bundle)
+    model = onnx.load(str(bundle / "model.onnx"))
+    init = max(model.graph.initializer, key=lambda i: len(i.raw_data))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(init.raw_data)
+    length = len(init.raw_data)
+    init.ClearField("raw_data")
+    init.data_location = TensorProto.EXTERNAL
+    location = {"parent": "../secret.bin", "absolute": str(secret), "symlink": "weights.bin"}[where]
+    if where == "symlink":
+        (bundle / "weights.bin").symlink_to(secret)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    (bundle / "model.onnx").write_bytes(model.SerializeToString())
+    before = (bundle / "model.onnx").read_bytes()
+    for args in (["eval", str(bundle), "--data", str(sentiment_data)],
+                 ["compress", str(bundle), "-o", str(tmp_path / "small"), "--quantize", "int8"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "cannot load ONNX graph" in result.output, result.output
+    assert (bundle / "model.onnx").read_bytes() == before and not (tmp_path / "small").exists()
