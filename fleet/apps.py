@@ -1,12 +1,14 @@
 """The Flower apps (Message API): a ServerApp that aggregates seeds and scalars, a ClientApp that trains.
 
-Wire format (ConfigRecords only; no arrays ever cross):
-  server → client, message type "train", record "fleet":
-      round, since (first round in the history part), hist_rounds / hist_indices / hist_values (the
-      pairs of rounds since..round-1, flattened), selected (whether this client trains this round)
-  client → server, record "upload": Upload.to_record() + client (its partition id)
+Wire format (ConfigRecords only; no arrays ever cross; docs/FLEET.md):
+  server → client, message type "train", record "fleet": round, node, selected (whether it trains this
+      round), since and the history since then (hist_lr per round; hist_rounds / hist_indices /
+      hist_values per pair)
+  client → server, record "upload": Upload.to_record() (pairs, examples, known_round, loss,
+      forward_passes, adapter digest) + client (its partition id) + skipped
 A client keeps its adapter and applied round in its Context state; one that has none (new, restarted,
-joining late) reports known_round 0 and gets the whole history next time.
+joining late) reports known_round 0 and gets the whole history next time. After the last round a closing
+sync (selected false for all) brings every device up to date and collects their adapter digests.
 """
 
 from __future__ import annotations
