@@ -107,7 +107,8 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 @click.option("--steps", type=int, help="Optimizer steps (default 500, or as many as --budget allows).")
 @click.option("--budget", help="Stop when this is spent: wall time (90s, 20m, 1.5h) or forward passes (4000fwd). "
                                "Default: the device profile's.")
-@click.option("--batch-size", type=int, help="Default: the device profile's.")
+@click.option("--batch-size", help="Default: the device profile's; auto: the largest that fits the profile's "
+                                   "memory budget (edgeft plan).")
 @click.option("--lr", type=float, help="Learning rate (default: the optimizer's).")
 @click.option("--eps", type=float, help="Perturbation size ε.")
 @click.option("--queries", help="SPSA queries per step, or 'auto' (AdaZeta's growing schedule).")
@@ -137,9 +138,12 @@ def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size
     """Fine-tune BUNDLE's adapters on --data with forward passes only."""
     from edgeft.training import TrainRequest, run_training
 
+    fit_memory = batch_size == "auto"
+    if batch_size is not None and not fit_memory and not str(batch_size).isdigit():
+        raise EdgeftError(f"--batch-size {batch_size!r}: a whole number or auto")
     request = TrainRequest(
         bundle=bundle, data=data, run_dir=run_dir, eval_data=eval_data, optimizer=optimizer, steps=steps, budget=budget,
-        batch_size=batch_size, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
+        batch_size=None if fit_memory or batch_size is None else int(batch_size), fit_memory=fit_memory, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
                                              schedule=schedule, **_settings(extra)),
         k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,
         output_fit_steps=output_fit_steps, text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite,
@@ -309,6 +313,23 @@ def info(bundle):
     click.echo(f"inputs: {', '.join(n for n in m.inputs if n not in layout.names())} + adapters")
     hidden = f" + hidden.0-{len(m.hidden_states) - 1}" if m.hidden_states else ""
     click.echo(f"outputs: {', '.join(m.outputs)}{hidden}   max length: {m.max_length}   model: {size:.1f} MB")
+
+
+@main.command(cls=_Command)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", help="Device profile (its memory_budget_mb is the budget).")
+@click.option("--batch-size", type=int, help="Training batch (default: the profile's).")
+@click.option("--max-length", type=int, help="Sequence length (default: the bundle's).")
+@click.option("--json", "as_json", is_flag=True)
+def plan(bundle, device, batch_size, max_length, as_json):
+    """Predict the peak memory of train and eval from short probes, and the largest batch that fits."""
+    from edgeft.runtime.devices import load_profile
+    from edgeft.runtime.plan import describe, plan_memory
+
+    if (batch_size is not None and batch_size < 1) or (max_length is not None and max_length < 2):
+        raise EdgeftError("--batch-size must be at least 1 and --max-length at least 2")
+    result = plan_memory(bundle, device, batch_size, max_length)
+    click.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else describe(result, load_profile(device).name))
 
 
 @main.command(cls=_Command)

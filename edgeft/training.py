@@ -34,6 +34,7 @@ class TrainRequest:
     steps: int | None = None  # None: DEFAULT_STEPS, or until --budget is spent when one is set
     budget: str | None = None  # "20m", "4000fwd" (runtime/budget.py); default: the device profile's
     batch_size: int | None = None
+    fit_memory: bool = False  # --batch-size auto: the largest batch the profile's memory budget allows (edgeft plan)
     settings: dict = field(default_factory=dict)  # optimizer settings: lr, eps, queries, ...
     k_shot: int | None = None
     eval_every: int = 50
@@ -107,6 +108,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         # the whole few-shot set in every evaluation: no batch-sampling noise left, only the direction's
         # (and a split bundle then runs its frozen lower layers once per run)
         batch_size = len(train_set)
+    if profile.memory_budget_mb is not None or req.fit_memory:
+        batch_size = _planned_batch(req, profile, batch_size, log)
     eval_set = None
     if req.eval_data:
         eval_set = load_dataset(req.eval_data, bundle.labels, req.text_field, req.label_field)
@@ -201,6 +204,29 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         log(f"warning: {warning}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _planned_batch(req: TrainRequest, profile, batch_size: int, log) -> int:
+    """Before any work: the memory plan (runtime/plan.py) for this batch; a one-line error naming the batch that
+    fits when it does not; with --batch-size auto, the largest batch that fits (at most the planned one)."""
+    from edgeft.runtime.plan import describe, plan_memory
+
+    if profile.memory_budget_mb is None:
+        raise EdgeftError(f"--batch-size auto fits the device's memory budget: profile '{profile.name}' sets no "
+                          "memory_budget_mb (pass --device)")
+    plan = plan_memory(req.bundle, req.device, batch_size)
+    if plan.fits:
+        return batch_size
+    if not plan.largest_batch_size:
+        raise EdgeftError(f"this bundle needs ~{plan.predicted_train_peak_rss_mb:.0f} MB even at batch 1 "
+                          f"(device budget {plan.budget_mb:.0f} MB): use a smaller model or a lighter bundle "
+                          "(edgeft compress --quantize int4)")
+    if req.fit_memory:
+        log(f"--batch-size auto: {plan.largest_batch_size} ({describe(plan, profile.name)})")
+        return plan.largest_batch_size
+    raise EdgeftError(f"batch {batch_size} needs ~{plan.predicted_train_peak_rss_mb:.0f} MB, more than device "
+                      f"'{profile.name}' allows ({plan.budget_mb:.0f} MB): --batch-size {plan.largest_batch_size} fits "
+                      "(or pass --batch-size auto)")
 
 
 def _peft_task_type(task: str) -> str | None:

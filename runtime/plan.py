@@ -1,0 +1,143 @@
+"""``edgeft plan``: the peak memory of ``train`` and ``eval`` predicted from short probes, before any work.
+
+A run that does not fit a device's memory should be told so before it starts, not after. Each probe is
+a fresh process (its peak RSS is its own) that opens the bundle and runs the real code path once on a
+synthetic batch: the training step's candidate evaluations (``CandidateEvaluator``, two candidates as
+MeZO's step) or ``evaluate``. Two probe sizes give peak ≈ a + b·tokens per path (weights, runtime and
+arena in a; activations and logits in b·rows·length); the prediction adds the optimizer's vectors and,
+for a causal LM with the top-MLP fit, that fit's numpy weights. Training also evaluates held-out data
+at ``EVAL_BATCH`` rows, so its peak is the larger of the two paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROBES = ((1, 16), (4, 64))  # (rows, length) of the two probes per path: 16 and 256 tokens
+EVAL_BATCH = 32  # rows of a held-out evaluation during training (TrainConfig.eval_batch_size) and of edgeft eval
+MAX_BATCH = 4096  # what "the largest batch that fits" reports when activations cost next to nothing
+OPTIMIZER_VECTORS = 8  # adapter-sized float32 vectors an optimizer holds (θ, best, candidates, direction, moments)
+
+
+@dataclass
+class Plan:
+    predicted_train_peak_rss_mb: float
+    predicted_eval_peak_rss_mb: float
+    budget_mb: float | None
+    fits: bool
+    batch_size: int
+    max_length: int
+    largest_batch_size: int | None  # at max_length, within the budget (None: no budget)
+    probes: list[dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _probe(folder: Path, device: str | None, path: str, rows: int, length: int) -> float:
+    cmd = [sys.executable, "-m", "edgeft.runtime.plan", str(folder), path, str(rows), str(length), device or ""]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        from edgeft.errors import EdgeftError
+
+        raise EdgeftError(f"memory probe failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(a, b) of peak = a + b·tokens through the two probes (b ≥ 0: noise must not predict less for more)."""
+    (t1, m1), (t2, m2) = points
+    b = max(0.0, (m2 - m1) / (t2 - t1))
+    return m1 - b * t1, b
+
+
+def plan_memory(folder: Path, device: str | None = None, batch_size: int | None = None,
+                max_length: int | None = None) -> Plan:
+    from edgeft.manifest import Manifest
+
+    from .devices import load_profile
+
+    profile = load_profile(device)
+    manifest = Manifest.load(folder)
+    batch_size = batch_size or profile.batch_size
+    length = min(max_length or manifest.max_length, manifest.max_length)
+    probes, fits_of = [], {}
+    for path in ("train", "eval"):
+        points = []
+        for rows, probe_length in PROBES:
+            peak = _probe(Path(folder), device, path, rows, probe_length)
+            probes.append({"path": path, "rows": rows, "length": probe_length, "peak_rss_mb": round(peak, 1)})
+            points.append((rows * probe_length, peak))
+        fits_of[path] = _line(points)
+    return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest), profile.memory_budget_mb,
+                   batch_size, length, probes)
+
+
+def predict(train: tuple[float, float], held_out: tuple[float, float], extra: float, budget: float | None,
+            batch_size: int, length: int, probes: list[dict] | None = None) -> Plan:
+    """The plan from the two paths' lines (a, b), the memory the probes do not see and the budget."""
+    a_train, b_train = train
+    a_eval, b_eval = held_out
+    eval_peak = a_eval + b_eval * EVAL_BATCH * length
+    train_peak = max(a_train + b_train * batch_size * length, eval_peak) + extra
+    largest = None
+    if budget is not None:
+        room = budget - extra - a_train
+        largest = max(0, min(MAX_BATCH, math.floor(room / (b_train * length)))) if b_train > 0 else MAX_BATCH
+        if eval_peak + extra > budget or room < 0:
+            largest = 0  # the held-out evaluation, or the bundle itself, does not fit
+    fits = budget is None or (train_peak <= budget and eval_peak <= budget)
+    return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes or [])
+
+
+def _extra_mb(folder: Path, manifest) -> float:
+    """Memory the probes do not see: the optimizer's vectors and the top-MLP fit's weights (float64 copy)."""
+    from edgeft.adapters import bundle_layout
+
+    size = bundle_layout(folder, manifest).size
+    extra = OPTIMIZER_VECTORS * size * 4 / 2**20
+    if manifest.top_mlp is not None:
+        extra += 2 * (folder / manifest.top_mlp.weights).stat().st_size / 2**20
+    return extra
+
+
+def describe(plan: Plan, device: str) -> str:
+    return (f"predicted peak memory: train {plan.predicted_train_peak_rss_mb:.0f} MB, eval {plan.predicted_eval_peak_rss_mb:.0f} MB"
+            f" at batch {plan.batch_size}, length {plan.max_length}"
+            + (f"; device '{device}' budget {plan.budget_mb:.0f} MB: " + ("fits" if plan.fits else "does NOT fit")
+               + (f"; the largest batch that fits: {plan.largest_batch_size}" if plan.largest_batch_size is not None else "")
+               if plan.budget_mb is not None else ""))
+
+
+def _run_probe(folder: str, path: str, rows: int, length: int, device: str | None) -> float:
+    """In the probe's own process: open the bundle, run one step of ``path`` on synthetic rows."""
+    import numpy as np
+
+    from .bundle import Bundle, Encoded
+    from .devices import load_profile
+    from .evaluate import CandidateEvaluator, evaluate
+    from .memory import peak_rss_mb
+
+    bundle = Bundle(folder, load_profile(device))
+    # real token ids (a random id could lie outside a model's embedding table)
+    sentence = np.asarray(bundle.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 8).ids, dtype=np.int64)
+    row = np.resize(sentence, length)
+    ids = [row.copy() for _ in range(rows)]
+    labels = None if bundle.task == "causal-lm" else np.zeros(rows, dtype=np.int64)
+    encoded = Encoded(ids, labels)
+    theta = bundle.layout.initial(0)
+    if path == "train":
+        CandidateEvaluator(bundle).losses(bundle.feeds(encoded, np.arange(rows)), [theta, theta.copy()])
+    else:
+        evaluate(bundle, theta, encoded, rows)
+    return peak_rss_mb()
+
+
+if __name__ == "__main__":
+    folder, which, n_rows, n_length, dev = sys.argv[1:6]
+    print(json.dumps({"peak_rss_mb": _run_probe(folder, which, int(n_rows), int(n_length), dev or None)}))
