@@ -11,6 +11,8 @@ Lines, every one at the same training forward passes (--budget) with MeZO:
   trp@E     ``edgeft compress --trained-rank --energy E --folds 4``: four cuts of E^(1/4) each, a quarter of the
             budget trained after each, the LoRA folded into the layers between (--shrink 0.01, the default)
   trp-shrinkS@E   the same with --shrink S
+  trp-max@E  kept from the first runs, when the soft threshold was a fraction of each layer's largest singular
+             value (now: of the mean one); not re-runnable
 
 Task rt: all-MiniLM-L6-v2 on Rotten Tomatoes, split as bench_learning.py's rt task (16 examples per label per seed,
 200 dev snippets keep the best adapter, accuracy on 1,000 test snippets); plain SVD (LoRD barely costs MiniLM

@@ -364,7 +364,7 @@ def deploy(bundle, adapter, out, merge, quantize, fmt):
 @click.option("--eval-data", type=click.Path(path_type=Path), help="--trained-rank: held-out data to keep each segment's best.")
 @click.option("--folds", default=4, show_default=True, help="--trained-rank: low-rank cuts (training segments).")
 @click.option("--shrink", default=0.01, show_default=True,
-              help="--trained-rank: singular-value soft threshold per cut, as a fraction of the layer's largest.")
+              help="--trained-rank: singular-value soft threshold per cut, as a fraction of the layer's mean one.")
 @click.option("--steps", type=int, help="--trained-rank: training steps over the whole run.")
 @click.option("--budget", help="--trained-rank: training budget over the whole run, e.g. 400fwd or 20m.")
 @click.option("--optimizer", default="auto", show_default=True, help="--trained-rank: the training optimizer.")

@@ -214,7 +214,7 @@ def _planned_batch(req: TrainRequest, profile, batch_size: int, log) -> int:
     if profile.memory_budget_mb is None:
         raise EdgeftError(f"--batch-size auto fits the device's memory budget: profile '{profile.name}' sets no "
                           "memory_budget_mb (pass --device)")
-    plan = plan_memory(req.bundle, req.device, batch_size)
+    plan = plan_memory(req.bundle, req.device, batch_size, output_fit=req.output_fit_steps != 0)
     if plan.fits:
         return batch_size
     if not plan.largest_batch_size:

@@ -55,15 +55,32 @@ def linear_weights(model: onnx.ModelProto, min_size: int = 16) -> list[tuple[onn
     return out
 
 
+def _svd(m: np.ndarray):
+    """Thin SVD; LAPACK's divide-and-conquer (gesdd) can fail to converge on a badly scaled matrix (seen on
+    SmolLM2's whitened weights after trained-rank cuts): then the eigendecomposition of the smaller Gram matrix."""
+    try:
+        return np.linalg.svd(m, full_matrices=False)
+    except np.linalg.LinAlgError:
+        tall = m.shape[0] >= m.shape[1]
+        gram = m.T @ m if tall else m @ m.T
+        values, vectors = np.linalg.eigh(gram)
+        order = np.argsort(values)[::-1]
+        s = np.sqrt(np.maximum(values[order], 0.0))
+        vectors = vectors[:, order]
+        safe = np.where(s > s[0] * 1e-12, s, np.inf)
+        if tall:  # m = U S Vᵀ with V the Gram's eigenvectors
+            return (m @ vectors) / safe, s, vectors.T
+        return vectors, s, (vectors.T @ m) / safe[:, None]
+
+
 def _factor(w: np.ndarray, cov: np.ndarray | None):
     """Return (left, singular values, right) with w ≈ left[:, :k] @ diag(s[:k]) @ right[:k]."""
     if cov is None:
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        return u, s, vt
+        return _svd(w)
     # C = L Lᵀ (damped so a rank-deficient covariance still factors)
     damp = 1e-5 * np.trace(cov) / len(cov)
     chol = np.linalg.cholesky(cov + damp * np.eye(len(cov)))
-    u, s, vt = np.linalg.svd(chol.T @ w, full_matrices=False)
+    u, s, vt = _svd(chol.T @ w)
     return np.linalg.solve(chol.T, u), s, vt
 
 

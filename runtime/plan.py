@@ -57,7 +57,9 @@ def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def plan_memory(folder: Path, device: str | None = None, batch_size: int | None = None,
-                max_length: int | None = None) -> Plan:
+                max_length: int | None = None, output_fit: bool = True) -> Plan:
+    """``output_fit``: whether training fits a causal LM's output side first (the default recipe; False
+    for ``--output-fit-steps 0``), which holds the top MLP's weights in numpy beside the session."""
     from edgeft.manifest import Manifest
 
     from .devices import load_profile
@@ -74,7 +76,7 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
             probes.append({"path": path, "rows": rows, "length": probe_length, "peak_rss_mb": round(peak, 1)})
             points.append((rows * probe_length, peak))
         fits_of[path] = _line(points)
-    return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest), profile.memory_budget_mb,
+    return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest, output_fit), profile.memory_budget_mb,
                    batch_size, length, probes)
 
 
@@ -95,13 +97,13 @@ def predict(train: tuple[float, float], held_out: tuple[float, float], extra: fl
     return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes or [])
 
 
-def _extra_mb(folder: Path, manifest) -> float:
+def _extra_mb(folder: Path, manifest, output_fit: bool) -> float:
     """Memory the probes do not see: the optimizer's vectors and the top-MLP fit's weights (float64 copy)."""
     from edgeft.adapters import bundle_layout
 
     size = bundle_layout(folder, manifest).size
     extra = OPTIMIZER_VECTORS * size * 4 / 2**20
-    if manifest.top_mlp is not None:
+    if manifest.top_mlp is not None and output_fit:
         extra += 2 * (folder / manifest.top_mlp.weights).stat().st_size / 2**20
     return extra
 

@@ -77,3 +77,20 @@ def test_cli_compress_keeps_a_trainable_bundle(bert_bundle, sentiment_data, tmp_
                                        "--steps", "5", "--batch-size", "4", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["steps"] == 5
+
+
+def test_svd_falls_back_when_lapack_does_not_converge(monkeypatch):
+    """gesdd can fail on a badly scaled matrix: the Gram-matrix fallback gives the same factorisation."""
+    rng = np.random.default_rng(0)
+    for shape in ((40, 12), (12, 40)):
+        m = rng.standard_normal(shape) * np.logspace(0, 6, shape[1])
+        want = np.linalg.svd(m, compute_uv=False)
+
+        def fail(*args, **kwargs):
+            raise np.linalg.LinAlgError("SVD did not converge")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(np.linalg, "svd", fail)
+            u, s, vt = lord._svd(m)
+        assert np.allclose(s, want, rtol=1e-6)
+        assert np.abs((u * s) @ vt - m).max() < 1e-6 * np.abs(m).max()
