@@ -53,8 +53,6 @@ class TrainedRankRequest:
 
 
 def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) -> dict:
-    import onnx
-
     from edgeft.data import load_dataset
     from edgeft.runtime import Bundle
     from edgeft.runtime.budget import parse_budget
@@ -109,12 +107,12 @@ def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) ->
     work = Path(tempfile.mkdtemp(prefix=".edgeft-trp-", dir=out.parent))
     try:
         for fold in range(req.folds):
-            plans, factors = _truncate(layers, weights, cut, covariances, per_fold, req.shrink, last=fold == req.folds - 1)
+            last = fold == req.folds - 1
+            plans, factors = _truncate(layers, weights, cut, covariances, per_fold, req.shrink, last=last)
             compressed = lord.apply(_with_weights(model, plans, weights), plans, factors)
             kept = sum(p.params for p in plans) / sum(p.shape[0] * p.shape[1] for p in plans)
             history.append({"fold": fold + 1, "kept": kept, "ranks": {p.weight: p.rank for p in plans}})
             log(f"cut {fold + 1}/{req.folds}: linear parameters {kept:.1%} kept (energy {per_fold:.4f} of each layer)")
-            last = fold == req.folds - 1
             if last:  # the final bundle, written whole or not at all; its training is a normal run inside it
                 folder = out
                 write_bundle(out, lambda tmp: _write(compressed, bundle_dir, manifest, tmp))

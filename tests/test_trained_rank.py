@@ -8,7 +8,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import helper
 
 from edgeft.adapters import save_adapter
 from edgeft.cli import main
