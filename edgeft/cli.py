@@ -1,4 +1,4 @@
-"""The ``edgeft`` command: export, train, eval, predict, info, demo."""
+"""The ``edgeft`` command: export, train, eval, predict, info, plan, deploy, compress, split, fleet, demo."""
 
 from __future__ import annotations
 
@@ -143,8 +143,9 @@ def train(bundle, data, run_dir, eval_data, optimizer, steps, budget, batch_size
         raise EdgeftError(f"--batch-size {batch_size!r}: a whole number or auto")
     request = TrainRequest(
         bundle=bundle, data=data, run_dir=run_dir, eval_data=eval_data, optimizer=optimizer, steps=steps, budget=budget,
-        batch_size=None if fit_memory or batch_size is None else int(batch_size), fit_memory=fit_memory, settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay,
-                                             schedule=schedule, **_settings(extra)),
+        batch_size=None if fit_memory or batch_size is None else int(batch_size), fit_memory=fit_memory,
+        settings=dict(lr=lr, eps=eps, queries=_queries(queries), weight_decay=weight_decay, schedule=schedule,
+                      **_settings(extra)),
         k_shot=k_shot, eval_every=eval_every, eval_limit=eval_limit, seed=seed, device=device, init_adapter=init_adapter,
         output_fit_steps=output_fit_steps, text_field=text_field, label_field=label_field, resume=resume, overwrite=overwrite,
         progress=(not as_json) if progress is None else progress,
@@ -375,8 +376,8 @@ def deploy(bundle, adapter, out, merge, quantize, fmt):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the report) instead of lines.")
 def compress(bundle, out, params_ratio, energy, calibrate, quantize, trained_rank, data, eval_data, folds, shrink, steps,
              budget, optimizer, k_shot, batch_size, seed, device, as_json):
-    """A lighter bundle that still trains: LoRD low-rank and/or int8 frozen weights; adapters and loss untouched.
-    With --trained-rank the low-rank cuts alternate with forward-only training (TRP)."""
+    """A lighter bundle that still trains: LoRD low-rank and/or int8/int4 frozen weights; adapters and loss
+    untouched. With --trained-rank the low-rank cuts alternate with forward-only training (TRP)."""
     from edgeft.export.compress import compress_bundle, quantize_bundle
 
     if trained_rank:
