@@ -26,17 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from common import edgeft_json  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUNS = DOCS / "fleet-runs"
 PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 
 
-def _edgeft(*cmd) -> dict:
-    result = subprocess.run([sys.executable, "-m", "edgeft.cli", *map(str, cmd), "--json"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"edgeft {' '.join(map(str, cmd[:2]))} failed: {result.stderr.strip().splitlines()[-3:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def prepare(args) -> dict:
@@ -72,19 +69,19 @@ def run(args, files, line: str) -> dict:
     run_dir = args.work / tag
     passes = args.clients * args.rounds * args.local_steps * 2
     if line == "start":
-        test, summary = _edgeft("eval", args.bundle, "--data", files["test"], "--device", files["profile"]), {}
+        test, summary = edgeft_json("eval", args.bundle, "--data", files["test"], "--device", files["profile"]), {}
     elif line in ("fleet", "fedavg"):
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        summary = _edgeft("fleet", "simulate", args.bundle, "--data", files["train"], "--clients", args.clients,
+        summary = edgeft_json("fleet", "simulate", args.bundle, "--data", files["train"], "--clients", args.clients,
                           "--partition", "by-field:speaker", "--rounds", args.rounds, "--local-steps", args.local_steps,
                           "--eval-data", files["dev"], "-o", run_dir, "--method", "seeds" if line == "fleet" else "fedavg")
         summary["rounds_log"] = [json.loads(l) for l in (run_dir / "rounds.jsonl").read_text().splitlines()]
-        test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+        test = edgeft_json("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
     else:
-        summary = _edgeft("train", args.bundle, "--data", files["train"], "-o", run_dir, "--overwrite", "--optimizer", "mezo",
+        summary = edgeft_json("train", args.bundle, "--data", files["train"], "-o", run_dir, "--overwrite", "--optimizer", "mezo",
                           "--output-fit-steps", 0, "--budget", f"{passes}fwd", "--batch-size", 4, "--device", files["profile"],
                           "--eval-data", files["dev"])
-        test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+        test = edgeft_json("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
     record = {"line": line, "clients": args.clients, "rounds": args.rounds, "local_steps": args.local_steps,
               "training_forward_passes": 0 if line == "start" else passes, "test": test, "summary": summary,
               "run_s": round(time.perf_counter() - started, 1)}

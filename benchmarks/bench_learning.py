@@ -56,6 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import edgeft_json  # benchmarks/ is on sys.path when run as a script
 from learning_report import (CLASSIFICATION, DEV_PLAY, HISTORICAL, LINES, RT_DEV, RT_SEED, RT_TEST, SAMPLES, TEST_PLAY,
                              TRAIN_PLAYS, render)  # benchmarks/ is on sys.path when run as a script
 
@@ -135,11 +136,6 @@ def prepare(args) -> dict[str, Path]:
     return files
 
 
-def _edgeft(*cmd) -> dict:
-    result = subprocess.run([sys.executable, "-m", "edgeft.cli", *map(str, cmd), "--json"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"edgeft {cmd[0]} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_one(args, files, line: str, seed: int) -> dict:
@@ -175,9 +171,9 @@ def run_one(args, files, line: str, seed: int) -> dict:
 
 def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
     started = time.perf_counter()
-    summary = _edgeft("train", *common, *settings)
-    test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
-    sampled = (_edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device",
+    summary = edgeft_json("train", *common, *settings)
+    test = edgeft_json("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+    sampled = (edgeft_json("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device",
                        files["profile"], "--samples", SAMPLES) if line.startswith("monteclora") else None)
     curve = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in r]
     record = {"line": line, "seed": seed, "budget_fwd": args.budget, "batch_size": args.batch_size,
@@ -212,7 +208,7 @@ def _probe_run(args, files, seed: int, out: Path, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", PROBE_START, str(args.bundle), str(files["train"]), str(seed),
                     str(run_dir / "adapter")], check=True)
-    test = _edgeft("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
+    test = edgeft_json("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
     record = {"line": "probe", "seed": seed, "budget_fwd": args.budget, "batch_size": 32, "test": test,
               "train": {"forward_passes": 10 if args.task == "20ng" else 1, "elapsed_s": 0.0,
                         "peak_rss_mb": None}}  # one pass over the k-shot set (20ng: 320 examples in batches of 32)
@@ -244,7 +240,7 @@ def start_record(args, files) -> dict:
     out = RUNS / f"{args.task}-start.json"
     if args.resume and out.is_file():
         return json.loads(out.read_text())
-    test = _edgeft("eval", args.bundle, "--data", files["test"], "--device", files["profile"])
+    test = edgeft_json("eval", args.bundle, "--data", files["test"], "--device", files["profile"])
     record = {"line": "start", "test": test}
     RUNS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -31,10 +31,11 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import edgeft_json  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -57,11 +58,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _edgeft(*cmd) -> dict:
-    result = subprocess.run([sys.executable, "-m", "edgeft.cli", *map(str, cmd), "--json"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"edgeft {cmd[0]} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def prepare(args) -> dict:
@@ -95,7 +91,7 @@ def _lord_bundle(args, files, energy: float) -> tuple[Path, dict]:
     if not report_file.is_file():
         shutil.rmtree(out, ignore_errors=True)
         calibrate = ["--calibrate", files["calibrate"]] if "calibrate" in files else []
-        report = _edgeft("compress", args.bundle, "-o", out, "--energy", energy, *calibrate)
+        report = edgeft_json("compress", args.bundle, "-o", out, "--energy", energy, *calibrate)
         report_file.write_text(json.dumps(report))
     return out, json.loads(report_file.read_text())
 
@@ -113,19 +109,19 @@ def run_one(args, files, line: str, energy: float | None, seed: int) -> dict:
     compressed = None
     if line == "fp32":
         bundle, kept = args.bundle, 1.0
-        summary = _edgeft("train", bundle, "-o", run_dir, *_train_args(args, files, seed))
+        summary = edgeft_json("train", bundle, "-o", run_dir, *_train_args(args, files, seed))
         adapter = run_dir / "adapter"
     elif line == "lord":
         bundle, compressed = _lord_bundle(args, files, energy)
         kept = compressed["kept"]
-        summary = _edgeft("train", bundle, "-o", run_dir, *_train_args(args, files, seed))
+        summary = edgeft_json("train", bundle, "-o", run_dir, *_train_args(args, files, seed))
         adapter = run_dir / "adapter"
     else:
         calibrate = ["--calibrate", files["calibrate"]] if "calibrate" in files else []
-        compressed = _edgeft("compress", args.bundle, "-o", run_dir, "--trained-rank", "--energy", energy, "--folds", FOLDS,
+        compressed = edgeft_json("compress", args.bundle, "-o", run_dir, "--trained-rank", "--energy", energy, "--folds", FOLDS,
                              "--shrink", args.shrink, *calibrate, *_train_args(args, files, seed))
         bundle, kept, summary, adapter = run_dir, compressed["kept"], compressed["training"], Path(compressed["adapter"])
-    test = _edgeft("eval", bundle, "--data", files["test"], "--adapter", adapter, "--device", files["profile"])
+    test = edgeft_json("eval", bundle, "--data", files["test"], "--adapter", adapter, "--device", files["profile"])
     record = {"task": args.task, "line": line, "energy": energy, "seed": seed, "budget_fwd": args.budget, "kept": kept,
               "linear_params": compressed["linear_params_after"] if compressed else None, "test": test,
               "ranks": {l["weight"]: l["rank"] for l in compressed["layers"] if l["compressed"]} if compressed else None,
