@@ -32,6 +32,14 @@ def _reference(bundle_dir, adapter_dir, texts):
     return feeds, b.run(feeds, vector, ["logits"])[0]
 
 
+def _assert_runs_like_the_bundle(bundle_dir, adapter_dir, out):
+    """The deployed folder, run as an app would, gives the bundle's logits at two input shapes."""
+    for texts in (TEXTS_A, TEXTS_B):
+        feeds, want = _reference(bundle_dir, adapter_dir, texts)
+        (got,) = run_deployed(out, feeds)
+        assert np.abs(got - want).max() < 1e-4
+
+
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapter-file"])
 def test_deployed_model_matches_bundle_at_two_shapes(bert_bundle, trained, tmp_path, merge):
     from edgeft.export.deploy import deploy
@@ -39,10 +47,7 @@ def test_deployed_model_matches_bundle_at_two_shapes(bert_bundle, trained, tmp_p
     out = tmp_path / "out"
     report = deploy(bert_bundle, trained, out, merge=merge)
     assert report["logits"] < 1e-4 and report["label_agreement"] == 1.0
-    for texts in (TEXTS_A, TEXTS_B):
-        feeds, want = _reference(bert_bundle, trained, texts)
-        (got,) = run_deployed(out, feeds)
-        assert np.abs(got - want).max() < 1e-4
+    _assert_runs_like_the_bundle(bert_bundle, trained, out)
     import onnx
 
     graph = onnx.load(str(out / "model.onnx")).graph
@@ -175,10 +180,7 @@ def test_merge_into_lord_factors_is_exact_at_two_shapes(bert_bundle, trained, tm
     out = tmp_path / "merged"
     report = deploy(lord_bundle, trained, out, merge=True)
     assert report["logits"] < 1e-4 and report["label_agreement"] == 1.0
-    for texts in (TEXTS_A, TEXTS_B):
-        feeds, want = _reference(lord_bundle, trained, texts)
-        (got,) = run_deployed(out, feeds)
-        assert np.abs(got - want).max() < 1e-4
+    _assert_runs_like_the_bundle(lord_bundle, trained, out)
     before = {i.name: list(i.dims) for i in onnx.load(str(lord_bundle / "model.onnx")).graph.initializer}
     after = {i.name: list(i.dims) for i in onnx.load(str(out / "model.onnx")).graph.initializer}
     grown = [name for name in after if name.endswith(".lord_in") and after[name][1] == before[name][1] + 8]
@@ -195,10 +197,7 @@ def test_ort_format_for_phones_matches_the_bundle_at_two_shapes(bert_bundle, tra
     out = tmp_path / "ort"
     assert (out / "model.ort").stat().st_size > 0 and not (out / "model.onnx").exists()
     assert (out / "required_operators.config").is_file()
-    for texts in (TEXTS_A, TEXTS_B):
-        feeds, want = _reference(bert_bundle, trained, texts)
-        (got,) = run_deployed(out, feeds)
-        assert np.abs(got - want).max() < 1e-4
+    _assert_runs_like_the_bundle(bert_bundle, trained, out)
 
 
 def test_int4_base_matches_fp32_to_int4_precision_and_trains(llama_lm_bundle, tmp_path):
