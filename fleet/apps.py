@@ -140,24 +140,35 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     state["edgeft"] = ConfigRecord({"known_round": known})
     if not bool(record["selected"]):  # not training this round (or the run's closing sync): caught up only
         return Upload([], [], 1, known_round=known, adapter=digest(theta)).to_record() | {"client": client, "skipped": True}
-    mine = client_data(settings, bundle, client)
-    upload, _ = local_round(bundle, bundle.encode(mine.texts, mine.labels), theta, config, round_, client, index)
+    _, encoded = client_data(settings, bundle, client)
+    upload, _ = local_round(bundle, encoded, theta, config, round_, client, index)
     upload.known_round = known
     return upload.to_record() | {"client": client, "skipped": False}
 
 
+_ENCODED: dict[tuple, object] = {}  # a device's rows, read and tokenised once per process (not every round)
+
+
 def client_data(settings: FleetSettings, bundle, client: int):
     """This device's rows: its own file (deployed), or its --partition share of the one file (simulated)."""
+    key = (str(Path(settings.data).resolve()), settings.partition, settings.clients, settings.config.seed, client,
+           str(Path(settings.bundle).resolve()))
+    if key not in _ENCODED:
+        _ENCODED[key] = _read_rows(settings, bundle, client)
+    return _ENCODED[key]
+
+
+def _read_rows(settings: FleetSettings, bundle, client: int):
     from edgeft.data import load_dataset
 
     from .partition import partition
 
     data = load_dataset(settings.data, bundle.labels, settings.text_field, settings.label_field)
-    if settings.partition == OWN_DATA:
-        return data
-    labels = data.labels if bundle.task != "causal-lm" else None
-    return data.subset(partition(settings.partition, settings.data, settings.clients, settings.config.seed, labels,
-                                 settings.text_field)[client])
+    if settings.partition != OWN_DATA:
+        labels = data.labels if bundle.task != "causal-lm" else None
+        data = data.subset(partition(settings.partition, settings.data, settings.clients, settings.config.seed, labels,
+                                     settings.text_field)[client])
+    return data, bundle.encode(data.texts, data.labels)
 
 
 def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict] | None = None):

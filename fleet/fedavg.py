@@ -38,9 +38,8 @@ def make_fedavg_apps(settings: FleetSettings):
         theta = msg.content["arrays"]["theta"].numpy().astype(np.float32)
         round_ = int(msg.content["config"]["server-round"]) - 1  # Flower counts rounds from 1
         who = int(context.node_config.get("partition-id", 0))
-        mine = client_data(settings, bundle, who)
-        upload, local = local_round(bundle, bundle.encode(mine.texts, mine.labels), theta, settings.config, round_,
-                                    who, index)
+        _, encoded = client_data(settings, bundle, who)
+        upload, local = local_round(bundle, encoded, theta, settings.config, round_, who, index)
         return Message(content=RecordDict({"arrays": ArrayRecord({"theta": Array(local)}),
                                            "metrics": MetricRecord({"num-examples": upload.examples,
                                                                     "forward-passes": upload.forward_passes})}),
