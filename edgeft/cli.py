@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from edgeft.cli_common import Command, split_list
 from edgeft.errors import EdgeftError
-
-
-
-class _Command(click.Command):
-    """Turn EdgeftError into one line on stderr and exit code 2, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EdgeftError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
 
 
 @click.group()
@@ -29,13 +17,9 @@ def main():
     """Fine-tune transformers on edge devices with forward passes only."""
 
 
-def _split(value: str | None) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
-
-
 def _verbalizer(value: str | None) -> dict[str, str]:
     out = {}
-    for item in _split(value):
+    for item in split_list(value):
         label, sep, word = item.partition("=")
         if not sep or not word:
             raise EdgeftError(f"--verbalizer item {item!r} is not LABEL=WORD")
@@ -46,7 +30,7 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 # --- export ------------------------------------------------------------------
 
 
-@main.command(cls=_Command)
+@main.command(cls=Command)
 @click.argument("source")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--task", type=click.Choice(["classification", "prompt", "causal-lm"]), default="classification")
@@ -78,9 +62,9 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 
     if source.endswith(".gguf") and not gguf_file:
         source, gguf_file = str(Path(source).parent), Path(source).name
-    options = ExportOptions(task=task, labels=_split(labels), template=template, verbalizer=_verbalizer(verbalizer),
+    options = ExportOptions(task=task, labels=split_list(labels), template=template, verbalizer=_verbalizer(verbalizer),
                             adapter=adapter, rank=rank, alpha=alpha, init=init, tt_cores=tt_cores,
-                            targets=_split(targets) or None, layers=layers, max_length=max_length,
+                            targets=split_list(targets) or None, layers=layers, max_length=max_length,
                             pooling=pooling, gguf_file=gguf_file)
     report = export_bundle(source, out, options, verify=verify, log=lambda m: click.echo(m, err=True))
     for name, diff in report.items():
@@ -97,7 +81,7 @@ def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, 
 # --- train -------------------------------------------------------------------
 
 
-@main.command(cls=_Command)
+@main.command(cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Training data (.jsonl, .csv, .tsv).")
 @click.option("-o", "--output", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder.")
@@ -197,7 +181,7 @@ def _print_summary(summary: dict) -> None:
 # --- eval / predict / info ---------------------------------------------------
 
 
-@main.command(name="eval", cls=_Command)
+@main.command(name="eval", cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path))
 @click.option("--adapter", type=click.Path(path_type=Path), help="Adapter folder (default: the untrained start).")
@@ -257,7 +241,7 @@ def _adapter_vector(b, adapter: Path | None):
     return load_adapter(adapter, b.layout)
 
 
-@main.command(cls=_Command)
+@main.command(cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--adapter", type=click.Path(path_type=Path))
@@ -290,7 +274,7 @@ def predict(bundle, texts, adapter, device, samples, as_json):
         click.echo(json.dumps(row) if as_json else f"{row['label']}\t{row['probability']:.3f}{extra}\t{row['text']}")
 
 
-@main.command(cls=_Command)
+@main.command(cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 def info(bundle):
     """Describe a bundle: task, labels, adapters, graph inputs and outputs."""
@@ -316,7 +300,7 @@ def info(bundle):
     click.echo(f"outputs: {', '.join(m.outputs)}{hidden}   max length: {m.max_length}   model: {size:.1f} MB")
 
 
-@main.command(cls=_Command)
+@main.command(cls=Command)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--device", help="Device profile (its memory_budget_mb is the budget).")
 @click.option("--batch-size", type=int, help="Training batch (default: the profile's).")
@@ -333,172 +317,7 @@ def plan(bundle, device, batch_size, max_length, as_json):
     click.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else describe(result, load_profile(device).name))
 
 
-@main.command(cls=_Command)
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="Adapter folder from edgeft train.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
-@click.option("--merge", is_flag=True, help="Fold the adapter into the weights: a plain inference graph.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation of the frozen weights.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
-              help="ort: ONNX Runtime's own format (model.ort), what ORT Mobile on Android and iOS loads.")
-def deploy(bundle, adapter, out, merge, quantize, fmt):
-    """Package a trained adapter for inference: ORT adapter file (default) or merged graph."""
-    from edgeft.export.deploy import deploy as run_deploy
-
-    report = run_deploy(bundle, adapter, out, merge=merge, quantize=quantize, fmt=fmt)
-    for key, value in report.items():
-        click.echo(f"check: {key} {value:.4g}" if key != "size_mb" else f"size: {value} MB")
-    click.echo(f"deployed to {out}")
-
-
-@main.command(cls=_Command)
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
-@click.option("--params-ratio", type=float, help="LoRD: fraction of each linear layer's parameters to keep.")
-@click.option("--energy", type=float, help="LoRD: fraction of spectral energy to keep per layer.")
-@click.option("--calibrate", type=click.Path(path_type=Path), help="Activation-aware LoRD on this data's activations.")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]),
-              help="int8 (dynamic) or int4 (weight-only, MatMulNBits) frozen weights; adapters fp32 and trainable.")
-@click.option("--trained-rank", is_flag=True, help="TRP: train on --data between low-rank cuts, so the ranks are chosen "
-                                                   "while the bundle trains (needs --data; --energy default 0.9).")
-@click.option("--data", type=click.Path(path_type=Path), help="--trained-rank: training data (as for edgeft train).")
-@click.option("--eval-data", type=click.Path(path_type=Path), help="--trained-rank: held-out data to keep each segment's best.")
-@click.option("--folds", default=4, show_default=True, help="--trained-rank: low-rank cuts (training segments).")
-@click.option("--shrink", default=0.01, show_default=True,
-              help="--trained-rank: singular-value soft threshold per cut, as a fraction of the layer's mean one.")
-@click.option("--steps", type=int, help="--trained-rank: training steps over the whole run.")
-@click.option("--budget", help="--trained-rank: training budget over the whole run, e.g. 400fwd or 20m.")
-@click.option("--optimizer", default="auto", show_default=True, help="--trained-rank: the training optimizer.")
-@click.option("--k-shot", type=int, help="--trained-rank: examples per label drawn from --data.")
-@click.option("--batch-size", type=int)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", help="--trained-rank: device profile for the training segments.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the report) instead of lines.")
-def compress(bundle, out, params_ratio, energy, calibrate, quantize, trained_rank, data, eval_data, folds, shrink, steps,
-             budget, optimizer, k_shot, batch_size, seed, device, as_json):
-    """A lighter bundle that still trains: LoRD low-rank and/or int8/int4 frozen weights; adapters and loss
-    untouched. With --trained-rank the low-rank cuts alternate with forward-only training (TRP)."""
-    from edgeft.export.compress import compress_bundle, quantize_bundle
-
-    if trained_rank:
-        _trained_rank(bundle, out, energy, params_ratio, calibrate, quantize, data, eval_data, folds, shrink, steps,
-                      budget, optimizer, k_shot, batch_size, seed, device, as_json)
-        return
-    training_only = {"--data": data, "--eval-data": eval_data, "--steps": steps, "--budget": budget,
-                     "--k-shot": k_shot, "--batch-size": batch_size, "--device": device}
-    given = [name for name, value in training_only.items() if value is not None]
-    if given:
-        raise EdgeftError(f"{given[0]} trains: it needs --trained-rank")
-    if params_ratio is None and energy is None:
-        if not quantize:
-            raise EdgeftError("compress needs --params-ratio, --energy or --quantize")
-        excluded = quantize_bundle(bundle, out, bits=quantize)
-        click.echo(json.dumps({"excluded": excluded, "bundle": str(out)}) if as_json
-                   else f"{quantize} bundle written to {out} ({excluded} adapter nodes kept fp32)")
-        return
-    if calibrate is None:  # measured on SmolLM2 (docs/DEPLOY.md): plain SVD at 80% params → perplexity 2.8e6
-        click.echo("warning: without --calibrate the SVD ignores which directions the data uses; on a causal LM "
-                   "(SmolLM2-135M) that wrecked the model at every ratio tried. Pass --calibrate DATA.", err=True)
-    report = compress_bundle(bundle, out, params_ratio, energy, calibrate, quantize, log=lambda m: click.echo(m, err=True))
-    if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
-        return
-    _print_ranks(report, out)
-
-
-def _print_ranks(report: dict, out: Path) -> None:
-    for layer in report["layers"]:
-        state = f"rank {layer['rank']}" if layer["compressed"] else "kept"
-        click.echo(f"{layer['node']}: {layer['shape'][0]}x{layer['shape'][1]} {state} (energy {layer['energy']:.3f})")
-    click.echo(f"linear parameters {report['linear_params_before']:,} -> {report['linear_params_after']:,} "
-               f"({report['kept']:.1%} kept); bundle written to {out}")
-
-
-def _trained_rank(bundle, out, energy, params_ratio, calibrate, quantize, data, eval_data, folds, shrink, steps, budget,
-                  optimizer, k_shot, batch_size, seed, device, as_json) -> None:
-    from edgeft.export.trained_rank import TrainedRankRequest, trained_rank
-
-    if data is None:
-        raise EdgeftError("--trained-rank trains between its cuts: it needs --data TRAIN")
-    if params_ratio is not None or quantize:
-        raise EdgeftError("--trained-rank chooses ranks by --energy; --params-ratio and --quantize do not apply "
-                          "(quantize its output with a second edgeft compress --quantize int8)")
-    request = TrainedRankRequest(bundle, out, data, energy if energy is not None else 0.9, folds, shrink, calibrate,
-                                 steps, budget, optimizer, eval_data, k_shot, batch_size, seed, device,
-                                 progress=not as_json)
-    report = trained_rank(request, log=lambda m: click.echo(m, err=True))
-    if as_json:
-        click.echo(json.dumps(report, sort_keys=True, default=str))
-        return
-    _print_ranks(report, out)
-    click.echo(f"trained adapter (last segment): {report['adapter']}")
-
-
-@main.command(cls=_Command)
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--at", "layers", required=True, help="Comma-separated layers to cut the graph at, e.g. 1,2,3,4,5.")
-def split(bundle, layers):
-    """Cut the graph into segments at layer boundaries: a training step whose candidates differ
-    only above a cut runs the layers below it once per batch (layer-wise DFO, adapters on
-    the top layers only). Replaces an earlier split of BUNDLE."""
-    from edgeft.export.split import split_bundle
-
-    bad = [x for x in _split(layers) if not x.isdigit()]
-    if bad:
-        raise EdgeftError(f"--at: {bad[0]!r} is not a layer number")
-    split_bundle(bundle, [int(x) for x in _split(layers)], log=lambda m: click.echo(m))
-
-
-@main.group()
-def fleet():
-    """Many devices learn together through Flower; seeds and scalars on the wire (needs '.[fleet]')."""
-
-
-@fleet.command("simulate", cls=_Command)
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="All clients' data; --partition splits it.")
-@click.option("--clients", default=4, show_default=True)
-@click.option("--partition", default="iid", show_default=True, help="iid, dirichlet:ALPHA or by-field:NAME.")
-@click.option("--rounds", default=5, show_default=True)
-@click.option("--local-steps", default=4, show_default=True, help="Zeroth-order steps per client per round.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Run folder.")
-@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out data the server scores each round.")
-@click.option("--eval-every", default=1, show_default=True)
-@click.option("--pool-size", default=1024, show_default=True, help="Shared seeds (K).")
-@click.option("--clients-per-round", type=int, help="Clients sampled per round (default: all).")
-@click.option("--lr", type=float, help="Step size of the shared update (default: fixed at the first round so "
-                                       "that it moves each value by MeZO's default step).")
-@click.option("--eps", default=1e-3, show_default=True)
-@click.option("--batch-size", default=4, show_default=True)
-@click.option("--clip", default=10.0, show_default=True, help="Each uploaded value is clipped to [-clip, clip].")
-@click.option("--aggregate", type=click.Choice(["mean", "median", "trimmed"]), default="mean", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--init-adapter", type=click.Path(path_type=Path), help="A start every client shares (e.g. a head).")
-@click.option("--method", type=click.Choice(["seeds", "fedavg"]), default="seeds", show_default=True,
-              help="seeds: seeds and scalars on the wire; fedavg: the usual baseline (whole adapters, Flower's FedAvg).")
-@click.option("--resume", is_flag=True, help="Continue RUN from its saved state.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
-def fleet_simulate(bundle, data, clients, partition, rounds, local_steps, out, eval_data, eval_every, pool_size,
-                   clients_per_round, lr, eps, batch_size, clip, aggregate, seed, init_adapter, method, resume, as_json):
-    """Simulate a fleet of CLIENTS devices with Flower's simulation engine."""
-    try:
-        from edgeft.fleet.apps import FleetSettings
-        from edgeft.fleet.protocol import FleetConfig
-        from edgeft.fleet.simulate import simulate
-    except ImportError as err:
-        raise EdgeftError(f"edgeft fleet needs Flower: pip install -e '.[fleet]' ({err})") from None
-    config = FleetConfig(seed=seed, pool_size=pool_size, lr=lr, eps=eps, local_steps=local_steps, batch_size=batch_size,
-                         clip=clip, aggregate=aggregate, clients_per_round=clients_per_round)
-    settings = FleetSettings(bundle, data, out, clients, rounds, partition, config, eval_data, eval_every,
-                             init_adapter=init_adapter, log=lambda m: click.echo(m, err=True))
-    summary = simulate(settings, resume=resume, method=method)
-    click.echo(json.dumps(summary, sort_keys=True) if as_json else
-               f"{summary['rounds']} rounds, {clients} clients: upload ≤ {summary['upload_bytes_per_client_round_max']} B "
-               f"and download ≤ {summary['download_bytes_per_client_round_max']} B per client per round; "
-               f"adapter in {summary['adapter']}")
-
-
-@main.command(cls=_Command)
+@main.command(cls=Command)
 @click.option("--name", type=click.Choice(["smollm2-sentiment", "minilm-rotten-tomatoes"]), default="smollm2-sentiment",
               show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("edgeft-demo"), show_default=True)
@@ -510,6 +329,17 @@ def demo(name, workdir, steps, test_size):
 
     run_demo(workdir, DEMOS[name], steps=steps, test_size=test_size, log=lambda m: click.echo(m))
 
+
+def _register() -> None:
+    """The workstation's shipping commands and the fleet live in their own modules (cli_ship, cli_fleet)."""
+    from edgeft.cli_fleet import fleet
+    from edgeft.cli_ship import compress, deploy, split
+
+    for command in (deploy, compress, split, fleet):
+        main.add_command(command)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

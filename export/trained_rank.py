@@ -55,8 +55,6 @@ class TrainedRankRequest:
 def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) -> dict:
     from edgeft.data import load_dataset
     from edgeft.runtime import Bundle
-    from edgeft.runtime.budget import parse_budget
-    from edgeft.training import DEFAULT_STEPS
 
     from . import lord
     from .bundle import write_bundle
@@ -83,7 +81,7 @@ def trained_rank(req: TrainedRankRequest, log: Callable[[str], None] = print) ->
         raise EdgeftError(f"{bundle_dir}: already LoRD-compressed; --trained-rank starts from the uncompressed bundle")
     source = Bundle(bundle_dir)
     load_dataset(req.data, source.labels)  # bad data fails here, before any work
-    steps, budgets = _segments(req, parse_budget, DEFAULT_STEPS)
+    steps, budgets = _segments(req)
 
     covariances = None
     if req.calibrate is not None:
@@ -140,14 +138,17 @@ def _array(init) -> np.ndarray:
     return numpy_helper.to_array(init).astype(np.float64)
 
 
-def _segments(req: TrainedRankRequest, parse_budget, default_steps: int) -> tuple[list, list]:
+def _segments(req: TrainedRankRequest) -> tuple[list, list]:
     """Each training segment's --steps and --budget: the run's totals split evenly (the last takes the rest)."""
+    from edgeft.runtime.budget import parse_budget
+    from edgeft.training import DEFAULT_STEPS
+
     if req.steps is not None and req.steps < req.folds:
         raise EdgeftError(f"--steps {req.steps}: fewer than one step per cut ({req.folds} folds)")
     budget = parse_budget(req.budget) if req.budget is not None else None
     steps = _split(req.steps, req.folds) if req.steps else [None] * req.folds
     if budget is None:
-        return (steps if req.steps else _split(default_steps, req.folds)), [None] * req.folds
+        return (steps if req.steps else _split(DEFAULT_STEPS, req.folds)), [None] * req.folds
     if budget.forward_passes is None:
         return steps, [f"{budget.seconds / req.folds:g}s"] * req.folds
     if budget.forward_passes < req.folds:

@@ -283,7 +283,8 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
         settings.log(f"round {r}: {len(uploads)} uploads, {len(pairs)} pairs, up ≤ {line['upload_bytes_max']} B, "
                      f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
     agree = _closing_sync(settings, grid, state, nodes, known, digest(theta))
-    finish(settings, state, bundle, theta, agree)
+    finish(settings, bundle, theta, lr=next((e["lr"] for e in state.history if e.get("lr")), None),
+           clients_holding_the_adapter=agree)
     return state
 
 
@@ -325,8 +326,9 @@ def _closing_sync(settings: FleetSettings, grid, state: FleetState, nodes: list[
     return agree
 
 
-def finish(settings: FleetSettings, state: FleetState, bundle, theta: np.ndarray, agree: int) -> dict:
-    """The run folder's results: RUN/adapter (PEFT, as edgeft train writes), curve.png, summary.json."""
+def finish(settings: FleetSettings, bundle, theta: np.ndarray, **method: object) -> dict:
+    """The run folder's results: RUN/adapter (PEFT, as edgeft train writes), curve.png, summary.json (from
+    rounds.jsonl, plus the ``method``'s own keys)."""
     from edgeft.adapters import save_adapter
 
     run_dir = Path(settings.run_dir)
@@ -334,19 +336,15 @@ def finish(settings: FleetSettings, state: FleetState, bundle, theta: np.ndarray
                  "CAUSAL_LM" if bundle.task == "causal-lm" else None)
     rounds = [json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines()]
     plot = _plot(rounds, run_dir / "curve.png")
-    final = next((r["eval"] for r in reversed(rounds) if "eval" in r), None)
-    summary = {"rounds": state.round, "clients": settings.clients, "partition": settings.partition,
+    summary = {"rounds": len(rounds), "clients": settings.clients, "partition": settings.partition,
                "upload_bytes_per_client_round_max": max(r["upload_bytes_max"] for r in rounds),
                "download_bytes_per_client_round_max": max(r["download_bytes_max"] for r in rounds),
                "forward_passes": sum(r["client_forward_passes"] for r in rounds),
-               "rejected_uploads": sum(len(r["rejected"]) for r in rounds), "eval": final,
-               "adapter": str(run_dir / "adapter"), "plot": str(plot) if plot else None,
-               "lr": next((e["lr"] for e in state.history if e.get("lr")), None),
-               "clients_holding_the_adapter": agree}
+               "rejected_uploads": sum(len(r["rejected"]) for r in rounds),
+               "eval": next((r["eval"] for r in reversed(rounds) if "eval" in r), None),
+               "adapter": str(run_dir / "adapter"), "plot": str(plot) if plot else None, **method}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
-
-
 
 
 def _evaluate(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:

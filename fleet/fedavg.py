@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .apps import ROUNDS_FILE, SUMMARY_FILE, FleetSettings, _bundle, _evaluate, _plot, client_data, start_and_index
+from .apps import ROUNDS_FILE, FleetSettings, _bundle, _evaluate, client_data, finish, start_and_index
 from .client import local_round
 
 
@@ -72,24 +72,6 @@ def make_fedavg_apps(settings: FleetSettings):
         result = strategy.start(grid=grid, initial_arrays=start, num_rounds=settings.rounds,
                                 train_config=ConfigRecord({}), evaluate_fn=evaluate)
         theta = result.arrays["theta"].numpy().astype(np.float32)
-        _finish(settings, bundle, theta)
+        finish(settings, bundle, theta, method="fedavg")
 
     return server, client
-
-
-def _finish(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:
-    from edgeft.adapters import save_adapter
-
-    run_dir = Path(settings.run_dir)
-    save_adapter(run_dir / "adapter", bundle.layout, theta, bundle.manifest.peft_base.get("source", ""),
-                 "CAUSAL_LM" if bundle.task == "causal-lm" else None)
-    rounds = [json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines()]
-    plot = _plot(rounds, run_dir / "curve.png")
-    summary = {"method": "fedavg", "rounds": len(rounds), "clients": settings.clients, "partition": settings.partition,
-               "upload_bytes_per_client_round_max": max(r["upload_bytes_max"] for r in rounds),
-               "download_bytes_per_client_round_max": max(r["download_bytes_max"] for r in rounds),
-               "forward_passes": sum(r["client_forward_passes"] for r in rounds), "rejected_uploads": 0,
-               "eval": next((r["eval"] for r in reversed(rounds) if "eval" in r), None),
-               "adapter": str(run_dir / "adapter"), "plot": str(plot) if plot else None}
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
