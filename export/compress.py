@@ -9,7 +9,7 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
-from .onnx_files import load_model
+from .onnx_files import load_model, remove, save_model
 from .quantize import quantize_int4, quantize_int8
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
@@ -18,8 +18,6 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, energy: float | None = None,
                     calibrate: Path | None = None, quantize: str | None = None, log=print) -> dict:
     """LoRD (and optionally int8) → a new bundle with the same inputs, adapters and loss."""
-    import onnx
-
     from edgeft.data import load_dataset
 
     from . import lord
@@ -38,14 +36,15 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
         covariances = lord.collect_covariances(b, model, b.encode(data.texts, data.labels))
         log(f"calibrated on {len(data)} texts")
     plans, factors = lord.plan(model, params_ratio, energy, covariances)
-    compressed = lord.apply(model, plans, factors)
+    compressed = lord.apply(model, plans, factors, in_place=True)
+    del model
 
     def write(tmp: Path) -> dict:
         target = tmp / (MODEL_NAME if not quantize else "model.fp32.onnx")
-        onnx.save_model(compressed, str(target))
+        save_model(compressed, target)
         if quantize:
             QUANTIZERS[quantize](target, tmp / MODEL_NAME, manifest)
-            target.unlink()
+            remove(target)
         _derived_manifest(bundle, manifest, tmp, keep_top_mlp=False)
         return {}
 

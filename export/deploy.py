@@ -28,7 +28,7 @@ from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
 from .merge import inference_only, merge_adapters
-from .onnx_files import load_model
+from .onnx_files import load_model, remove, save_model
 from .quantize import quantize_int8
 
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -63,9 +63,11 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
     model = load_model(bundle / MODEL_NAME)
     if merge:
         # prune first: a causal LM's top MLP outputs (training only) are adapted layers' outputs
-        deployed = merge_adapters(inference_only(model, outputs), manifest, values)
+        deployed = merge_adapters(inference_only(model, outputs, in_place=True), manifest, values, in_place=True)
     else:
-        deployed = _with_default_adapters(inference_only(model, outputs), layout.unflatten(layout.initial(0)))
+        deployed = _with_default_adapters(inference_only(model, outputs, in_place=True),
+                                          layout.unflatten(layout.initial(0)))
+    del model
     info = {"task": manifest.task, "labels": manifest.labels, "template": manifest.template,
             "inputs": [i.name for i in deployed.graph.input if i.name not in values], "outputs": outputs,
             "merged": merge, "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE,
@@ -76,11 +78,11 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
         path = tmp / MODEL_NAME
         if quantize == "int8":
             fp32 = tmp / "model.fp32.onnx"
-            onnx.save_model(deployed, str(fp32))
+            save_model(deployed, fp32)
             quantize_int8(fp32, path, None if merge else manifest, architecture=manifest.architecture)
-            fp32.unlink()
+            remove(fp32)
         else:
-            onnx.save_model(deployed, str(path))
+            save_model(deployed, path)
         if fmt == "ort":
             _to_ort_format(path, tmp)
         if not merge:

@@ -12,13 +12,18 @@ with L⁻ᵀ, so the kept directions are those the data actually excites.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from edgeft.errors import EdgeftError
+
+from .onnx_files import clone
+from .onnx_files import session as ort_session
 
 
 @dataclass
@@ -113,8 +118,9 @@ def plan(model: onnx.ModelProto, params_ratio: float | None = None, energy: floa
     return plans, factors
 
 
-def apply(model: onnx.ModelProto, plans: list[LayerPlan], factors: dict) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def apply(model: onnx.ModelProto, plans: list[LayerPlan], factors: dict, in_place: bool = False) -> onnx.ModelProto:
+    """Each compressed layer's MatMul becomes two; ``in_place`` changes ``model`` (no second copy of its weights)."""
+    model = model if in_place else clone(model)
     graph = model.graph
     by_node = {p.node: p for p in plans if p.compressed}
     drop = {p.weight for p in by_node.values()}
@@ -138,15 +144,16 @@ def apply(model: onnx.ModelProto, plans: list[LayerPlan], factors: dict) -> onnx
         ]
     del graph.node[:]
     graph.node.extend(new_nodes)
-    kept = [i for i in graph.initializer if i.name not in drop] + new_inits
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):  # deleting in place copies nothing
+        if graph.initializer[index].name in drop:
+            del graph.initializer[index]
+    graph.initializer.extend(new_inits)
     return model
 
 
 def reconstructed(model: onnx.ModelProto, plans: list[LayerPlan], factors: dict) -> onnx.ModelProto:
     """The reference for the pass: the original graph with each W replaced by W1·W2 in one MatMul."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = clone(model)
     by_weight = {p.weight: p for p in plans if p.compressed}
     for init in model.graph.initializer:
         p = by_weight.get(init.name)
@@ -163,18 +170,18 @@ def collect_covariances(bundle, model: onnx.ModelProto, encoded, batch_size: int
     The inputs are exposed as extra graph outputs of a temporary session, then the
     bundle runs forward with its starting adapters (B = 0: the frozen model).
     """
-    import onnxruntime as ort
-
     from edgeft.runtime.evaluate import length_sorted_batches
 
     names = sorted({node.input[0] for node, _ in linear_weights(model)})
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(probe).graph.value_info}
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(inferred.get(name) or helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    present = {o.name for o in model.graph.output}
+    added = [name for name in names if name not in present]
+    # the extra outputs go on the graph itself for the session's creation, then come off again (no copy)
+    model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in added)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeft-lord-") as scratch:
+            session = ort_session(model, Path(scratch))
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
     adapters = bundle.layout.unflatten(bundle.layout.initial(0))
     if encoded.labels is None and "labels" in bundle.manifest.inputs:  # the loss is not read: any label will do
         encoded = type(encoded)(encoded.ids, np.zeros(len(encoded), dtype=np.int64))

@@ -11,7 +11,9 @@ what remains takes the bundle's original inputs and returns logits.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +21,9 @@ from onnx import numpy_helper
 
 from edgeft.errors import EdgeftError
 from edgeft.manifest import Manifest
+
+from .onnx_files import clone
+from .onnx_files import session as ort_session
 
 
 class _Graph:
@@ -123,8 +128,11 @@ def lora_branches(model: onnx.ModelProto, manifest: Manifest, g: _Graph | None =
     return out
 
 
-def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def merge_adapters(model: onnx.ModelProto, manifest: Manifest, values: dict[str, np.ndarray],
+                   in_place: bool = False) -> onnx.ModelProto:
+    """The graph with ``values`` folded into its weights. ``in_place``: change ``model`` itself (a caller
+    that loaded it for this alone; a billion-parameter graph is not held twice)."""
+    model = model if in_place else clone(model)
     g = _Graph(model)
     removed: set[str] = set()
     renames: dict[str, str] = {}
@@ -174,8 +182,6 @@ def fold_weight_updates(model: onnx.ModelProto, values: dict[str, np.ndarray]) -
 
     Evaluated with ONNX Runtime, the kernels training used. In place; ``values`` stop being inputs.
     """
-    import onnxruntime as ort
-
     graph = model.graph
     constant = {i.name for i in graph.initializer} | set(values)
     depends = set(values)  # constant tensors that depend on the adapter values
@@ -193,16 +199,11 @@ def fold_weight_updates(model: onnx.ModelProto, values: dict[str, np.ndarray]) -
     if not frontier:
         return
     # a graph that computes only the frontier, from initializers and the adapter values
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    probe.graph.initializer.extend(numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in values.items())
-    kept_inputs = [i for i in probe.graph.input if i.name not in values]
-    del probe.graph.input[:]
-    probe.graph.input.extend(kept_inputs)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in frontier)
-    probe = inference_only(probe, frontier)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    results = dict(zip(frontier, session.run(frontier, {})))
+    probe = inference_only(model, frontier, extra_initializers={k: np.asarray(v, dtype=np.float32)
+                                                                for k, v in values.items()})
+    with tempfile.TemporaryDirectory(prefix="edgeft-merge-") as scratch:
+        results = dict(zip(frontier, ort_session(probe, Path(scratch)).run(frontier, {})))
+    del probe
     keep = [onnx.NodeProto.FromString(n.SerializeToString()) for n in readers]
     del graph.node[:]
     graph.node.extend(keep)
@@ -212,12 +213,17 @@ def fold_weight_updates(model: onnx.ModelProto, values: dict[str, np.ndarray]) -
     graph.input.extend(inputs)
 
 
-def inference_only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """Keep ``outputs``, drop every node, initializer and input they do not need (e.g. labels, loss)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def inference_only(model: onnx.ModelProto, outputs: list[str], in_place: bool = False,
+                   extra_initializers: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Keep ``outputs``, drop every node, initializer and input they do not need (e.g. labels, loss).
+
+    A new graph copies only what it keeps (a probe of a few weights of a billion-parameter graph copies
+    those few); ``in_place`` prunes ``model`` itself. ``extra_initializers`` become constants (inputs of
+    the same name are dropped)."""
     graph = model.graph
+    extra = {k: numpy_helper.from_array(v, k) for k, v in (extra_initializers or {}).items()}
     producer = {o: n for n in graph.node for o in n.output}
-    needed, stack, live = set(), list(outputs), []
+    needed, stack = set(), list(outputs)
     while stack:
         name = stack.pop()
         if name in needed:
@@ -229,17 +235,40 @@ def inference_only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProt
             for attr in node.attribute:  # subgraphs (If/Loop) read outer names
                 for sub in list(attr.g.node if attr.HasField("g") else []):
                     stack += list(sub.input)
-    live = [n for n in graph.node if any(o in needed for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(live)
-    for field in ("initializer",):
-        kept = [i for i in getattr(graph, field) if i.name in needed]
-        graph.ClearField(field)
-        getattr(graph, field).extend(kept)
-    kept_inputs = [i for i in graph.input if i.name in needed]
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
-    kept_outputs = [o for o in graph.output if o.name in outputs]
-    del graph.output[:]
-    graph.output.extend(kept_outputs)
-    return model
+    keep = {
+        "node": lambda n: any(o in needed for o in n.output),
+        "initializer": lambda i: i.name in needed,
+        "input": lambda i: i.name in needed and i.name not in extra,
+        "output": lambda o: o.name in outputs,
+        "value_info": lambda v: v.name in needed,
+    }
+    if in_place:
+        target = model
+        for field, wanted in keep.items():
+            items = getattr(graph, field)
+            for index in reversed(range(len(items))):  # deleting in place copies nothing
+                if not wanted(items[index]):
+                    del items[index]
+    else:
+        target = onnx.ModelProto()
+        _copy_fields(model, target, skip={"graph"})
+        _copy_fields(graph, target.graph, skip=set(keep))
+        for field, wanted in keep.items():
+            getattr(target.graph, field).extend(item for item in getattr(graph, field) if wanted(item))
+    names = {o.name for o in target.graph.output}
+    target.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs if o not in names)
+    target.graph.initializer.extend(t for name, t in extra.items() if name in needed)
+    return target
+
+
+def _copy_fields(source, target, skip: set[str]) -> None:
+    """Copy every field of a protobuf message but ``skip``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name in skip:
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(target, descriptor.name, value)
+        elif hasattr(value, "extend"):
+            getattr(target, descriptor.name).extend(value)
+        else:
+            getattr(target, descriptor.name).CopyFrom(value)

@@ -12,7 +12,7 @@ import torch
 from edgeft.errors import EdgeftError
 from edgeft.manifest import AdapterTensor, Manifest
 
-from .onnx_files import save_model
+from .onnx_files import external_data_bytes
 
 
 def export_onnx(wrapper: torch.nn.Module, manifest: Manifest, tensors: list[AdapterTensor], path: Path, vocab_size: int) -> None:
@@ -40,13 +40,16 @@ def export_onnx(wrapper: torch.nn.Module, manifest: Manifest, tensors: list[Adap
             optimize=True,
             verbose=False,
         )
-    model = program.model_proto
-    for output in model.graph.output:  # the exporter leaves per-example outputs shaped as scalars
-        output.type.tensor_type.ClearField("shape")
-    names = [i.name for i in model.graph.input]
+    graph = program.model.graph  # the exporter's in-memory graph: its weights are still torch's tensors
+    for output in graph.outputs:  # the exporter leaves per-example outputs shaped as scalars
+        output.shape = None
+    names = [v.name for v in graph.inputs]
     if names != manifest.inputs:
         raise EdgeftError(f"export produced inputs {names}, expected {manifest.inputs}")
-    save_model(model, path)
+    weights = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+    # saved straight from that graph, tensor by tensor: no protobuf copy of a billion-parameter model
+    # (``program.model_proto`` would hold every weight a second time); external data as save_model writes it
+    program.save(str(path), external_data=weights > external_data_bytes())
 
 
 def verify_against_torch(wrapper: torch.nn.Module, manifest: Manifest, path: Path, vocab_size: int) -> dict:

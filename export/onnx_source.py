@@ -26,6 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeft.errors import EdgeftError
 from edgeft.manifest import AdapterTensor
 
+from .onnx_files import clone, fits_in_memory, save_model
+
 
 def _module_of(node_name: str) -> str:
     """'/encoder/layer.0/attention/self/query/MatMul' → 'encoder.layer.0.attention.self.query'."""
@@ -55,7 +57,7 @@ def check_lora_targets(model: onnx.ModelProto, targets: list[str]) -> list[onnx.
 
 
 def add_lora_inputs(model: onnx.ModelProto, targets: list[str], rank: int, alpha: float) -> tuple[onnx.ModelProto, list[AdapterTensor]]:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = clone(model)
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
     scale_name = "edgeft.lora_scale"
@@ -95,7 +97,7 @@ def add_lora_inputs(model: onnx.ModelProto, targets: list[str], rank: int, alpha
 
 
 def add_classification_loss(model: onnx.ModelProto, num_labels: int, pooling: str, hidden_output: str = "last_hidden_state") -> tuple[onnx.ModelProto, list[AdapterTensor]]:
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = clone(model)
     graph = model.graph
     outputs = {o.name: o for o in graph.output}
     if hidden_output not in outputs:
@@ -228,9 +230,11 @@ def export_from_onnx(source: Path, out: Path, options, verify: bool = True) -> d
         peft_base={"auto_class": "AutoModel", "source": str(source.parent), "gguf_file": None},
     )
     manifest.validate()
-    onnx.checker.check_model(model)
+    if fits_in_memory(model):  # the checker serialises the graph: over 2 GB, ORT's load below checks it
+        onnx.checker.check_model(model)
+
     def write(tmp: Path) -> dict:
-        onnx.save_model(model, str(tmp / MODEL_NAME))
+        save_model(model, tmp / MODEL_NAME)
         shutil.copy(tokenizer_path, tmp / TOKENIZER_NAME)
         manifest.save(tmp)
         return verify_no_op(source, tmp, manifest, int(config.get("vocab_size") or 100)) if verify else {}

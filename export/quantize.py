@@ -28,7 +28,7 @@ import onnx
 
 from edgeft.manifest import Manifest
 
-from .onnx_files import load_model
+from .onnx_files import large, load_model
 
 
 def adapter_nodes(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
@@ -83,21 +83,24 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: 
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = load_model(src)
+    model = load_model(src, weights=False)  # which nodes to exclude: the structure is enough
     if keep_fp32 is None:
         keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
     adapters = adapter_nodes(model, manifest) if manifest is not None else []
     exclude = adapters + list(keep_fp32)
+    del model
+    external = large(src)  # over 2 GB in, possibly over 2 GB out: weights in a side file
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:  # shape inference + graph cleanup recommended before quantising; optional
-            quant_pre_process(str(src), str(prepared), skip_optimization=True, skip_symbolic_shape=True)
+            quant_pre_process(str(src), str(prepared), skip_optimization=True, skip_symbolic_shape=True,
+                              save_as_external_data=external, all_tensors_to_one_file=True)
             source = prepared
         except Exception:
             source = src
         quantize_dynamic(str(source), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          per_channel=per_channel, reduce_range=reduce_range, nodes_to_exclude=exclude,
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True}, use_external_data_format=external)
     return adapters
 
 
@@ -122,5 +125,5 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=adapters + list(keep_fp32), op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=large(src))
     return adapters

@@ -192,10 +192,11 @@ def _truncate(layers, weights, cut, covariances, energy: float, shrink: float, l
 
 def _with_weights(model, plans, weights):
     """A copy of ``model`` whose uncompressed linear layers hold their current (folded) weights."""
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    from .onnx_files import clone
+
+    model = clone(model)
     whole = set(weights) - {p.weight for p in plans if p.compressed}
     for init in model.graph.initializer:
         if init.name in whole:
@@ -204,11 +205,10 @@ def _with_weights(model, plans, weights):
 
 
 def _write(model, source: Path, manifest: Manifest, folder: Path) -> dict:
-    import onnx
-
     from .compress import _derived_manifest
+    from .onnx_files import save_model
 
-    onnx.save_model(model, str(folder / MODEL_NAME))
+    save_model(model, folder / MODEL_NAME)
     _derived_manifest(source, replace(manifest), folder, keep_top_mlp=False)
     return {}
 
