@@ -9,7 +9,7 @@ step in ``docs/scale-runs/MODEL.json`` as they finish (``--resume`` skips finish
 ``docs/SCALE.md`` and ``docs/scale-memory.png`` are written from whatever is there.
 
 Per bundle (fp32 and its int8 and int4 copies): ``info``, ``plan`` (batch 4), ``eval`` (batch 4) and
-``train`` (MeZO, 8 forward passes of batch 4: the zeroth-order step's time and memory); on the fp32
+``train`` (3 MeZO steps of batch 4 on ~2,000 tokens of three tragedies: the zeroth-order step's time and memory); on the fp32
 bundle also ``compress`` (LoRD at energy 0.9), ``deploy`` (merged; adapter file; merged int8) and
 ``split``. Perplexity is on Macbeth (SmolLM2 only means anything: the 1 B model's weights are random).
 """
@@ -77,7 +77,7 @@ def prepare_data(work: Path, model: str, bundle: Path) -> dict:
         if count >= TEST_TOKENS[model]:
             break
     files = {"train": work / "train.jsonl", "test": work / f"test-{model}.jsonl", "profile": work / "two-threads.toml"}
-    files["train"].write_text("".join(json.dumps({"text": plays[p][:20000]}) + "\n" for p in TRAIN_PLAYS))
+    files["train"].write_text("".join(json.dumps({"text": plays[p][:3000]}) + "\n" for p in TRAIN_PLAYS))
     files["test"].write_text(json.dumps({"text": "".join(test)}) + "\n")
     files["profile"].write_text(PROFILE)
     return files
@@ -109,8 +109,8 @@ def steps_for(model: str, work: Path, files: dict) -> list[tuple[str, list, Path
                                       "--json"], None))
         run = work / f"{model}-{fmt}-run"
         steps.append((f"train {fmt}", [*edgeft, "train", bundle, "--data", files["train"], "--optimizer", "mezo",
-                                       "--budget", "8fwd", "--batch-size", 4, *device, "-o", run, "--overwrite",
-                                       "--json"], run))
+                                       "--steps", 3, "--eval-every", 100, "--batch-size", 4, *device, "-o", run,
+                                       "--overwrite", "--json"], run))
     adapter = work / f"{model}-fp32-run" / "adapter"
     for name, extra in (("deploy merge", ["--merge"]), ("deploy adapter", []), ("deploy merge int8", ["--merge", "--quantize", "int8"])):
         out = work / f"{model}-{name.replace(' ', '-')}"

@@ -73,9 +73,12 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
             "merged": merge, "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE,
             "max_length": manifest.max_length, "pad_token_id": manifest.pad_token_id,
             "model_file": ORT_MODEL if fmt == "ort" else MODEL_NAME}
+    pending = [deployed]  # write() takes the graph and drops it once saved: the check then holds no copy
+    del deployed
 
     def write(tmp: Path) -> dict:
         path = tmp / MODEL_NAME
+        deployed = pending.pop()
         if quantize == "int8":
             fp32 = tmp / "model.fp32.onnx"
             save_model(deployed, fp32)
@@ -83,6 +86,7 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
             remove(fp32)
         else:
             save_model(deployed, path)
+        del deployed
         if fmt == "ort":
             _to_ort_format(path, tmp)
         if not merge:
@@ -159,12 +163,14 @@ def check(bundle: Path, vector: np.ndarray, out: Path, info: dict, texts: list[s
     labels = np.zeros(len(texts), dtype=np.int64)
     encoded = reference.encode(texts, labels if reference.task != "causal-lm" else None)
     feeds = reference.feeds(encoded, np.arange(len(encoded)))
+    task = reference.task
     want = reference.run(feeds, vector, info["outputs"])
+    del reference  # one session at a time: a billion-parameter pair would not fit a small machine
     got = run_deployed(out, feeds)
     report = {name: float(np.abs(g.astype(np.float64) - w).max()) for name, g, w in zip(info["outputs"], got, want)}
     if "logits" in info["outputs"]:
         same = got[0].argmax(-1) == want[0].argmax(-1)
-        if reference.task == "causal-lm":  # next-token predictions at the real (unpadded) positions
+        if task == "causal-lm":  # next-token predictions at the real (unpadded) positions
             report["next_token_agreement"] = float(same[feeds["attention_mask"].astype(bool)].mean())
         else:
             report["label_agreement"] = float(same.mean())

@@ -69,13 +69,15 @@ def _svd(m: np.ndarray):
         tall = m.shape[0] >= m.shape[1]
         gram = m.T @ m if tall else m @ m.T
         values, vectors = np.linalg.eigh(gram)
-        order = np.argsort(values)[::-1]
-        s = np.sqrt(np.maximum(values[order], 0.0))
-        vectors = vectors[:, order]
-        safe = np.where(s > s[0] * 1e-12, s, np.inf)
+        vectors = vectors[:, np.argsort(values)[::-1]]
+        # singular values as the norms of m's projections on the eigenvectors, not √eigenvalue: the Gram
+        # squares the condition number, the norms do not (small singular values keep ~12 digits, not ~5)
+        proj = m @ vectors if tall else vectors.T @ m
+        s = np.linalg.norm(proj, axis=0 if tall else 1)
+        safe = np.where(s > s.max() * 1e-12, s, np.inf)
         if tall:  # m = U S Vᵀ with V the Gram's eigenvectors
-            return (m @ vectors) / safe, s, vectors.T
-        return vectors, s, (vectors.T @ m) / safe[:, None]
+            return proj / safe, s, vectors.T
+        return vectors, s, proj / safe[:, None]
 
 
 def _factor(w: np.ndarray, cov: np.ndarray | None):
@@ -114,7 +116,9 @@ def plan(model: onnx.ModelProto, params_ratio: float | None = None, energy: floa
         rank = min(rank, len(s))
         p = LayerPlan(node.name, init.name, (n_in, n_out), rank, float(cumulative[rank - 1]))
         plans.append(p)
-        factors[node.name] = (left, s, right)
+        if p.compressed:  # only the kept rank: a billion-parameter model's full factors would not fit beside it
+            factors[node.name] = (left[:, :rank].copy(), s[:rank].copy(), right[:rank].copy())
+        del w, left, right
     return plans, factors
 
 

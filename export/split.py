@@ -108,13 +108,20 @@ def split_bundle(folder: Path, cuts: list[int], log=print) -> Segments:
         raise EdgeftError(f"--at {bad[0] if bad else ''}: cut above layer 0 and at most at the top adapted layer "
                           f"(adapted layers: {', '.join(map(str, layers)) or 'none'})")
     groups = adapter_groups(manifest, cuts)
-    parts = segment_graph(load_model(folder / MODEL_NAME), groups)
+    # cut the structure; each segment then reads its own weights, is saved and dropped: a billion-parameter
+    # graph is never held more than once (inline weights come along with the structure of a small graph)
+    parts = segment_graph(load_model(folder / MODEL_NAME, weights=False), groups)
     staging = folder / (FOLDER + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    files = []
-    for index, part in enumerate(parts):
+    files, summary = [], []
+    for index in range(len(parts)):
+        part = parts[index]
+        parts[index] = None
+        summary.append(len(part.graph.node))
+        onnx.load_external_data_for_model(part, str(folder))
         save_model(part, staging / f"segment-{index}.onnx")
+        del part
         files.append(f"{FOLDER}/segment-{index}.onnx")
     manifest.segments = Segments(cuts=cuts, files=files, adapters=groups)
     manifest.validate()
@@ -124,6 +131,6 @@ def split_bundle(folder: Path, cuts: list[int], log=print) -> Segments:
     tmp.write_text(manifest.to_json() + "\n")
     os.replace(tmp, folder / MANIFEST_NAME)
     log(f"cut at layers {', '.join(map(str, cuts))}: " + ", ".join(
-        f"segment {i} {len(p.graph.node)} nodes, {len(groups[i])} adapter tensors" for i, p in enumerate(parts)))
+        f"segment {i} {n} nodes, {len(groups[i])} adapter tensors" for i, n in enumerate(summary)))
     return manifest.segments
 
