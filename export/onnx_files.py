@@ -78,6 +78,28 @@ def large(path: Path) -> bool:
     return file_bytes(path) > external_data_bytes()
 
 
+def _check_external_locations(model: onnx.ModelProto, folder: Path) -> None:
+    """The rule onnx applies when it reads external data (relative, inside ``folder``, not a symlink),
+    applied without reading: onnx offers it only as part of loading the bytes."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    root = folder.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        where = folder / location
+        if Path(location).is_absolute():
+            problem = f"{location!r} is an absolute path"
+        elif where.is_symlink():
+            problem = f"{location!r} is a symbolic link"
+        elif not where.resolve().is_relative_to(root):
+            problem = f"{location!r} points outside the directory"
+        else:
+            continue
+        raise onnx.checker.ValidationError(f"external data of tensor {tensor.name!r}: {problem}")
+
+
 def load_model(path: Path, weights: bool = True) -> onnx.ModelProto:
     """``onnx.load`` with every failure as one line: a corrupt file, or external data that is missing or
     not inside the graph's folder (onnx checks the location; ONNX Runtime does the same on the device).
@@ -86,6 +108,8 @@ def load_model(path: Path, weights: bool = True) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
         if weights:
             onnx.load_external_data_for_model(model, str(Path(path).parent))
+        else:  # nothing read yet, but a later reader (ORT's quantiser, a session) would follow the locations
+            _check_external_locations(model, Path(path).parent)
         return model
     except (onnx.checker.ValidationError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
