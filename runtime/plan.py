@@ -4,7 +4,9 @@ A run that does not fit a device's memory should be told so before it starts, no
 a fresh process (its peak RSS is its own) that opens the bundle and runs the real code path once on a
 synthetic batch: the training step's candidate evaluations (``CandidateEvaluator``, two candidates as
 MeZO's step) or ``evaluate``. Two probe sizes give peak ≈ a + b·tokens per path (weights, runtime and
-arena in a; activations and logits in b·rows·length); the prediction adds the optimizer's vectors and,
+arena in a; activations and logits in b·tokens of one session run). A causal LM runs its batches in row
+chunks (``causal_lm_rows``: its logits bound the chunk), so its tokens per run are chunk rows × length,
+however large the batch; the probe reports that chunk size. The prediction adds the optimizer's vectors and,
 for a causal LM with the top-MLP fit, that fit's numpy weights. Training also evaluates held-out data
 at ``EVAL_BATCH`` rows, so its peak is the larger of the two paths.
 """
@@ -39,14 +41,16 @@ class Plan:
         return asdict(self)
 
 
-def _probe(folder: Path, device: str | None, path: str, rows: int, length: int) -> float:
+def _probe(folder: Path, device: str | None, path: str, rows: int, length: int) -> tuple[float, int | None]:
+    """(peak RSS MB, the most rows a session run takes: None for no limit) of one probe process."""
     cmd = [sys.executable, "-m", "edgeft.runtime.plan", str(folder), path, str(rows), str(length), device or ""]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         from edgeft.errors import EdgeftError
 
         raise EdgeftError(f"memory probe failed: {(result.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return float(report["peak_rss_mb"]), report["rows_per_run"]
 
 
 def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -68,29 +72,36 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
     manifest = Manifest.load(folder)
     batch_size = batch_size or profile.batch_size
     length = min(max_length or manifest.max_length, manifest.max_length)
-    probes, fits_of = [], {}
+    probes, fits_of, rows_per_run = [], {}, None
     for path in ("train", "eval"):
         points = []
         for rows, probe_length in PROBES:
-            peak = _probe(Path(folder), device, path, rows, probe_length)
+            peak, rows_per_run = _probe(Path(folder), device, path, rows, probe_length)
             probes.append({"path": path, "rows": rows, "length": probe_length, "peak_rss_mb": round(peak, 1)})
-            points.append((rows * probe_length, peak))
+            points.append((_run_rows(rows, rows_per_run) * probe_length, peak))
         fits_of[path] = _line(points)
     return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest, output_fit), profile.memory_budget_mb,
-                   batch_size, length, probes)
+                   batch_size, length, probes, rows_per_run)
+
+
+def _run_rows(rows: int, rows_per_run: int | None) -> int:
+    return rows if rows_per_run is None else min(rows, rows_per_run)
 
 
 def predict(train: tuple[float, float], held_out: tuple[float, float], extra: float, budget: float | None,
-            batch_size: int, length: int, probes: list[dict] | None = None) -> Plan:
-    """The plan from the two paths' lines (a, b), the memory the probes do not see and the budget."""
+            batch_size: int, length: int, probes: list[dict] | None = None, rows_per_run: int | None = None) -> Plan:
+    """The plan from the two paths' lines (a, b), the memory the probes do not see and the budget.
+    ``rows_per_run``: the most rows one session run takes (a causal LM's chunk; None: the whole batch)."""
     a_train, b_train = train
     a_eval, b_eval = held_out
-    eval_peak = a_eval + b_eval * EVAL_BATCH * length
-    train_peak = max(a_train + b_train * batch_size * length, eval_peak) + extra
+    eval_peak = a_eval + b_eval * _run_rows(EVAL_BATCH, rows_per_run) * length
+    train_peak = max(a_train + b_train * _run_rows(batch_size, rows_per_run) * length, eval_peak) + extra
     largest = None
     if budget is not None:
         room = budget - extra - a_train
         largest = max(0, min(MAX_BATCH, math.floor(room / (b_train * length)))) if b_train > 0 else MAX_BATCH
+        if rows_per_run is not None and largest >= rows_per_run:
+            largest = MAX_BATCH  # a bigger batch only adds chunks, not memory
         if eval_peak + extra > budget or room < 0:
             largest = 0  # the held-out evaluation, or the bundle itself, does not fit
     fits = budget is None or (train_peak <= budget and eval_peak <= budget)
@@ -116,13 +127,13 @@ def describe(plan: Plan, device: str) -> str:
                if plan.budget_mb is not None else ""))
 
 
-def _run_probe(folder: str, path: str, rows: int, length: int, device: str | None) -> float:
+def _run_probe(folder: str, path: str, rows: int, length: int, device: str | None) -> dict:
     """In the probe's own process: open the bundle, run one step of ``path`` on synthetic rows."""
     import numpy as np
 
     from .bundle import Bundle, Encoded
     from .devices import load_profile
-    from .evaluate import CandidateEvaluator, evaluate
+    from .evaluate import CandidateEvaluator, causal_lm_rows, evaluate
     from .memory import peak_rss_mb
 
     bundle = Bundle(folder, load_profile(device))
@@ -137,9 +148,10 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
         CandidateEvaluator(bundle).losses(bundle.feeds(encoded, np.arange(rows)), [theta, theta.copy()])
     else:
         evaluate(bundle, theta, encoded, rows)
-    return peak_rss_mb()
+    chunk = causal_lm_rows(bundle, MAX_BATCH) if bundle.task == "causal-lm" else None
+    return {"peak_rss_mb": peak_rss_mb(), "rows_per_run": chunk}
 
 
 if __name__ == "__main__":
     folder, which, n_rows, n_length, dev = sys.argv[1:6]
-    print(json.dumps({"peak_rss_mb": _run_probe(folder, which, int(n_rows), int(n_length), dev or None)}))
+    print(json.dumps(_run_probe(folder, which, int(n_rows), int(n_length), dev or None)))

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeft.cli import main
-from edgeft.runtime.plan import EVAL_BATCH, plan_memory, predict
+from edgeft.runtime.plan import EVAL_BATCH, MAX_BATCH, plan_memory, predict
 
 
 def _data(path, rows=64):
@@ -44,6 +44,10 @@ def test_the_plan_arithmetic():
     hopeless = predict((500.0, 0.1), (480.0, 0.05), 20.0, 400.0, batch_size=1, length=128)
     assert not hopeless.fits and hopeless.largest_batch_size == 0
     assert predict((500.0, 0.1), (480.0, 0.05), 20.0, None, 8, 128).fits
+    # a causal LM runs its batches one chunk of rows at a time: memory grows with the chunk, not the batch
+    chunked = predict((500.0, 0.1), (480.0, 0.05), 20.0, 720.0, batch_size=32, length=128, rows_per_run=1)
+    assert chunked.predicted_train_peak_rss_mb == pytest.approx(max(500 + 0.1 * 128, 480 + 0.05 * 128) + 20)
+    assert chunked.fits and chunked.largest_batch_size == MAX_BATCH
 
 
 def test_plan_command_and_train_stopping_before_work(bert_bundle, sentiment_data, tmp_path):
