@@ -57,9 +57,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import edgeft_json  # benchmarks/ is on sys.path when run as a script
-from learning_report import (CLASSIFICATION, DEV_PLAY, HISTORICAL, LINES, RT_DEV, RT_SEED, RT_TEST, SAMPLES, TEST_PLAY,
-                             TRAIN_PLAYS, render)  # benchmarks/ is on sys.path when run as a script
+from learning_report import (CLASSIFICATION, DEV_PLAY, HISTORICAL, LINES, RT_DEV, RT_SEED, RT_TEST, SAMPLES, SPEAKERS,
+                             SPEAKERS_MIN_WORDS, SPEAKERS_PLAY, TEST_PLAY, TRAIN_PLAYS, render)  # benchmarks/ is on sys.path when run as a script
 
+CLASSIFICATION_BATCH = {"20ng": 32, "rt": 32, "speakers": 64}  # 20ng: batches of its 320; rt, speakers: the whole set
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smoke runs)
 RUNS = DOCS / "learning-runs"
@@ -116,6 +117,12 @@ def prepare(args) -> dict[str, Path]:
         for k, rows in parts.items():
             files[k].write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
         return {**files, "profile": profile}
+    if args.task == "speakers":
+        parts = speaker_lines()
+        files = {k: args.work / f"speakers-{k}.jsonl" for k in parts}
+        for k, rows in parts.items():
+            files[k].write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+        return {**files, "profile": profile}
     if args.task in ("rt-prompt", "rt"):
         import numpy as np
 
@@ -138,11 +145,39 @@ def prepare(args) -> dict[str, Path]:
 
 
 
+def speaker_lines() -> dict[str, list[tuple[str, str]]]:
+    """(line, speaker) rows of SPEAKERS_PLAY's SPEAKERS most talkative characters: whole speeches, shuffled,
+    fill the test set (RT_TEST lines), then dev (RT_DEV), then the training pool, so that no speech is
+    split between them."""
+    from collections import Counter
+
+    import numpy as np
+
+    from edgeft import assets
+
+    speeches = assets.speeches(assets.shakespeare()[SPEAKERS_PLAY])
+    lines_of = [(who, [l for l in text.split("\n") if len(l.split()) >= SPEAKERS_MIN_WORDS]) for who, text in speeches]
+    counts = Counter()
+    for who, lines in lines_of:
+        counts[who] += len(lines)
+    chosen = {who for who, _ in counts.most_common(SPEAKERS)}
+    kept = [(who, lines) for who, lines in lines_of if who in chosen and lines]
+    parts = {"test": [], "dev": [], "train": []}
+    for i in np.random.default_rng(RT_SEED).permutation(len(kept)):
+        who, lines = kept[i]
+        part = "test" if len(parts["test"]) < RT_TEST else "dev" if len(parts["dev"]) < RT_DEV else "train"
+        parts[part] += [(line, who) for line in lines]
+    parts["test"], parts["dev"] = parts["test"][:RT_TEST], parts["dev"][:RT_DEV]
+    return parts
+
+
 def run_one(args, files, line: str, seed: int) -> dict:
     out = RUNS / f"{args.task}-{line}-seed{seed}.json"
     if args.resume and out.is_file():
         return json.loads(out.read_text())
     run_dir = args.work / f"{args.task}-{line}-seed{seed}"
+    if line == "backprop" and args.task in CLASSIFICATION:
+        return _classifier_backprop_run(args, files, seed, out)
     if line == "backprop":
         return _backprop_run(args, files, seed, out)
     common = [args.bundle, "--data", files["train"], "--eval-data", files["dev"], "-o", run_dir, "--overwrite",
@@ -155,8 +190,8 @@ def run_one(args, files, line: str, seed: int) -> dict:
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     if args.task in CLASSIFICATION and line == "probe":
         return _probe_run(args, files, seed, out, run_dir)
-    if args.task in CLASSIFICATION:  # 20ng: 320 examples in batches of 32; rt: the whole 32 per step
-        common += ["--k-shot", 16, "--batch-size", 32]
+    if args.task in CLASSIFICATION:  # 20ng: 320 examples in batches of 32; rt, speakers: the whole set per step
+        common += ["--k-shot", 16, "--batch-size", CLASSIFICATION_BATCH[args.task]]
         name, _, lr = line.partition("@")
         settings = ["--optimizer", name, "--budget", f"{args.budget}fwd", *(["--lr", lr] if lr else [])]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
@@ -229,6 +264,26 @@ def _backprop_run(args, files, seed: int, out: Path) -> dict:
                   run_s=round(time.perf_counter() - started, 1))
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"  done backprop seed {seed}: test perplexity {record['test']['perplexity']:.2f}", flush=True)
+    return record
+
+
+def _classifier_backprop_run(args, files, seed: int, out: Path) -> dict:
+    """peft LoRA on q, v of every layer + the probe head (trial_top_ffn.py head+qvall) on this seed's k-shot
+    draw of the same files, in its own process."""
+    cmd = [sys.executable, Path(__file__).with_name("trial_top_ffn.py"), "head+qvall", "--seed", seed, "--data-prefix",
+           args.work / args.task, "--steps", args.backprop_steps, "--batch-size", CLASSIFICATION_BATCH[args.task]]
+    started = time.perf_counter()
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"backprop worker failed: {result.stderr.strip().splitlines()[-3:]}")
+    trial = json.loads(result.stdout.strip().splitlines()[-1])
+    record = {"line": "backprop", "seed": seed, "budget_fwd": args.budget, "batch_size": CLASSIFICATION_BATCH[args.task],
+              "test": {"accuracy": trial["test_accuracy"], "loss": trial["test_loss"]},
+              "train": {"forward_passes": trial["steps"], "best_step": trial["kept_step"], "elapsed_s": trial["wall_s"],
+                        "peak_rss_mb": trial["peak_rss_mb"]},
+              "curve": trial["curve"], "run_s": round(time.perf_counter() - started, 1)}
+    out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"  done {args.task} backprop seed {seed}: test accuracy {record['test']['accuracy']:.3f}", flush=True)
     return record
 
 

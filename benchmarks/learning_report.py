@@ -16,10 +16,13 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID)),
-         "rt": ("probe", "mezo", "cma", "monteclora", *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID))}
-CLASSIFICATION = ("20ng", "rt")  # MiniLM classification tasks: the start is each seed's probe line
+         "rt": ("probe", "mezo", "cma", "monteclora", *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID)),
+         "speakers": ("probe", "mezo", "fzoo", "cma", "backprop")}
+CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the start is each seed's probe line
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
+SPEAKERS_PLAY, SPEAKERS = "tragedies/othello", 2  # who speaks a line: Iago or Othello (the two with the most lines)
+SPEAKERS_MIN_WORDS = 4  # a line shorter than this ("My lord?") says nothing of its speaker
 SAMPLES = 4  # monteclora: adapters drawn from its distribution for the sampled test score
 
 
@@ -99,9 +102,13 @@ point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+
 alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""
     elif task in CLASSIFICATION:
-        what = ("20 Newsgroups", "20 labels", "16 examples per label drawn per seed (320, batches of 32); {RT_DEV} examples of "
-                "the test split pick") if task == "20ng" else ("Rotten Tomatoes", "2 labels", "16 examples per label drawn per "
-                "seed (32, the whole set as the batch); {RT_DEV} dev snippets pick")
+        what = {"20ng": ("20 Newsgroups", "20 labels", "16 examples per label drawn per seed (320, batches of 32); {RT_DEV} "
+                         "examples of the test split pick"),
+                "rt": ("Rotten Tomatoes", "2 labels", "16 examples per label drawn per seed (32, the whole set as the batch); "
+                       "{RT_DEV} dev snippets pick"),
+                "speakers": (f"who speaks a line of {SPEAKERS_PLAY}", f"its {SPEAKERS} characters with the most lines",
+                             "16 lines per character drawn per seed (64, the whole set as the batch; lines of at least "
+                             f"{SPEAKERS_MIN_WORDS} words, speeches split between train, dev and test); {{RT_DEV}} dev lines pick")}[task]
         head = f"""## MiniLM-L6 classification, {what[0]}
 
 `python benchmarks/bench_learning.py --task {task} --bundle BUNDLE --seeds 0,1,2 --budget {budget}` — all-MiniLM-L6-v2
@@ -112,7 +119,10 @@ Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe 
 is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `cma` = CMA-ES (edgeft's population search) on
 the same tensors at the same passes; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
 MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean;
-`OPTIMIZER@LR` = that optimizer with an explicit --lr (the spread of the score over learning rates).
+`OPTIMIZER@LR` = that optimizer with an explicit --lr (the spread of the score over learning rates); `fzoo` = FZOO
+(N one-sided directions per step); `backprop` = the reference: peft LoRA r=8 on q, v of every layer + the probe head, AdamW
+lr 1e-3, batch 32, the same k-shot draw, kept on dev every 20 steps (`trial_top_ffn.py head+qvall`; its "fwd" column
+counts steps, each a forward and a backward).
 ECE: expected calibration error (15 bins) of the kept adapter on the test set."""
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes

@@ -5,7 +5,7 @@ could compute from forward outputs as it does for a causal LM's top MLP, lowered
 accuracy on both tasks, so that fit was not built; LoRA on q, v of every layer (a backward pass)
 gained a little.
 
-    python benchmarks/trial_top_ffn.py CONFIG [--seed 0] [--task 20ng|rt] [--steps 60]
+    python benchmarks/trial_top_ffn.py CONFIG [--seed 0] [--task 20ng|rt | --data-prefix P] [--steps 60]
 
 The trial that decides the classification counterpart of the causal LM's top MLP fit: all-MiniLM-L6-v2,
 mean-pooled and normalised embeddings (the bundle's pooling), k = 16 examples per label drawn per seed,
@@ -15,6 +15,10 @@ examples (the kept step) and 1,000 test examples. CONFIG joins with "+": ``probe
 ``head`` (the head, lr 1e-3), ``ffn5`` (LoRA r=8 on the top layer's intermediate and output dense, lr
 1e-3), ``qvall`` (LoRA r=8 on q, v of every layer, lr 1e-3: the backprop reference), ``hi`` (LoRA lr
 1e-2). One JSON line per run is appended to docs/top-trial/classification.jsonl. Needs torch and peft.
+
+``--data-prefix P`` (bench_learning.py's backprop line for its classification tasks): P-train.jsonl,
+P-dev.jsonl and P-test.jsonl, the k-shot draw ``edgeft train --k-shot 16 --seed S`` makes of P-train.jsonl;
+the JSON line is printed only.
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ def task_data(task: str, seed: int, k: int = 16, dev: int = 200, test: int = 100
     return labels, train, held[test:], held[:test]
 
 
+def file_data(prefix: str, seed: int, k: int = 16):
+    """bench_learning.py's files: the same k-shot draw as ``edgeft train`` (edgeft.data.k_shot)."""
+    from edgeft.data import k_shot, load_dataset
+
+    rows = {part: [json.loads(line) for line in Path(f"{prefix}-{part}.jsonl").read_text().splitlines()]
+            for part in ("train", "dev", "test")}
+    labels = sorted({r["label"] for r in rows["train"]})
+    shots = k_shot(load_dataset(Path(f"{prefix}-train.jsonl"), labels), k, seed)
+    train = [(text, labels[y]) for text, y in zip(shots.texts, shots.labels)]
+    return labels, train, [(r["text"], r["label"]) for r in rows["dev"]], [(r["text"], r["label"]) for r in rows["test"]]
+
+
 def main(argv=None) -> None:
     import numpy as np
     import torch
@@ -67,13 +83,17 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default="20ng", choices=("20ng", "rt"))
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--data-prefix", help="P-train/dev/test.jsonl instead of --task's data (print only)")
+    p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
+    import resource
     parts = args.config.split("+")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     folder = assets.minilm_folder()
     model, tok = AutoModel.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
-    labels, train, dev, test = task_data(args.task, args.seed)
+    labels, train, dev, test = (file_data(args.data_prefix, args.seed) if args.data_prefix
+                                else task_data(args.task, args.seed))
     index = {n: i for i, n in enumerate(labels)}
 
     def encode(rows):
@@ -125,7 +145,7 @@ def main(argv=None) -> None:
     if groups:
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         for step in range(steps):
-            batch = epoch_batch(len(train), 32, args.seed, 0, step)
+            batch = epoch_batch(len(train), args.batch_size, args.seed, 0, step)
             enc, y = encode([train[i] for i in batch])
             loss = torch.nn.functional.cross_entropy(embed(enc) @ head_w.T + head_b, y)
             opt.zero_grad()
@@ -134,12 +154,14 @@ def main(argv=None) -> None:
             if (step + 1) % 20 == 0:
                 curve.append((step + 1, *score(dev), *score(test)))
     kept = max(curve, key=lambda r: (r[2], -r[1]))  # dev accuracy, then dev loss (the trainer's rank)
-    record = {"task": args.task, "config": args.config, "seed": args.seed, "steps": steps,
-              "start_test_accuracy": curve[0][4], "kept_step": kept[0], "test_accuracy": kept[4],
-              "last_test_accuracy": curve[-1][4], "curve": curve, "wall_s": round(time.perf_counter() - t0, 1)}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    record = {"task": args.data_prefix or args.task, "config": args.config, "seed": args.seed, "steps": steps,
+              "start_test_accuracy": curve[0][4], "kept_step": kept[0], "test_accuracy": kept[4], "test_loss": kept[3],
+              "last_test_accuracy": curve[-1][4], "curve": curve, "wall_s": round(time.perf_counter() - t0, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if not args.data_prefix:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
 
 
