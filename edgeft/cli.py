@@ -36,7 +36,11 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 @click.option("--task", type=click.Choice(["classification", "prompt", "causal-lm"]), default="classification")
 @click.option("--gguf-file", help="GGUF file name inside SOURCE (a folder), e.g. model.Q4_1.gguf.")
 @click.option("--labels", help="Comma-separated label names (classification, prompt).")
-@click.option("--template", help='Prompt template with {text}; masked LMs also need {mask}, e.g. "{text} It was {mask}."')
+@click.option("--template", "templates", multiple=True,
+              help='Prompt template with {text}; masked LMs also need {mask}, e.g. "{text} It was {mask}." '
+                   'Give several with --template-data to keep the one with the best zero-shot score.')
+@click.option("--template-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Labelled held-out data (prompt): the template that scores best on it, untrained, is kept.")
 @click.option("--verbalizer", help='Label words, e.g. "neg=terrible,pos=great".')
 @click.option("--adapter", type=click.Choice(["lora", "loldu", "tt", "bone"]), default="lora", show_default=True,
               help="lora: x·Aᵀ·Bᵀ beside each layer; loldu: LDU of W, diagonal + scale trained; "
@@ -55,14 +59,15 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare ONNX with torch at a second shape.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
               help="Also write BUNDLE-int8 (or -int4): frozen weights quantised, adapters fp32.")
-def export(source, out, task, gguf_file, labels, template, verbalizer, adapter, rank, alpha, init, tt_cores, targets,
+def export(source, out, task, gguf_file, labels, templates, template_data, verbalizer, adapter, rank, alpha, init, tt_cores, targets,
            layers, pooling, max_length, verify, quantize):
     """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
     from edgeft.export import ExportOptions, export_bundle
 
     if source.endswith(".gguf") and not gguf_file:
         source, gguf_file = str(Path(source).parent), Path(source).name
-    options = ExportOptions(task=task, labels=split_list(labels), template=template, verbalizer=_verbalizer(verbalizer),
+    options = ExportOptions(task=task, labels=split_list(labels), template=templates[0] if templates else None,
+                            templates=list(templates), template_data=template_data, verbalizer=_verbalizer(verbalizer),
                             adapter=adapter, rank=rank, alpha=alpha, init=init, tt_cores=tt_cores,
                             targets=split_list(targets) or None, layers=layers, max_length=max_length,
                             pooling=pooling, gguf_file=gguf_file)

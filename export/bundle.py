@@ -26,6 +26,8 @@ class ExportOptions:
     task: str = "classification"
     labels: list[str] = field(default_factory=list)
     template: str | None = None
+    templates: list[str] = field(default_factory=list)  # several candidates: the one scoring best on template_data
+    template_data: Path | None = None
     verbalizer: dict[str, str] = field(default_factory=dict)
     adapter: str = "lora"  # lora | loldu | tt | bone
     rank: int = 8
@@ -46,6 +48,10 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     if out.exists() and any(out.iterdir()):
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
     _check_options(options)
+    if options.template_data is not None:  # bad data fails now, not after the export
+        from edgeft.data import load_dataset
+
+        load_dataset(options.template_data, options.labels)
     if source.endswith(".onnx"):
         if options.layers:
             raise EdgeftError("--layers: ONNX sources are adapted on every matching layer (export from the model instead)")
@@ -66,6 +72,7 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     slots, tensors, stored = inject_adapters(src.model, targets, options.adapter, options.rank, options.alpha,
                                              options.init, options.tt_cores, adapted)
     manifest_extra: dict = {}
+    candidates: list[str] = []
     tokenizer = src.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
@@ -79,6 +86,7 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     elif options.task == "prompt":
         mask_id = tokenizer.mask_token_id if src.auto_class == "AutoModelForMaskedLM" else None
         manifest_extra["template"] = _prompt_template(options.template, tokenizer, mask_id)
+        candidates = [_prompt_template(t, tokenizer, mask_id) for t in options.templates]
         label_ids = [_label_token(tokenizer, options.verbalizer[name]) for name in options.labels]
         if len(set(label_ids)) != len(label_ids):
             raise EdgeftError("verbalizer: two labels map to the same first token")
@@ -130,6 +138,10 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
             save_file({k: np.ascontiguousarray(v) for k, v in stored.items()}, str(tmp / ADAPTER_INIT_NAME))
         manifest.save(tmp)
         report = verify_against_torch(wrapper, manifest, tmp / MODEL_NAME, src.model.config.vocab_size) if verify else {}
+        if len(candidates) > 1:
+            from .templates import choose_template
+
+            choose_template(tmp, candidates, options.template_data, log=log)
         if top and top < layer_count:
             # the layers below the adapters are the same for every candidate: cut there, so the
             # device runs them once per batch (once per run on a whole few-shot set; docs/SPLIT.md)
@@ -161,9 +173,15 @@ def write_bundle(out: Path, write) -> dict:
 def _check_options(o: ExportOptions) -> None:
     if o.task in ("classification", "prompt") and len(o.labels) < 2:
         raise EdgeftError(f"--task {o.task} needs --labels with at least two names")
+    if o.templates and o.templates[0] != o.template:
+        raise EdgeftError("ExportOptions.templates must start with ExportOptions.template")
+    if (len(o.templates) > 1) != (o.template_data is not None):
+        raise EdgeftError("--template-data chooses between several --template options: give both, or one template"
+                          if o.task == "prompt" else "--template-data: --task prompt only")
     if o.task == "prompt":
-        if not o.template or "{text}" not in o.template:
-            raise EdgeftError("--task prompt needs --template containing {text}")
+        for template in o.templates or [o.template]:
+            if not template or "{text}" not in template:
+                raise EdgeftError("--task prompt needs --template containing {text}")
         missing = [name for name in o.labels if name not in o.verbalizer]
         if missing:
             raise EdgeftError(f"--verbalizer has no word for label(s) {', '.join(missing)}")

@@ -86,3 +86,51 @@ def test_gpt2_fused_qkv_has_adapters(gpt2_folder, export_bundle_for):
     a = [t for t in manifest.adapter.tensors if t.role == "lora_A"]
     assert len(a) == 2 and a[0].shape == [8, 32]
     assert [t.shape for t in manifest.adapter.tensors if t.role == "lora_B"][0] == [96, 8]
+
+
+def test_export_keeps_the_template_with_the_best_zero_shot_score(llama_folder, sentiment_data, tmp_path):
+    """Several --template with --template-data: each is scored untrained on the data and the best (accuracy,
+    then loss) is written to the manifest; the score printed for it is what `edgeft eval` then measures."""
+    import ast
+    import re
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+    from edgeft.data import load_dataset
+    from edgeft.runtime import Bundle
+    from edgeft.runtime.evaluate import evaluate
+
+    templates = ["{text} it was", "Review: {text}\nIn one word, it was", "{text}!! so"]
+    args = ["export", str(llama_folder), "-o", str(tmp_path / "b"), "--task", "prompt", "--labels", "neg,pos",
+            "--verbalizer", "neg=bad,pos=good", "--template-data", str(sentiment_data), "--no-verify"]
+    result = CliRunner().invoke(main, args + [a for t in templates for a in ("--template", t)])
+    assert result.exit_code == 0, result.output
+    printed = {}
+    for line in result.output.splitlines():
+        found = re.match(r"template ('.*'): zero-shot accuracy ([\d.]+), loss ([\d.]+)", line)
+        if found:
+            printed[ast.literal_eval(found[1])] = (float(found[2]), float(found[3]))
+    assert sorted(printed) == sorted(templates)
+    chosen = Manifest.load(tmp_path / "b").template
+    assert printed[chosen] == min(printed.values(), key=lambda s: (-s[0], s[1]))
+    b = Bundle(tmp_path / "b")
+    data = load_dataset(sentiment_data, b.labels)
+    measured = evaluate(b, b.layout.initial(0), b.encode(data.texts, data.labels), 16)
+    assert abs(measured["accuracy"] - printed[chosen][0]) < 1e-3 and abs(measured["loss"] - printed[chosen][1]) < 1e-4
+
+
+def test_template_choice_needs_data_and_good_labels(llama_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "maybe"}\n')
+    base = ["export", str(llama_folder), "--task", "prompt", "--labels", "neg,pos", "--verbalizer", "neg=bad,pos=good",
+            "--template", "{text} it was", "--template", "{text} so"]
+    for extra, message in (([], "--template-data"), (["--template-data", str(bad)], "maybe")):
+        out = tmp_path / f"out{len(extra)}"
+        result = CliRunner().invoke(main, base + ["-o", str(out)] + extra)
+        assert result.exit_code != 0 and message in result.output and len(result.output.strip().splitlines()) == 1
+        assert not out.exists()
