@@ -230,3 +230,39 @@ def test_int4_base_matches_fp32_to_int4_precision_and_trains(llama_lm_bundle, tm
     start = trainer.evaluate()["loss"]
     trainer.fit()
     assert trainer.evaluate()["loss"] < start
+
+
+def test_int8_quantises_embedding_tables_unless_shared(bert_bundle, tmp_path):
+    """A lookup table read by its Gather alone goes int8 (BERT's word, position and type tables); one that
+    a tied LM head also reads stays fp32 and is stored once (an int8 copy beside it would only add bytes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeft.export.compress import quantize_bundle
+    from edgeft.export.quantize import quantize_int8
+
+    def table_types(path):
+        model = onnx.load(str(path))
+        types = {t.name: t.data_type for t in model.graph.initializer}
+        return [types[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in types]
+
+    quantize_bundle(bert_bundle, tmp_path / "bert")
+    before, after = table_types(bert_bundle / "model.onnx"), table_types(tmp_path / "bert" / "model.onnx")
+    one_byte = {TensorProto.INT8, TensorProto.UINT8}  # ORT stores a quantised lookup in the activation type
+    assert len(before) >= 2 and len(after) == len(before) and set(after) <= one_byte
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32), "table")
+    for tied in (False, True):
+        nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="lookup")]
+        outputs = [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, 16])]
+        if tied:
+            nodes += [helper.make_node("Transpose", ["table"], ["head"], perm=[1, 0], name="head_t"),
+                      helper.make_node("MatMul", ["h", "head"], ["logits"], name="lm_head")]
+            outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 300])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                                  outputs, [table])
+        src, dst = tmp_path / f"tied{tied}.onnx", tmp_path / f"tied{tied}-int8.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+        quantize_int8(src, dst, None)
+        stored = [t.data_type for t in onnx.load(str(dst)).graph.initializer if t.dims and t.dims[0] == 300]
+        assert stored == [TensorProto.FLOAT] if tied else len(stored) == 1 and stored[0] in one_byte

@@ -108,7 +108,7 @@ def test_export_keeps_the_template_with_the_best_zero_shot_score(llama_folder, s
     assert result.exit_code == 0, result.output
     printed = {}
     for line in result.output.splitlines():
-        found = re.match(r"template ('.*'): zero-shot accuracy ([\d.]+), loss ([\d.]+)", line)
+        found = re.match(r"template (['\"].*['\"]): zero-shot accuracy ([\d.]+), loss ([\d.]+)", line)
         if found:
             printed[ast.literal_eval(found[1])] = (float(found[2]), float(found[3]))
     assert sorted(printed) == sorted(templates)
