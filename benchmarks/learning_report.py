@@ -61,9 +61,9 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("lora-pro", "monteclora") if task in CLASSIFICATION else ("auto",)):
+    for main_line in (("lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto",)):
         for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "probe", "backprop"):
-            if main_line not in by_line or other not in by_line:
+            if main_line not in by_line or other not in by_line or other == main_line:
                 continue
             for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
                 a, m = by_line[main_line][seed]["test"][key], by_line[other][seed]["test"][key]
