@@ -26,6 +26,7 @@ import numpy as np
 
 from edgeft import assets
 from edgeft.errors import EdgeftError
+from edgeft.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class DemoSpec:
     model: str = "minilm"  # minilm | smollm2
     task: str = "classification"
     template: str | None = None
+    other_templates: tuple[str, ...] = ()  # also scored zero-shot on the dev split at export; the best is kept
     verbalizer: tuple[tuple[str, str], ...] = ()
     k_shot: int = 16
     steps: int = 800
@@ -51,6 +53,10 @@ DEMOS = {
     "smollm2-sentiment": DemoSpec(
         name="smollm2-sentiment", data="rotten-tomatoes", labels=("rotten", "fresh"), model="smollm2", task="prompt",
         template="Review: {text}\nSentiment (positive or negative):", verbalizer=(("rotten", "negative"), ("fresh", "positive")),
+        # docs/TEMPLATES.md: of these four, the third scored best zero-shot on dev and on test (71.2% vs 62.9%)
+        other_templates=("{text}\nWas this movie review positive or negative? Answer:",
+                         "Movie review: {text}\nThe critic's verdict on the film is",
+                         "{text}\nQuestion: is the review above positive or negative?\nAnswer:"),
         # measured here: lr 1e-3 lowered the held-out loss steadily over 100-150 steps
         steps=150, lr=1e-3, eps=1e-3, test_size=500,
     ),
@@ -127,10 +133,14 @@ def run_demo(workdir: Path, spec: DemoSpec = DEFAULT, steps: int | None = None, 
         log("2/3 exporting the bundle (ONNX with LoRA inputs and in-graph loss) ...")
         from edgeft.export import ExportOptions, export_bundle
 
-        options = ExportOptions(task=spec.task, labels=list(spec.labels), template=spec.template,
+        templates = [spec.template, *spec.other_templates] if spec.other_templates else []
+        options = ExportOptions(task=spec.task, labels=list(spec.labels), template=spec.template, templates=templates,
+                                template_data=dev_path if templates else None,
                                 verbalizer=dict(spec.verbalizer), max_length=spec.max_length, gguf_file=gguf)
-        report = export_bundle(source, bundle, options, log=lambda m: None)
+        report = export_bundle(source, bundle, options, log=lambda m: log("    " + m) if m.startswith("template ") else None)
         log("    verified against torch: " + ", ".join(f"{k} {v:.1e}" for k, v in report.items()))
+        if templates:
+            log(f"    kept the template that scored best on the dev split: {Manifest.load(bundle).template!r}")
     else:
         log(f"2/3 reusing the bundle in {bundle}")
 
