@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from common import machine_facts  # benchmarks/ is on sys.path when run as a script
-from learning_report import RT_DEV, RT_SEED, RT_TEST  # bench_learning.py's split
+from bench_learning import write_rt_split  # bench_learning.py's Rotten Tomatoes split
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -42,13 +42,7 @@ def main() -> None:
     from edgeft import assets
 
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    texts, labels = assets.rotten_tomatoes()
-    order = np.random.default_rng(RT_SEED).permutation(len(texts))
-    parts = {"test": order[:RT_TEST], "dev": order[RT_TEST : RT_TEST + RT_DEV], "train": order[RT_TEST + RT_DEV :]}
-    files = {k: work / f"rt-{k}.jsonl" for k in parts}
-    for k, rows in parts.items():
-        files[k].write_text("".join(json.dumps({"text": texts[i], "label": labels[i]}) + "\n" for i in rows))
+    files = write_rt_split(work)
     bundle, run = work / "minilm-rt", work / "probe"
     if not (args.resume and (bundle / "edgeft.json").is_file()):
         subprocess.run(["rm", "-rf", str(bundle)], check=True)

@@ -124,15 +124,7 @@ def prepare(args) -> dict[str, Path]:
             files[k].write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
         return {**files, "profile": profile}
     if args.task in ("rt-prompt", "rt"):
-        import numpy as np
-
-        texts, labels = assets.rotten_tomatoes()
-        order = np.random.default_rng(RT_SEED).permutation(len(texts))
-        parts = {"test": order[:RT_TEST], "dev": order[RT_TEST : RT_TEST + RT_DEV], "train": order[RT_TEST + RT_DEV :]}
-        files = {k: args.work / f"rt-{k}.jsonl" for k in parts}
-        for k, rows in parts.items():
-            files[k].write_text("".join(json.dumps({"text": texts[i], "label": labels[i]}) + "\n" for i in rows))
-        return {**files, "profile": profile}
+        return {**write_rt_split(args.work), "profile": profile}
     plays = assets.shakespeare()
     tok = Tokenizer.from_file(str(args.bundle / "tokenizer.json"))
     files = {"train": args.work / "train.jsonl", "dev": args.work / "dev.jsonl", "test": args.work / "test.jsonl"}
@@ -143,6 +135,23 @@ def prepare(args) -> dict[str, Path]:
     return files
 
 
+
+
+def write_rt_split(work: Path) -> dict[str, Path]:
+    """Rotten Tomatoes as every benchmark splits it: RT_TEST test, RT_DEV dev, the rest for training draws;
+    WORK/rt-{test,dev,train}.jsonl."""
+    import numpy as np
+
+    from edgeft import assets
+
+    texts, labels = assets.rotten_tomatoes()
+    order = np.random.default_rng(RT_SEED).permutation(len(texts))
+    parts = {"test": order[:RT_TEST], "dev": order[RT_TEST : RT_TEST + RT_DEV], "train": order[RT_TEST + RT_DEV :]}
+    work.mkdir(parents=True, exist_ok=True)
+    files = {k: work / f"rt-{k}.jsonl" for k in parts}
+    for k, rows in parts.items():
+        files[k].write_text("".join(json.dumps({"text": texts[i], "label": labels[i]}) + "\n" for i in rows))
+    return files
 
 
 def speaker_lines() -> dict[str, list[tuple[str, str]]]:

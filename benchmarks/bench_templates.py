@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from common import machine_facts  # benchmarks/ is on sys.path when run as a script
-from learning_report import RT_DEV, RT_SEED, RT_TEST  # bench_learning.py's split
+from bench_learning import write_rt_split  # bench_learning.py's Rotten Tomatoes split
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TEMPLATES = [
@@ -41,15 +41,7 @@ def main() -> None:
     args = p.parse_args()
     from edgeft import assets
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    import numpy as np
-
-    texts, labels = assets.rotten_tomatoes()
-    order = np.random.default_rng(RT_SEED).permutation(len(texts))
-    parts = {"test": order[:RT_TEST], "dev": order[RT_TEST : RT_TEST + RT_DEV]}
-    files = {k: args.work / f"rt-{k}.jsonl" for k in parts}
-    for k, rows in parts.items():
-        files[k].write_text("".join(json.dumps({"text": texts[i], "label": labels[i]}) + "\n" for i in rows))
+    files = write_rt_split(args.work)
 
     bundle = args.work / "smollm2-templates"
     log = args.work / "export.log"

@@ -20,14 +20,21 @@ def external_data_bytes() -> int:
     return int(os.environ.get("EDGEFT_EXTERNAL_DATA_BYTES", EXTERNAL_DATA_BYTES))
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model``; over ``external_data_bytes()`` its weights go to ``NAME.data`` beside it (and leave
-    the in-memory graph, as with ``onnx.save_model``)."""
+def save_model(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+    """Write ``model``; with ``external`` (default: when over ``external_data_bytes()``) its weights go to
+    ``NAME.data`` beside it (and leave the in-memory graph, as with ``onnx.save_model``)."""
     path = Path(path)
-    if approx_bytes(model) > external_data_bytes():
+    if external if external is not None else approx_bytes(model) > external_data_bytes():
         _write_external_data(model, path)
     with open(path, "wb") as f:
         write_in_parts(model, f.write)
+
+
+def serialized(model: onnx.ModelProto) -> bytes:
+    """``model.SerializeToString()`` without protobuf's growing buffer: the parts, then one join."""
+    parts: list[bytes] = []
+    write_in_parts(model, parts.append)
+    return b"".join(parts)
 
 
 def write_in_parts(model: onnx.ModelProto, write) -> None:
@@ -141,12 +148,11 @@ def session(model: onnx.ModelProto, scratch: Path):
     import onnxruntime as ort
 
     if fits_in_memory(model):
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialized(model), providers=["CPUExecutionProvider"])
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "probe.onnx"
-    _write_external_data(model, path)
-    onnx.save_model(model, str(path))
+    save_model(model, path, external=True)
     # the file keeps the weights on disk (ORT maps them); the in-memory graph must keep its own
     onnx.load_external_data_for_model(model, str(scratch))
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeft.errors import EdgeftError
-
 BATCH = 16
 
 
@@ -19,9 +17,7 @@ def choose_template(folder: Path, candidates: list[str], data: Path, log=print) 
     from edgeft.runtime.evaluate import evaluate
 
     bundle = Bundle(folder)
-    dataset = load_dataset(data, bundle.labels)
-    if len(dataset.texts) == 0:
-        raise EdgeftError(f"{data}: no examples to choose a template with")
+    dataset = load_dataset(data, bundle.labels)  # refuses an empty file
     start = bundle.layout.initial(0)
     scores = []
     for template in candidates:
