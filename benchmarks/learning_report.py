@@ -15,8 +15,9 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "backprop"),
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "cma", "lora-pro", "monteclora",
-                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID)),
-         "rt": ("probe", "mezo", "cma", "monteclora", *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID)),
+                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
+         "rt": ("probe", "mezo", "cma", "monteclora", *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID),
+                "backprop"),
          "speakers": ("probe", "mezo", "fzoo", "cma", "backprop")}
 CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the start is each seed's probe line
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now

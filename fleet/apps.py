@@ -23,6 +23,7 @@ import numpy as np
 
 from . import directions
 from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, digest, replay, round_lr
+from .start import HEAD_ROLES, needs_start
 
 STATE_FILE, ROUNDS_FILE, SUMMARY_FILE = "state.json", "rounds.jsonl", "summary.json"
 OWN_DATA = "own"  # the partition of a deployed device: the whole data file it was started with
@@ -62,17 +63,40 @@ def _bundle(path: Path):
     return _BUNDLES[key]
 
 
-def start_and_index(bundle, seed: int, init_adapter: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The shared start (the same on every device: no local probe) and the searched values' positions."""
+def start_and_index(bundle, seed: int, init_adapter: Path | None, head=None) -> tuple[np.ndarray, np.ndarray]:
+    """The shared start (the same on every device: no local probe; ``head`` = (weight, bias), a classification
+    fleet's class-mean head) and the searched values' positions."""
     from edgeft.adapters import load_adapter, searched_tensors
 
     theta = bundle.layout.initial(seed)
     if init_adapter is not None:
         theta = load_adapter(init_adapter, bundle.layout, base=theta)
+    if head is not None:
+        named = bundle.layout.unflatten(theta)
+        for tensor, values in zip(_head_tensors(bundle), head):
+            named[tensor.name][...] = np.asarray(values, dtype=np.float32).reshape(tensor.shape)
     names = set(searched_tensors(bundle.layout, bundle.manifest))
     index = np.concatenate([np.arange(bundle.layout.slice_of(t.name).start, bundle.layout.slice_of(t.name).stop)
                             for t in bundle.layout.tensors if t.name in names])
     return theta, index
+
+
+def _head_tensors(bundle):
+    by_role = {t.role: t for t in bundle.layout.tensors}
+    return [by_role[role] for role in HEAD_ROLES]
+
+
+def _held_head(record: dict, state):
+    """The shared head a device holds: from this message (a device that lacked it) or its own state."""
+    from flwr.app import Array, ArrayRecord
+
+    if "start_weight" in record:
+        head = (np.asarray(record["start_weight"], dtype=np.float32), np.asarray(record["start_bias"], dtype=np.float32))
+        state["edgeft-start"] = ArrayRecord({"weight": Array(head[0]), "bias": Array(head[1])})
+        return head
+    if "edgeft-start" in state:
+        return state["edgeft-start"]["weight"].numpy(), state["edgeft-start"]["bias"].numpy()
+    return None
 
 
 def selected(config: FleetConfig, round_: int, client: int, clients: int) -> bool:
@@ -123,14 +147,19 @@ def client_train(settings: FleetSettings, record, state) -> dict:
 
     config, client = settings.config, int(record["client"])
     bundle = _bundle(settings.bundle)
-    theta0, index = start_and_index(bundle, config.seed, settings.init_adapter)
+    head = None
+    if needs_start(bundle, settings.init_adapter):
+        head = _held_head(record, state)
+        if head is None:  # restarted without its state: the server sends the head with the next message
+            return Upload([], [], 1, known_round=0).to_record() | {"client": client, "skipped": True, "has_start": False}
+    theta0, index = start_and_index(bundle, config.seed, settings.init_adapter, head)
     if "edgeft" in state:
         theta, known = state["edgeft-theta"]["theta"].numpy().copy(), int(state["edgeft"]["known_round"])
     else:
         theta, known = theta0, 0
     since, round_ = int(record["since"]), int(record["round"])
     if known < since:  # this device lost its state: ask for everything
-        return Upload([], [], 1, known_round=0).to_record() | {"client": client, "skipped": True}
+        return Upload([], [], 1, known_round=0).to_record() | {"client": client, "skipped": True, "has_start": True}
     seeds = directions.pool(config.seed, config.pool_size)
     for offset, (lr, pairs) in enumerate(_history_from(record)):
         if since + offset >= known and pairs:
@@ -139,11 +168,47 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     state["edgeft-theta"] = ArrayRecord({"theta": Array(theta)})
     state["edgeft"] = ConfigRecord({"known_round": known})
     if not bool(record["selected"]):  # not training this round (or the run's closing sync): caught up only
-        return Upload([], [], 1, known_round=known, adapter=digest(theta)).to_record() | {"client": client, "skipped": True}
+        return Upload([], [], 1, known_round=known, adapter=digest(theta)).to_record() | {"client": client, "skipped": True,
+                                                                                          "has_start": True}
     _, encoded = client_data(settings, bundle, client)
     upload, _ = local_round(bundle, encoded, theta, config, round_, client, index)
     upload.known_round = known
-    return upload.to_record() | {"client": client, "skipped": False}
+    return upload.to_record() | {"client": client, "skipped": False, "has_start": True}
+
+
+def client_start(settings: FleetSettings, record: dict, state) -> dict:
+    """A device's part in fitting the shared head (fleet/start.py): its class sums, its losses per
+    temperature, then keeping the head."""
+    from .start import class_sums, temperature_losses
+
+    bundle, client = _bundle(settings.bundle), int(record["client"])
+    step = record["step"]
+    if step == "hold":
+        head = _held_head({"start_weight": record["weight"], "start_bias": record["bias"]}, state)
+        theta0, _ = start_and_index(bundle, settings.config.seed, None, head)
+        return {"client": client, "adapter": digest(theta0)}
+    _, encoded = client_data(settings, bundle, client)
+    features = _start_features(settings, bundle, client, encoded)
+    if step == "sums":
+        return {"client": client, **class_sums(features, encoded.labels, len(bundle.labels))}
+    if step == "losses":
+        means = np.asarray(record["means"], dtype=np.float64).reshape(len(bundle.labels), -1)
+        return {"client": client, "examples": len(encoded),
+                "losses": temperature_losses(features, encoded.labels, means, record["taus"])}
+    raise ValueError(f"unknown start step {step!r}")
+
+
+_FEATURES: dict[tuple, np.ndarray] = {}  # a device's pooled features at the start, computed once per process
+
+
+def _start_features(settings: FleetSettings, bundle, client: int, encoded) -> np.ndarray:
+    from edgeft.runtime.evaluate import pooled_features
+
+    key = (str(Path(settings.bundle).resolve()), str(Path(settings.data).resolve()), settings.partition,
+           settings.clients, settings.config.seed, client)
+    if key not in _FEATURES:
+        _FEATURES[key] = pooled_features(bundle, bundle.layout.initial(settings.config.seed), encoded, 32)
+    return _FEATURES[key]
 
 
 _ENCODED: dict[tuple, object] = {}  # a device's rows, read and tokenised once per process (not every round)
@@ -171,8 +236,10 @@ def _read_rows(settings: FleetSettings, bundle, client: int):
     return data, bundle.encode(data.texts, data.labels)
 
 
-def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict] | None = None):
-    """The ClientApp. ``tamper`` (tests only) rewrites a client's upload: a poisoned device."""
+def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict] | None = None,
+                    tamper_start: Callable[[int, str, dict], dict] | None = None):
+    """The ClientApp. ``tamper`` and ``tamper_start`` (tests only) rewrite a client's upload in a round or in
+    fitting the start: a poisoned device."""
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -186,6 +253,15 @@ def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict]
         if tamper is not None:
             reply = tamper(record["client"], reply)
         return Message(content=RecordDict({"upload": ConfigRecord(reply)}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context) -> Message:
+        record = dict(msg.content["start"])
+        record["client"] = int(context.node_config.get("partition-id", record.get("client", 0)))
+        reply = client_start(settings, record, context.state)
+        if tamper_start is not None:
+            reply = tamper_start(record["client"], record["step"], reply)
+        return Message(content=RecordDict({"answer": ConfigRecord(reply)}), reply_to=msg)
 
     return app
 
@@ -227,7 +303,16 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
     known: dict[int, int] = {}  # node → rounds it has applied (what it last said)
     client_of: dict[int, int] = {}  # node → the client id it reported
     bundle = _bundle(settings.bundle)
-    theta0, index = start_and_index(bundle, config.seed, settings.init_adapter)
+    head, start_fields, holding = None, None, {}  # holding: node → whether it holds the shared head
+    if needs_start(bundle, settings.init_adapter):
+        if state.start is None:
+            state.start, holding = _fit_start(settings, grid, nodes, bundle)
+            state.save(state_path)
+        head = (state.start["weight"], state.start["bias"])
+        start_fields = {"start_weight": state.start["weight"], "start_bias": state.start["bias"]}
+    theta0, index = start_and_index(bundle, config.seed, settings.init_adapter, head)
+    if head is not None and not (run_dir / "start").exists():
+        _save(run_dir / "start", bundle, theta0)  # the shared start alone: central baselines take it as --init-adapter
     theta = replay(theta0, state.history, config, index)  # the shared adapter (kept up round by round)
     seeds = directions.pool(config.seed, config.pool_size)
     while state.round < settings.rounds:
@@ -236,7 +321,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
         # a node whose client id is known yet is told whether it trains; an unknown one trains (its upload
         # is dropped if its client is not sampled this round)
         chosen = {node: node not in client_of or selected(config, r, client_of[node], settings.clients) for node in nodes}
-        messages, down = _broadcast(state, nodes, known, r, chosen)
+        messages, down = _broadcast(state, nodes, known, r, chosen, start_fields, holding)
         uploads, rejected, up, seen, losses, passes = [], [], {}, set(), [], 0
         for reply in grid.send_and_receive(messages):
             node = reply.metadata.src_node_id
@@ -251,6 +336,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                     raise ValueError(f"client id {client!r} unknown or repeated")
                 seen.add(client)
                 client_of[node] = client
+                holding[node] = raw.get("has_start") is True
                 known[node] = raw.get("known_round", 0) if isinstance(raw.get("known_round"), int) else 0
                 selected_now = selected(config, r, client, settings.clients)
                 if raw.get("skipped") is True or not selected_now:
@@ -282,10 +368,72 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
         state.save(state_path)
         settings.log(f"round {r}: {len(uploads)} uploads, {len(pairs)} pairs, up ≤ {line['upload_bytes_max']} B, "
                      f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
-    agree = _closing_sync(settings, grid, state, nodes, known, digest(theta))
+    agree = _closing_sync(settings, grid, state, nodes, known, digest(theta), start_fields, holding)
+    start = {k: v for k, v in state.start.items() if k not in ("weight", "bias")} if state.start else None
     finish(settings, bundle, theta, lr=next((e["lr"] for e in state.history if e.get("lr")), None),
-           clients_holding_the_adapter=agree)
+           clients_holding_the_adapter=agree, start=start)
     return state
+
+
+def _fit_start(settings: FleetSettings, grid, nodes: list[int], bundle) -> tuple[dict, dict[int, bool]]:
+    """Fit the shared class-mean head with the devices (fleet/start.py's three exchanges). Returns the
+    start (head, temperature, what it cost on the wire) and which nodes hold it."""
+    from .start import TEMPERATURES, check_losses, check_sums, combine_means, head_from_means, pick_temperature
+
+    weight_tensor = _head_tensors(bundle)[0]
+    labels, dim = weight_tensor.shape
+    rejected, up, down = [], {}, {}
+
+    def ask(step: str, fields: dict) -> list[tuple[int, dict]]:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        messages = []
+        for node in nodes:
+            record = {"step": step, "node": int(node), **fields}
+            down[node] = down.get(node, 0) + wire_bytes(record)
+            messages.append(Message(content=RecordDict({"start": ConfigRecord(record)}), dst_node_id=node,
+                                    message_type="query", group_id=f"start-{step}"))
+        replies = []
+        for reply in grid.send_and_receive(messages):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                rejected.append({"step": step, "node": node, "reason": f"client error: {reply.error.reason}"})
+                continue
+            raw = dict(reply.content["answer"])
+            up[node] = max(up.get(node, 0), wire_bytes(raw))
+            replies.append((node, raw))
+        return sorted(replies, key=lambda nr: nr[0])  # a fixed order: the same sums on every run
+
+    def accepted(step: str, replies, check) -> list:
+        kept = []
+        for node, raw in replies:
+            try:
+                kept.append(check(raw))
+            except (ValueError, KeyError, TypeError) as err:
+                rejected.append({"step": step, "node": node, "reason": str(err)})
+                settings.log(f"start ({step}): rejected an upload from node {node}: {err}")
+        if not kept:
+            raise RuntimeError(f"fleet start: no device sent a usable {step} upload ({rejected[-1]['reason'] if rejected else 'no replies'})")
+        return kept
+
+    sums = accepted("sums", ask("sums", {}), lambda raw: check_sums(raw, labels, dim, settings.config.reject_above))
+    means, counts = combine_means(sums, labels, dim, settings.log)
+    losses = accepted("losses", ask("losses", {"means": means.ravel().tolist(), "taus": list(TEMPERATURES)}),
+                      lambda raw: check_losses(raw, len(TEMPERATURES)))
+    tau = pick_temperature(losses, TEMPERATURES)
+    weight, bias = head_from_means(means, tau)
+    head = {"weight": [float(v) for v in weight.ravel()], "bias": [float(v) for v in bias]}
+    shared = digest(start_and_index(bundle, settings.config.seed, None, (weight, bias))[0])
+    holding = {}
+    for node, raw in ask("hold", head):
+        holding[node] = raw.get("adapter") == shared
+        if not holding[node]:
+            settings.log(f"start: node {node} holds another start ({raw.get('adapter')} != {shared})")
+    settings.log(f"start: class-mean head from {int(counts.sum())} examples on {len(sums)} devices "
+                 f"({int((counts > 0).sum())} of {labels} labels held), temperature {tau:g}")
+    return {**head, "temperature": tau, "examples": int(counts.sum()), "labels_held": int((counts > 0).sum()),
+            "devices": len(sums), "rejected": rejected, "upload_bytes_max": max(up.values(), default=0),
+            "download_bytes_max": max(down.values(), default=0)}, holding
 
 
 def _drop_unsaved_rounds(log: Path, saved: int) -> None:
@@ -295,8 +443,10 @@ def _drop_unsaved_rounds(log: Path, saved: int) -> None:
         log.write_text("".join(line + "\n" for line in kept))
 
 
-def _broadcast(state: FleetState, nodes: list[int], known: dict[int, int], r: int, chosen: dict[int, bool]):
-    """Round r's train messages: to each node the history it lacks, and whether it trains."""
+def _broadcast(state: FleetState, nodes: list[int], known: dict[int, int], r: int, chosen: dict[int, bool],
+               start_fields: dict | None = None, holding: dict[int, bool] | None = None):
+    """Round r's train messages: to each node the history it lacks, whether it trains, and the shared
+    head if it does not hold it (a classification fleet's device that restarted or joined late)."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     messages, down = [], {}
@@ -305,6 +455,8 @@ def _broadcast(state: FleetState, nodes: list[int], known: dict[int, int], r: in
         # the node id makes every message's content distinct (Flower's deployment engine stores objects by
         # content hash)
         record = {"round": r, "node": int(node), **_history_record(state.history, since), "selected": chosen[node]}
+        if start_fields and not (holding or {}).get(node):
+            record.update(start_fields)
         down[node] = wire_bytes(record)
         messages.append(Message(content=RecordDict({"fleet": ConfigRecord(record)}), dst_node_id=node,
                                 message_type="train", group_id=str(r)))
@@ -312,10 +464,10 @@ def _broadcast(state: FleetState, nodes: list[int], known: dict[int, int], r: in
 
 
 def _closing_sync(settings: FleetSettings, grid, state: FleetState, nodes: list[int], known: dict[int, int],
-                  shared: str) -> int:
+                  shared: str, start_fields: dict | None = None, holding: dict[int, bool] | None = None) -> int:
     """After the last round every device applies it too and reports its adapter's digest: how many hold
     exactly the server's adapter (all of them, unless a device is faulty)."""
-    messages, _ = _broadcast(state, nodes, known, state.round, {node: False for node in nodes})
+    messages, _ = _broadcast(state, nodes, known, state.round, {node: False for node in nodes}, start_fields, holding)
     agree = 0
     for reply in grid.send_and_receive(messages):
         held = None if reply.has_error() else dict(reply.content["upload"]).get("adapter")
@@ -329,11 +481,8 @@ def _closing_sync(settings: FleetSettings, grid, state: FleetState, nodes: list[
 def finish(settings: FleetSettings, bundle, theta: np.ndarray, **method: object) -> dict:
     """The run folder's results: RUN/adapter (PEFT, as edgeft train writes), curve.png, summary.json (from
     rounds.jsonl, plus the ``method``'s own keys)."""
-    from edgeft.adapters import save_adapter
-
     run_dir = Path(settings.run_dir)
-    save_adapter(run_dir / "adapter", bundle.layout, theta, bundle.manifest.peft_base.get("source", ""),
-                 "CAUSAL_LM" if bundle.task == "causal-lm" else None)
+    _save(run_dir / "adapter", bundle, theta)
     rounds = [json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines()]
     plot = _plot(rounds, run_dir / "curve.png")
     summary = {"rounds": len(rounds), "clients": settings.clients, "partition": settings.partition,
@@ -345,6 +494,13 @@ def finish(settings: FleetSettings, bundle, theta: np.ndarray, **method: object)
                "adapter": str(run_dir / "adapter"), "plot": str(plot) if plot else None, **method}
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _save(folder: Path, bundle, theta: np.ndarray) -> None:
+    from edgeft.adapters import save_adapter
+
+    save_adapter(folder, bundle.layout, theta, bundle.manifest.peft_base.get("source", ""),
+                 "CAUSAL_LM" if bundle.task == "causal-lm" else None)
 
 
 def _evaluate(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:

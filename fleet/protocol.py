@@ -171,6 +171,7 @@ class FleetState:
 
     config: FleetConfig
     history: list[dict] = field(default_factory=list)  # [{"round": r, "lr": lr, "pairs": [[j, g], ...]}]
+    start: dict | None = None  # a classification fleet's shared head (fleet/start.py): weight, bias, temperature
 
     @property
     def round(self) -> int:
@@ -184,7 +185,7 @@ class FleetState:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps({"format": "edgeft-fleet-state", "config": asdict(self.config),
-                                   "history": self.history}, sort_keys=True))
+                                   "history": self.history, "start": self.start}, sort_keys=True))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -197,7 +198,7 @@ class FleetState:
             raise EdgeftError(f"{path}: not a readable fleet state ({err})") from None
         if not isinstance(raw, dict) or raw.get("format") != "edgeft-fleet-state":
             raise EdgeftError(f"{path}: not an edgeft fleet state")
-        return cls(FleetConfig(**raw["config"]), raw["history"])
+        return cls(FleetConfig(**raw["config"]), raw["history"], raw.get("start"))
 
 
 def replay(theta0: np.ndarray, history: list[dict], config: FleetConfig, index: np.ndarray) -> np.ndarray:

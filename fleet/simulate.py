@@ -13,11 +13,12 @@ from .apps import STATE_FILE, SUMMARY_FILE, FleetSettings, _bundle, make_client_
 from .protocol import FleetState
 
 
-def check_settings(settings: FleetSettings, resume: bool) -> None:
+def check_settings(settings: FleetSettings, resume: bool, method: str = "seeds") -> None:
     """Everything that can be wrong with the request, before any client starts (one-line errors)."""
     from edgeft.data import load_dataset
 
     from .partition import partition
+    from .start import needs_start
 
     if settings.rounds < 1:
         raise EdgeftError("--rounds must be at least 1")
@@ -37,21 +38,22 @@ def check_settings(settings: FleetSettings, resume: bool) -> None:
               data.labels if bundle.task != "causal-lm" else None, settings.text_field)
     if settings.eval_data:
         load_dataset(settings.eval_data, bundle.labels, settings.text_field, settings.label_field)
-    if bundle.task == "classification" and settings.init_adapter is None:
-        raise EdgeftError("fleet: a classification head cannot start from zero on every device (there is no "
-                          "shared probe yet): pass --init-adapter with a head, or use a prompt or causal-lm bundle")
+    if method == "fedavg" and needs_start(bundle, settings.init_adapter):
+        raise EdgeftError("fleet --method fedavg: a classification head cannot start from zero on every device; "
+                          "pass --init-adapter with a head (e.g. a seeds run's RUN/start)")
 
 
-def simulate(settings: FleetSettings, resume: bool = False, tamper=None, method: str = "seeds") -> dict:
+def simulate(settings: FleetSettings, resume: bool = False, tamper=None, method: str = "seeds", tamper_start=None) -> dict:
     """Run the fleet under Flower's simulation engine; ``method`` "fedavg" runs the usual baseline instead
-    (the whole adapter each way, Flower's FedAvg; no --resume)."""
+    (the whole adapter each way, Flower's FedAvg; no --resume). A classification bundle without
+    --init-adapter first fits the shared class-mean head with the devices (fleet/start.py)."""
     from flwr.simulation import run_simulation
 
     if method not in ("seeds", "fedavg"):
         raise EdgeftError(f"--method {method!r}: expected seeds or fedavg")
     if method == "fedavg" and resume:
         raise EdgeftError("--resume continues a seeds run; the fedavg baseline keeps no state")
-    check_settings(settings, resume)
+    check_settings(settings, resume, method)
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -60,7 +62,7 @@ def simulate(settings: FleetSettings, resume: bool = False, tamper=None, method:
 
         server, client = make_fedavg_apps(settings)
     else:
-        server, client = make_server_app(settings), make_client_app(settings, tamper)
+        server, client = make_server_app(settings), make_client_app(settings, tamper, tamper_start)
     run_simulation(server, client, num_supernodes=settings.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"log_to_driver": False}})
     if method == "seeds":

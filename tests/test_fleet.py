@@ -112,6 +112,83 @@ def test_the_default_lr_is_fixed_once_from_the_first_round_with_pairs():
     assert round_lr(FleetConfig(lr=0.2), [], [(1, 3.0)], 100) == 0.2
 
 
+def test_class_mean_start_is_exact_under_any_split_and_bounds_a_liar():
+    from edgeft.fleet.start import (check_losses, check_sums, class_sums, combine_means, head_from_means,
+                                    pick_temperature, temperature_losses)
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, size=60)
+    central = np.stack([features[labels == c].astype(np.float64).mean(0) for c in range(3)])
+    for split in (np.array_split(np.arange(60), 4), [np.flatnonzero(labels == c) for c in range(3)]):  # iid, one label each
+        uploads = [check_sums(class_sums(features[rows], labels[rows], 4), 4, 5, 1e6) for rows in split]
+        means, counts = combine_means(uploads, 4, 5)
+        assert np.allclose(means[:3], central) and counts.tolist() == [*np.bincount(labels, minlength=3).tolist(), 0]
+        assert np.array_equal(means[3], np.zeros(5))  # a label no device holds: logit 0
+    liar = class_sums(features[:1] * 1e4, labels[:1], 4)  # one device sends a class mean 10,000x too far
+    honest = [class_sums(features[rows], labels[rows], 4) for rows in np.array_split(np.arange(1, 60), 4)]
+    logged = []
+    moved, _ = combine_means([check_sums(u, 4, 5, 1e6) for u in [liar, *honest]], 4, 5, logged.append)
+    norms = [np.linalg.norm(features[rows][labels[rows] == c].mean(0)) for rows in np.array_split(np.arange(1, 60), 4)
+             for c in range(3) if np.any(labels[rows] == c)]
+    assert "twice the median" in logged[0]
+    assert np.all(np.linalg.norm(moved, axis=1) <= 2 * np.median(norms + [1e4 * np.linalg.norm(features[0])]) + 1e-9)
+    weight, bias = head_from_means(central, 5.0)  # logits rank labels by distance to their mean
+    logits = features @ weight.T + bias
+    distance = ((features[:, None, :] - central[None]) ** 2).sum(-1)
+    assert np.array_equal(logits.argmax(1), distance.argmin(1)) and weight.dtype == np.float32
+    losses = temperature_losses(features, labels, central, (0.1, 1.0, 1000.0))
+    assert pick_temperature([check_losses({"losses": losses, "examples": 60}, 3)], (0.1, 1.0, 1000.0)) == float(
+        (0.1, 1.0, 1000.0)[int(np.argmin(losses))])
+    good = class_sums(features[:6], labels[:6], 4)
+    for change, reason in [({"sums": [float("nan")] * len(good["sums"])}, "non-finite"),
+                           ({"labels": [7] * len(good["labels"])}, "unknown or repeated label"),
+                           ({"counts": [0] * len(good["counts"])}, "count outside"),
+                           ({"sums": good["sums"][:-1]}, "expected one count and 5 sums per label"),
+                           ({"labels": "all"}, "without labels")]:
+        with pytest.raises(ValueError, match=reason):
+            check_sums(good | change, 4, 5, 1e6)
+    with pytest.raises(ValueError, match="finite number"):
+        check_losses({"losses": [float("inf"), 1.0, 1.0], "examples": 3}, 3)
+
+
+def test_classification_fleet_fits_one_class_mean_head_with_the_devices(bert_bundle, tmp_path):
+    from edgeft.adapters import load_adapter
+    from edgeft.fleet.apps import _bundle, start_and_index
+    from edgeft.fleet.simulate import simulate
+    from edgeft.fleet.start import head_from_means
+    from edgeft.runtime.evaluate import pooled_features
+
+    data = _fleet_data(tmp_path / "lines.jsonl")
+
+    def poison_start(client, step, reply):  # client 1 sends NaN class sums: its rows take no part in the head
+        return reply | {"sums": [float("nan")] * len(reply["sums"])} if client == 1 and step == "sums" else reply
+
+    settings = _settings(bert_bundle, data, tmp_path / "run", 2)
+    settings.partition = "dirichlet:0.3"
+    summary = simulate(settings, tamper_start=poison_start)
+    start = summary["start"]
+    assert start["devices"] == 3 and "non-finite" in start["rejected"][0]["reason"]
+    assert summary["clients_holding_the_adapter"] == 4 and summary["rejected_uploads"] == 0
+    # the head is the class-mean head of the three honest devices' rows, as if they were pooled
+    b = _bundle(bert_bundle)
+    rows = partition("dirichlet:0.3", data, 4, 0, np.array([i % 2 for i in range(48)]))
+    kept = np.concatenate([rows[c] for c in (0, 2, 3)])
+    texts = [json.loads(l)["text"] for l in data.read_text().splitlines()]
+    labels = np.array([i % 2 for i in range(48)])[kept]
+    feats = pooled_features(b, b.layout.initial(0), b.encode([texts[i] for i in kept], labels), 32)
+    weight, bias = head_from_means(np.stack([feats[labels == c].mean(0) for c in (0, 1)]), start["temperature"])
+    state = FleetState.load(tmp_path / "run" / "state.json")
+    assert np.allclose(np.array(state.start["weight"]).reshape(weight.shape), weight, rtol=1e-4, atol=1e-6)
+    assert np.allclose(state.start["bias"], bias, rtol=1e-4, atol=1e-6)
+    # the saved start and the final adapter are the shared start and its replay
+    theta0, index = start_and_index(b, 0, None, (state.start["weight"], state.start["bias"]))
+    assert np.array_equal(load_adapter(tmp_path / "run" / "start", b.layout), theta0)
+    assert np.array_equal(load_adapter(tmp_path / "run" / "adapter", b.layout),
+                          replay(theta0, state.history, state.config, index))
+    assert summary["upload_bytes_per_client_round_max"] < 1024
+
+
 def test_speeches_of_a_play():
     from edgeft.assets import speeches
 
@@ -218,7 +295,7 @@ def test_fleet_simulate_bad_input(llama_lm_bundle, bert_bundle, tmp_path):
         ([str(llama_lm_bundle), "--data", str(data), "--clients", "9", "--partition", "by-field:speaker"], "fewer than --clients"),
         ([str(llama_lm_bundle), "--data", str(data), "--rounds", "0"], "--rounds must be at least 1"),
         ([str(llama_lm_bundle), "--data", str(data), "--aggregate", "mean", "--pool-size", "0"], "at least 1"),
-        ([str(bert_bundle), "--data", str(data)], "classification head cannot start from zero"),
+        ([str(bert_bundle), "--data", str(data), "--method", "fedavg"], "cannot start from zero on every device"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(main, ["fleet", "simulate", *args, "-o", str(tmp_path / "run")])
