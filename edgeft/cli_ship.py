@@ -19,11 +19,17 @@ from edgeft.errors import EdgeftError
 @click.option("--quantize", type=click.Choice(["int8"]), help="Dynamic int8 quantisation of the frozen weights.")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: ONNX Runtime's own format (model.ort), what ORT Mobile on Android and iOS loads.")
-def deploy(bundle, adapter, out, merge, quantize, fmt):
+@click.option("--also-for", "also_for", multiple=True, type=click.Choice(["genai", "olive"]),
+              help="Also write the adapter under the input names of a LoRA-ready model from ORT GenAI's builder "
+                   "(adapter.genai.onnx_adapter) or Olive (adapter.olive.onnx_adapter).")
+def deploy(bundle, adapter, out, merge, quantize, fmt, also_for):
     """Package a trained adapter for inference: ORT adapter file (default) or merged graph."""
     from edgeft.export.deploy import deploy as run_deploy
 
-    report = run_deploy(bundle, adapter, out, merge=merge, quantize=quantize, fmt=fmt)
+    report = run_deploy(bundle, adapter, out, merge=merge, quantize=quantize, fmt=fmt, also_for=tuple(also_for))
+    left = json.loads((Path(out) / "deploy.json").read_text()).get("left_out_of_foreign_files")
+    if left:
+        click.echo(f"note: not in the --also-for files (no LoRA input there): {', '.join(left)}", err=True)
     for key, value in report.items():
         click.echo(f"check: {key} {value:.4g}" if key != "size_mb" else f"size: {value} MB")
     click.echo(f"deployed to {out}")

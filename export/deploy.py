@@ -27,6 +27,7 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .bundle import write_bundle
+from .foreign_adapters import file_name, foreign_values
 from .merge import inference_only, merge_adapters
 from .onnx_files import load_model, remove, save_model
 from .quantize import quantize_int8
@@ -45,7 +46,9 @@ FORMATS = ("onnx", "ort")
 
 
 def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize: str | None = None,
-           texts: list[str] | None = None, fmt: str = "onnx") -> dict:
+           texts: list[str] | None = None, fmt: str = "onnx", also_for: tuple[str, ...] = ()) -> dict:
+    """``also_for``: besides edgeft's adapter file, one under the names ORT GenAI's builder ("genai") or
+    Olive ("olive") give a LoRA-ready model's inputs (export/foreign_adapters.py)."""
     bundle, out = Path(bundle), Path(out)
     manifest = Manifest.load(bundle)
     # label logits (classification, prompt) or next-token logits (causal LM); a causal-LM bundle
@@ -57,9 +60,12 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
         raise EdgeftError(f"unknown --quantize {quantize!r} (int8)")
     if fmt not in FORMATS:
         raise EdgeftError(f"unknown --format {fmt!r} ({', '.join(FORMATS)})")
+    if merge and also_for:
+        raise EdgeftError("--also-for writes an adapter file; a merged deploy has none (drop --merge)")
     layout = bundle_layout(bundle, manifest)
     vector = load_adapter(adapter, layout)
     values = {k: np.array(v) for k, v in layout.unflatten(vector).items()}
+    foreign = {conv: foreign_values(manifest, values, conv) for conv in dict.fromkeys(also_for)}  # errors before any work
     model = load_model(bundle / MODEL_NAME)
     if merge:
         # prune first: a causal LM's top MLP outputs (training only) are adapted layers' outputs
@@ -72,7 +78,9 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
             "inputs": [i.name for i in deployed.graph.input if i.name not in values], "outputs": outputs,
             "merged": merge, "quantized": quantize, "adapter_file": None if merge else ADAPTER_FILE,
             "max_length": manifest.max_length, "pad_token_id": manifest.pad_token_id,
-            "model_file": ORT_MODEL if fmt == "ort" else MODEL_NAME}
+            "model_file": ORT_MODEL if fmt == "ort" else MODEL_NAME,
+            "foreign_adapter_files": {conv: file_name(conv) for conv in foreign},
+            "left_out_of_foreign_files": sorted({name for _, left in foreign.values() for name in left})}
     pending = [deployed]  # write() takes the graph and drops it once saved: the check then holds no copy
     del deployed
 
@@ -91,6 +99,8 @@ def deploy(bundle: Path, adapter: Path, out: Path, merge: bool = False, quantize
             _to_ort_format(path, tmp)
         if not merge:
             _save_ort_adapter(tmp / ADAPTER_FILE, values)
+        for conv, (renamed, _) in foreign.items():
+            _save_ort_adapter(tmp / file_name(conv), renamed)
         shutil.copy(bundle / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
         (tmp / "deploy.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return check(bundle, vector, tmp, info, texts or SAMPLE_TEXTS)

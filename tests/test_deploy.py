@@ -266,3 +266,82 @@ def test_int8_quantises_embedding_tables_unless_shared(bert_bundle, tmp_path):
         quantize_int8(src, dst, None)
         stored = [t.data_type for t in onnx.load(str(dst)).graph.initializer if t.dims and t.dims[0] == 300]
         assert stored == [TensorProto.FLOAT] if tied else len(stored) == 1 and stored[0] in one_byte
+
+
+def _lora_ready_graph(path, pairs):
+    """A model laid out as ORT GenAI's builder and Olive lay out LoRA: per module y = x·W + (x·A)·B, A [in, r] and
+    B [r, out] graph inputs under the file's names (zero defaults), W random and frozen."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inputs, outputs, nodes, inits, frozen = [], [], [], [], {}
+    for i, (a_name, b_name, a, b) in enumerate(pairs):
+        w = rng.standard_normal((a.shape[0], b.shape[1])).astype(np.float32)
+        frozen[i] = w
+        inputs += [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [2, a.shape[0]]),
+                   helper.make_tensor_value_info(a_name, TensorProto.FLOAT, list(a.shape)),
+                   helper.make_tensor_value_info(b_name, TensorProto.FLOAT, list(b.shape))]
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, b.shape[1]]))
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros_like(a), a_name),
+                  numpy_helper.from_array(np.zeros_like(b), b_name)]
+        nodes += [helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"base{i}"]),
+                  helper.make_node("MatMul", [f"x{i}", a_name], [f"low{i}"]),
+                  helper.make_node("MatMul", [f"low{i}", b_name], [f"up{i}"]),
+                  helper.make_node("Add", [f"base{i}", f"up{i}"], [f"y{i}"])]
+    model = helper.make_model(helper.make_graph(nodes, "lora-ready", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return frozen
+
+
+def test_adapter_files_under_ort_genai_and_olive_names(llama_lm_bundle, bert_bundle, trained, tmp_path):
+    """--also-for genai/olive: the LoRA under those tools' input names and layout, loaded by ONNX Runtime's own
+    LoraAdapter into a model laid out as they lay LoRA out, gives the base plus PEFT's update scale·B·A."""
+    import json
+
+    import onnxruntime as ort
+
+    from edgeft.adapters import AdapterLayout, save_adapter
+    from edgeft.export.deploy import deploy
+    from edgeft.manifest import Manifest
+
+    manifest = Manifest.load(llama_lm_bundle)
+    layout = AdapterLayout(manifest.adapter)
+    vector = (np.random.default_rng(0).standard_normal(layout.size) * 0.1).astype(np.float32)
+    save_adapter(tmp_path / "adapter", layout, vector, "tiny", "CAUSAL_LM")
+    deploy(llama_lm_bundle, tmp_path / "adapter", tmp_path / "out", also_for=("genai", "olive"))
+    info = json.loads((tmp_path / "out" / "deploy.json").read_text())
+    assert info["left_out_of_foreign_files"] == ["output.bias"]
+    values = layout.unflatten(vector)
+    modules = [t for t in manifest.adapter.tensors if t.role == "lora_A"]
+    expected = {
+        "genai": lambda t, ab: t.module.replace("self_attn", "attn") + f".lora_{ab}.MatMul.weight",
+        "olive": lambda t, ab: t.module + f".lora_{ab}.weight",  # PEFT's key, base_model.model. dropped
+    }
+    rng = np.random.default_rng(2)
+    for conv, name_of in expected.items():
+        path = tmp_path / "out" / info["foreign_adapter_files"][conv]
+        params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(path)).get_parameters().items()}
+        assert set(params) == {name_of(t, ab) for t in modules for ab in "AB"}
+        pairs = [(name_of(t, "A"), name_of(t, "B"), params[name_of(t, "A")], params[name_of(t, "B")]) for t in modules]
+        frozen = _lora_ready_graph(tmp_path / f"{conv}.onnx", pairs)
+        session = ort.InferenceSession(str(tmp_path / f"{conv}.onnx"), providers=["CPUExecutionProvider"])
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        xs = {f"x{i}": rng.standard_normal((2, p[2].shape[0])).astype(np.float32) for i, p in enumerate(pairs)}
+        got = session.run(None, xs, options)
+        for i, t in enumerate(modules):
+            a, b = values[t.name], values[t.name[: -len("lora_A")] + "lora_B"]
+            want = xs[f"x{i}"] @ (frozen[i] + manifest.adapter.scale * (b @ a).T)
+            assert np.abs(got[i] - want).max() < 1e-4
+    runner = CliRunner()
+    for args, message in [([str(bert_bundle), "--adapter", str(trained), "--also-for", "genai"], "ORT GenAI's builder names"),
+                          ([str(llama_lm_bundle), "--adapter", str(tmp_path / "adapter"), "--also-for", "olive", "--merge"],
+                           "a merged deploy has none")]:
+        result = runner.invoke(main, ["deploy", *args, "-o", str(tmp_path / "refused")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "refused").exists()
