@@ -146,8 +146,8 @@ def test_merged_causal_lm_returns_next_token_logits(llama_lm_bundle, tmp_path):
 
 
 def test_int8_keeps_gated_ffn_down_projections_fp32(llama_lm_bundle, bert_bundle, tmp_path):
-    """Llama: by default the feed-forward down projections (one per layer) stay fp32, every other frozen MatMul
-    goes int8; keep_fp32=[] quantises them too. BERT (no gated FFN) keeps none."""
+    """Llama and BERT: by default the feed-forward down projections (one per layer) stay fp32, every other
+    frozen MatMul goes int8; keep_fp32=[] quantises them too."""
     import onnx
 
     from edgeft.export.compress import quantize_bundle
@@ -161,7 +161,9 @@ def test_int8_keeps_gated_ffn_down_projections_fp32(llama_lm_bundle, bert_bundle
     quantize_bundle(llama_lm_bundle, tmp_path / "all", keep_fp32=[])
     assert fp32_left(tmp_path / "all") == []
     quantize_bundle(bert_bundle, tmp_path / "bert")
-    assert fp32_left(tmp_path / "bert") == []
+    assert fp32_left(tmp_path / "bert") == [[64, 32], [64, 32]]  # output.dense [intermediate, hidden]
+    quantize_bundle(bert_bundle, tmp_path / "bert-all", keep_fp32=[])
+    assert fp32_left(tmp_path / "bert-all") == []
     ref, q = Bundle(llama_lm_bundle), Bundle(tmp_path / "q")
     theta = ref.layout.initial(0)
     want, got = (evaluate(b, theta, b.encode(CORPUS[:5]), 8)["loss"] for b in (ref, q))
