@@ -11,7 +11,8 @@ feed-forward down projections (the default now); and ``edgeft deploy --merge --q
 file size against fp32; agreement of predicted labels with fp32 on the 1,000 test snippets and on the 11,608
 snippets of the training pool (labels unused; the probe's 32 training texts are among them), where one
 agreement figure's standard error is ≈ 0.16 points; test accuracy; milliseconds per snippet over the pool (one
-ORT thread, batches of 32). Results: docs/int8-tables-runs/minilm.json and docs/INT8-TABLES.md.
+ORT thread, batches of 32; taken beside other work on two shared cores: deploy's graph and the default row
+are the same file, so their two timings show the noise). Results: docs/int8-tables-runs/minilm.json and docs/INT8-TABLES.md.
 """
 
 from __future__ import annotations
