@@ -199,6 +199,8 @@ def run_one(args, files, line: str, seed: int) -> dict:
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     if args.task in CLASSIFICATION and line == "probe":
         return _probe_run(args, files, seed, out, run_dir)
+    if args.task in CLASSIFICATION and line == "mezo+refit":
+        return _probe_run(args, files, seed, out, run_dir, body=args.work / f"{args.task}-mezo-seed{seed}" / "adapter")
     if args.task in CLASSIFICATION:  # 20ng: 320 examples in batches of 32; rt, speakers: the whole set per step
         common += ["--k-shot", 16, "--batch-size", CLASSIFICATION_BATCH[args.task]]
         name, _, lr = line.partition("@")
@@ -234,26 +236,35 @@ def _finish(args, files, line, seed, out, run_dir, common, settings) -> dict:
 
 
 PROBE_START = """
-import sys
-from edgeft.adapters import save_adapter
+import shutil, sys, tempfile
+from pathlib import Path
+from edgeft.adapters import HEAD_WEIGHTS, save_adapter
 from edgeft.data import k_shot, load_dataset
 from edgeft.runtime import Bundle, starting_adapter
 bundle_dir, data, seed, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+body = None
+if len(sys.argv) > 5:  # a trained adapter without its head: the probe is refitted on its features
+    body = Path(tempfile.mkdtemp()) / "body"
+    shutil.copytree(sys.argv[5], body)
+    (body / HEAD_WEIGHTS).unlink()
 b = Bundle(bundle_dir)
 shots = k_shot(load_dataset(data, b.labels), 16, seed)
-vector, _ = starting_adapter(b, b.encode(shots.texts, shots.labels), seed)
+vector, _ = starting_adapter(b, b.encode(shots.texts, shots.labels), seed, init_adapter=body)
 save_adapter(out, b.layout, vector, b.manifest.peft_base.get("source", ""), None)
 """
 
 
-def _probe_run(args, files, seed: int, out: Path, run_dir: Path) -> dict:
+def _probe_run(args, files, seed: int, out: Path, run_dir: Path, body: Path | None = None) -> dict:
     """A classification run's start for this seed (k-shot draw, LoRA init and linear-probe head as
-    ``edgeft train`` makes them), saved untrained and scored on the test set."""
+    ``edgeft train`` makes them), saved untrained and scored on the test set; with ``body`` (a trained
+    adapter: line mezo+refit) the head is refitted on that adapter's features instead (one LP-FT alternation)."""
+    if body is not None and not body.is_dir():
+        raise RuntimeError(f"{body}: run the mezo line first (mezo+refit refits its head)")
     run_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", PROBE_START, str(args.bundle), str(files["train"]), str(seed),
-                    str(run_dir / "adapter")], check=True)
+                    str(run_dir / "adapter"), *([str(body)] if body else [])], check=True)
     test = edgeft_json("eval", args.bundle, "--data", files["test"], "--adapter", run_dir / "adapter", "--device", files["profile"])
-    record = {"line": "probe", "seed": seed, "budget_fwd": args.budget, "batch_size": 32, "test": test,
+    record = {"line": "probe" if body is None else "mezo+refit", "seed": seed, "budget_fwd": args.budget, "batch_size": 32, "test": test,
               "train": {"forward_passes": 10 if args.task == "20ng" else 1, "elapsed_s": 0.0,
                         "peak_rss_mb": None}}  # one pass over the k-shot set (20ng: 320 examples in batches of 32)
     RUNS.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,10 @@ LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng, rt: lines "OPTIMIZER@LR" run with th
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
                          "backprop"),
          "rt-prompt": ("mezo", "probe", "auto"),
-         "20ng": ("probe", "mezo", "cma", "lora-pro", "monteclora",
+         "20ng": ("probe", "mezo", "mezo+refit", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
-         "rt": ("probe", "mezo", "cma", "monteclora", *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID),
-                "backprop"),
+         "rt": ("probe", "mezo", "mezo+refit", "cma", "monteclora",
+                *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
          "speakers": ("probe", "mezo", "fzoo", "cma", "backprop")}
 CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the start is each seed's probe line
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
@@ -62,7 +62,7 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto",)):
+    for main_line in (("mezo+refit", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto",)):
         for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "probe", "backprop"):
             if main_line not in by_line or other not in by_line or other == main_line:
                 continue
@@ -117,7 +117,8 @@ steps; kept on dev every 10 steps like the others)."""
 {RT_TEST} others** (standard error ≈ 1.5 points). Every run: {budget} training forward passes, one ORT thread.
 
 Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head, scored untrained; `start`
-is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `cma` = CMA-ES (edgeft's population search) on
+is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `mezo+refit` = that run's kept adapter with its
+head refitted as a linear probe on the trained body's features (one LP-FT alternation, at the end: one pass); `cma` = CMA-ES (edgeft's population search) on
 the same tensors at the same passes; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
 MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean;
 `OPTIMIZER@LR` = that optimizer with an explicit --lr (the spread of the score over learning rates); `fzoo` = FZOO

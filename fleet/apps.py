@@ -185,7 +185,7 @@ def client_start(settings: FleetSettings, record: dict, state) -> dict:
     step = record["step"]
     if step == "hold":
         head = _held_head({"start_weight": record["weight"], "start_bias": record["bias"]}, state)
-        theta0, _ = start_and_index(bundle, settings.config.seed, None, head)
+        theta0, _ = start_and_index(bundle, settings.config.seed, settings.init_adapter, head)
         return {"client": client, "adapter": digest(theta0)}
     _, encoded = client_data(settings, bundle, client)
     features = _start_features(settings, bundle, client, encoded)
