@@ -20,7 +20,8 @@ label of the training split pooled, dealt to the clients with a Dirichlet 0.3 la
 (``--partition dirichlet:0.3``); 200 examples of the test split are the server's per-round dev score, accuracy
 on 1,000 others (the split bench_learning.py uses). Lines:
 
-  fleet     as above, from the fleet's own start: the class-mean head the devices fit together (fleet/start.py)
+  fleet     as above, from the fleet's own start: the class-mean head the devices fit together (fleet/start.py);
+            also its best round on the dev data (RUN/best-adapter, kept as edgeft train keeps its best step)
   start     that shared start alone (RUN/start of the fleet run), untrained
   probe     what one device holding all the pooled rows starts from: ``edgeft train``'s linear probe (1 pass)
   central   ``edgeft train --optimizer mezo --init-adapter FLEET/start`` on the pooled rows, batch 4, the
@@ -139,6 +140,8 @@ def run(args, files, line: str) -> dict:
         if line == "fleet":
             summary["late_join_bytes"] = late_join_bytes(run_dir / "state.json")
         test = edgeft_json(*evaluate, "--adapter", run_dir / "adapter")
+        if (run_dir / "best-adapter").is_dir():  # the round that scored best on the dev data, as train keeps
+            summary["test_best"] = edgeft_json(*evaluate, "--adapter", run_dir / "best-adapter")
     else:
         summary = edgeft_json("train", args.bundle, "--data", files["train"], "-o", run_dir, "--overwrite", "--optimizer", "mezo",
                               "--output-fit-steps", 0, "--budget", f"{passes}fwd", "--batch-size", 4, "--device", files["profile"],
@@ -181,6 +184,12 @@ def _table(records: list[dict]) -> list[str]:
                  s.get("upload_bytes_per_client_round_max", "–"), s.get("download_bytes_per_client_round_max", "–"),
                  f"{once['upload_bytes_max']} / {once['download_bytes_max']}" if once else "–", f"{r['run_s']:.0f}"]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if s.get("test_best"):
+            kept = s["best"]["round"]
+            best = s["test_best"]
+            cells[0] = f"{r['line']}, best on dev ({'the start' if kept is None else f'round {kept + 1}'})"
+            cells[4] = f"{best['perplexity']:.2f}" if lm else f"{100 * best['accuracy']:.1f}%"
+            rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     for r in records:
         sizes = r["summary"].get("late_join_bytes")
         if sizes:

@@ -370,9 +370,26 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                      f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
     agree = _closing_sync(settings, grid, state, nodes, known, digest(theta), start_fields, holding)
     start = {k: v for k, v in state.start.items() if k not in ("weight", "bias")} if state.start else None
+    best = _keep_best(settings, bundle, theta0, state, index) if settings.eval_data else None
     finish(settings, bundle, theta, lr=next((e["lr"] for e in state.history if e.get("lr")), None),
-           clients_holding_the_adapter=agree, start=start)
+           clients_holding_the_adapter=agree, start=start, best=best)
     return state
+
+
+def _keep_best(settings: FleetSettings, bundle, theta0: np.ndarray, state: FleetState, index: np.ndarray) -> dict:
+    """The shared adapter after the round that scored best on the eval data (or the start, scored here), as
+    ``edgeft train`` keeps its best step: RUN/best-adapter, rebuilt by replaying the history up to that round.
+    RUN/adapter stays the last round's, the one every device holds."""
+    from edgeft.runtime.trainer import rank_key
+
+    run_dir = Path(settings.run_dir)
+    scored = [(None, _evaluate(settings, bundle, theta0))]
+    scored += [(r["round"], r["eval"]) for r in (json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines())
+               if "eval" in r]
+    round_, metrics = max(scored, key=lambda item: rank_key(bundle.task, item[1], held_out=True))  # first of ties
+    adapter = theta0 if round_ is None else replay(theta0, state.history[:round_ + 1], settings.config, index)
+    _save(run_dir / "best-adapter", bundle, adapter)
+    return {"round": round_, "eval": metrics, "start_eval": scored[0][1], "adapter": str(run_dir / "best-adapter")}
 
 
 def _fit_start(settings: FleetSettings, grid, nodes: list[int], bundle) -> tuple[dict, dict[int, bool]]:

@@ -187,6 +187,14 @@ def test_classification_fleet_fits_one_class_mean_head_with_the_devices(bert_bun
     assert np.array_equal(load_adapter(tmp_path / "run" / "adapter", b.layout),
                           replay(theta0, state.history, state.config, index))
     assert summary["upload_bytes_per_client_round_max"] < 1024
+    # RUN/best-adapter: the start or the round that scored best on the eval data, rebuilt by replay
+    from edgeft.runtime.trainer import rank_key
+
+    best, rounds = summary["best"], [json.loads(l) for l in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    scores = [best["start_eval"]] + [r["eval"] for r in rounds]
+    assert rank_key("classification", best["eval"], True) == max(rank_key("classification", m, True) for m in scores)
+    kept = theta0 if best["round"] is None else replay(theta0, state.history[:best["round"] + 1], state.config, index)
+    assert np.array_equal(load_adapter(tmp_path / "run" / "best-adapter", b.layout), kept)
 
 
 def test_speeches_of_a_play():
