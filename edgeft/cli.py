@@ -79,7 +79,7 @@ def export(source, out, task, gguf_file, labels, templates, template_data, verba
         from edgeft.export.compress import quantize_bundle
 
         quantized = out.with_name(f"{out.name}-{quantize}")
-        excluded = quantize_bundle(out, quantized, bits=quantize)
+        excluded = quantize_bundle(out, quantized, bits=quantize, log=lambda m: click.echo(m, err=True))
         click.echo(f"{quantize} bundle written to {quantized} ({excluded} adapter nodes kept fp32)")
 
 

@@ -76,7 +76,7 @@ def compress(bundle, out, params_ratio, energy, calibrate, quantize, trained_ran
     if params_ratio is None and energy is None:
         if not quantize:
             raise EdgeftError("compress needs --params-ratio, --energy or --quantize")
-        excluded = quantize_bundle(bundle, out, bits=quantize)
+        excluded = quantize_bundle(bundle, out, bits=quantize, log=lambda m: click.echo(m, err=True))
         click.echo(json.dumps({"excluded": excluded, "bundle": str(out)}) if as_json
                    else f"{quantize} bundle written to {out} ({excluded} adapter nodes kept fp32)")
         return

@@ -55,9 +55,10 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
             "linear_params_after": after, "kept": after / before if before else 1.0}
 
 
-def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None, bits: str = "int8") -> int:
+def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None, bits: str = "int8", log=None) -> int:
     """Copy ``bundle`` to ``out`` with int8 (or int4) MatMul weights; adapter inputs and the loss stay fp32.
-    ``keep_fp32``: see :func:`quantize_int8` (None: the architecture's default). Returns the adapter nodes kept."""
+    ``keep_fp32``: see :func:`quantize_int8` (None: the architecture's default); ``log``: int4's report of the
+    weights it converted without rounding. Returns the adapter nodes kept."""
     if bits not in QUANTIZERS:
         raise EdgeftError(f"unknown --quantize {bits!r} ({', '.join(QUANTIZERS)})")
     bundle, out = Path(bundle), Path(out)
@@ -66,7 +67,8 @@ def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None,
         raise EdgeftError(f"{out}: already exists and is not empty (choose another -o)")
 
     def write(tmp: Path) -> dict:
-        excluded = QUANTIZERS[bits](bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32)
+        excluded = QUANTIZERS[bits](bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32,
+                                    **({"log": log} if bits == "int4" else {}))
         _derived_manifest(bundle, manifest, tmp)
         return {"excluded": len(excluded)}
 

@@ -131,7 +131,7 @@ INT4_BLOCK = 16
 
 
 def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: int = INT4_BLOCK,
-                  keep_fp32: list[str] | None = None, architecture: str | None = None) -> list[str]:
+                  keep_fp32: list[str] | None = None, architecture: str | None = None, log=None) -> list[str]:
     """Weight-only int4 of ``src``'s frozen MatMuls into ``dst`` (the same exclusions as int8); returns the
     adapter nodes excluded."""
     import logging
@@ -139,10 +139,17 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+    from .exact_int4 import convert_exact_int4
+
     model = load_model(src)
     if keep_fp32 is None:
         keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
     adapters = adapter_nodes(model, manifest) if manifest is not None else []
+    # weights already on a 4-bit grid (a GGUF's Q4_0/Q4_1 layers) convert losslessly, down projections too;
+    # the rest is rounded by ONNX Runtime's quantiser
+    exact = convert_exact_int4(model, set(adapters))
+    if log is not None:
+        log(f"int4: {len(exact)} frozen MatMuls were already on a 4-bit grid and converted without rounding")
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=adapters + list(keep_fp32), op_types_to_quantize=("MatMul",))
     quantizer.process()

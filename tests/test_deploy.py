@@ -347,3 +347,94 @@ def test_adapter_files_under_ort_genai_and_olive_names(llama_lm_bundle, bert_bun
         result = runner.invoke(main, ["deploy", *args, "-o", str(tmp_path / "refused")])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "refused").exists()
+
+
+def _on_q4_grid(weight: np.ndarray, kind: str = "q4_1") -> np.ndarray:
+    """[out, in] weights snapped to GGUF's Q4_1 (or Q4_0) grid per block of 32 inputs, d and m in fp16 as GGUF
+    stores them, dequantised in fp32 as GGUF readers do."""
+    out, k = weight.shape
+    blocks = weight.reshape(out, k // 32, 32).astype(np.float32)
+    if kind == "q4_1":
+        m = blocks.min(-1).astype(np.float16).astype(np.float32)
+        d = ((blocks.max(-1) - m) / 15).astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint((blocks - m[..., None]) / d[..., None]), 0, 15)
+        return (d[..., None] * q + m[..., None]).astype(np.float32).reshape(out, k)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    d = (extreme / -8).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(blocks / d[..., None] + 8), 0, 15)
+    return (d[..., None] * (q - 8)).astype(np.float32).reshape(out, k)
+
+
+def test_weights_on_a_gguf_4bit_grid_convert_to_int4_without_rounding(tmp_path):
+    """Q4_1 and Q4_0 blocks (fp16 scales, fp32 dequantisation) are recovered exactly; weights off a grid are
+    left to the quantiser; the converted MatMulNBits graph equals the fp32 MatMul at two input shapes."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeft.export.exact_int4 import convert_exact_int4, grid_of
+
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((48, 96)).astype(np.float32)  # [out, in]
+    for kind in ("q4_1", "q4_0"):
+        w = _on_q4_grid(raw, kind)
+        w[0, :32] = 0.25  # a constant block
+        packed, scales, zero_points = grid_of(w.T)
+        q = np.stack([packed & 15, packed >> 4], -1).reshape(48, 3, 32).astype(np.float32)
+        back = (q - zero_points.reshape(48, 3, 1)) * scales.reshape(48, 3, 1)
+        assert np.abs(back.reshape(48, 96) - w).max() <= 1e-6 * np.abs(w).max()
+    assert grid_of(raw.T) is None and grid_of(_on_q4_grid(raw)[:, :80].T) is None  # off the grid; 80 inputs: no blocks
+    nearly = _on_q4_grid(raw)
+    nearly[5, 7] += 1e-3  # one value off its grid: the weight stays for the quantiser
+    assert grid_of(nearly.T) is None
+
+    weight = _on_q4_grid(raw)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")], "g", [x], [y],
+                              [numpy_helper.from_array(weight.T.copy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert convert_exact_int4(model, exclude=set()) == ["linear"]
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"] and not any(t.name == "w" for t in model.graph.initializer)
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    for shape in ((2, 96), (3, 5, 96)):
+        xs = rng.standard_normal(shape).astype(np.float32)
+        assert np.abs(session.run(["y"], {"x": xs})[0] - xs @ weight.T).max() < 1e-4
+
+
+def test_int4_of_a_gguf_style_model_is_lossless(llama_folder, export_bundle_for, tmp_path):
+    """A Llama whose linear weights lie on GGUF's Q4_1 grid (as a Q4_1 GGUF dequantises): compress --quantize int4
+    converts every frozen linear layer, down projections too, and the logits equal the fp32 bundle's."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeft.export.bundle import random_adapters, sample_batch
+    from edgeft.manifest import Manifest
+    from edgeft.runtime import Bundle
+
+    model = AutoModelForCausalLM.from_pretrained(llama_folder)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.copy_(torch.from_numpy(_on_q4_grid(module.weight.numpy())))
+    folder = tmp_path / "q4-llama"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(llama_folder).save_pretrained(folder)
+    bundle = export_bundle_for("q4-llama-lm", folder, task="causal-lm")
+    out = tmp_path / "b4"
+    result = CliRunner().invoke(main, ["compress", str(bundle), "-o", str(out), "--quantize", "int4"])
+    assert result.exit_code == 0, result.output
+    linear = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n != "lm_head")
+    assert f"int4: {linear} frozen MatMuls were already on a 4-bit grid" in result.output
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == linear
+    fp32, int4 = Bundle(bundle), Bundle(out)
+    manifest = Manifest.load(bundle)
+    vector = fp32.layout.flatten(random_adapters(manifest, seed=1))
+    for batch, seq in ((2, 7), (3, 13)):
+        feeds = sample_batch(manifest, 60, batch, seq, seed=seq)
+        want, got = fp32.run(feeds, vector, ["logits"])[0], int4.run(feeds, vector, ["logits"])[0]
+        assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
