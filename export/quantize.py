@@ -147,11 +147,12 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
     adapters = adapter_nodes(model, manifest) if manifest is not None else []
     # weights already on a 4-bit grid (a GGUF's Q4_0/Q4_1 layers) convert losslessly, down projections too;
     # the rest is rounded by ONNX Runtime's quantiser
-    exact = convert_exact_int4(model, set(adapters))
+    exact, offset_branches = convert_exact_int4(model, set(adapters))
     if log is not None:
         log(f"int4: {len(exact)} frozen MatMuls were already on a 4-bit grid and converted without rounding")
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     nodes_to_exclude=adapters + list(keep_fp32), op_types_to_quantize=("MatMul",))
+                                     nodes_to_exclude=adapters + list(keep_fp32) + offset_branches,
+                                     op_types_to_quantize=("MatMul",))
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=large(src))
     return adapters

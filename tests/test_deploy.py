@@ -379,10 +379,11 @@ def test_weights_on_a_gguf_4bit_grid_convert_to_int4_without_rounding(tmp_path):
     for kind in ("q4_1", "q4_0"):
         w = _on_q4_grid(raw, kind)
         w[0, :32] = 0.25  # a constant block
-        packed, scales, zero_points = grid_of(w.T)
+        packed, scales, offsets = grid_of(w.T)
         q = np.stack([packed & 15, packed >> 4], -1).reshape(48, 3, 32).astype(np.float32)
-        back = (q - zero_points.reshape(48, 3, 1)) * scales.reshape(48, 3, 1)
+        back = (q - 8) * scales.reshape(48, 3, 1) + offsets.T[..., None]
         assert np.abs(back.reshape(48, 96) - w).max() <= 1e-6 * np.abs(w).max()
+        assert kind == "q4_1" or not np.any(offsets[:, 1:])  # Q4_0 is symmetric: no offsets (but the constant block)
     assert grid_of(raw.T) is None and grid_of(_on_q4_grid(raw)[:, :80].T) is None  # off the grid; 80 inputs: no blocks
     nearly = _on_q4_grid(raw)
     nearly[5, 7] += 1e-3  # one value off its grid: the weight stays for the quantiser
@@ -395,8 +396,9 @@ def test_weights_on_a_gguf_4bit_grid_convert_to_int4_without_rounding(tmp_path):
                               [numpy_helper.from_array(weight.T.copy(), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    assert convert_exact_int4(model, exclude=set()) == ["linear"]
-    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"] and not any(t.name == "w" for t in model.graph.initializer)
+    assert convert_exact_int4(model, exclude=set()) == (["linear"], ["linear/block_sums", "linear/offsets"])
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
+    assert not any(t.name == "w" for t in model.graph.initializer)
     onnx.save(model, str(tmp_path / "q.onnx"))
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     for shape in ((2, 96), (3, 5, 96)):
