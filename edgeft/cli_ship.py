@@ -42,7 +42,8 @@ def deploy(bundle, adapter, out, merge, quantize, fmt, also_for):
 @click.option("--energy", type=float, help="LoRD: fraction of spectral energy to keep per layer.")
 @click.option("--calibrate", type=click.Path(path_type=Path), help="Activation-aware LoRD on this data's activations.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
-              help="int8 (dynamic) or int4 (weight-only, MatMulNBits) frozen weights; adapters fp32 and trainable.")
+              help="int8 (dynamic) or int4 (weight-only, MatMulNBits; weights already on a 4-bit grid, as a Q4_0/Q4_1 "
+                   "GGUF's, convert without rounding) frozen weights; adapters fp32 and trainable.")
 @click.option("--trained-rank", is_flag=True, help="TRP: train on --data between low-rank cuts, so the ranks are chosen "
                                                    "while the bundle trains (needs --data; --energy default 0.9).")
 @click.option("--data", type=click.Path(path_type=Path), help="--trained-rank: training data (as for edgeft train).")
