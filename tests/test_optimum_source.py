@@ -7,6 +7,7 @@ runs edgeft export → train → eval on the result here. Marked slow: it instal
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,14 +23,17 @@ OPTIMUM = ("optimum-onnx==0.1.0", "torch==2.13.0")
 def optimum_export(tmp_path_factory):
     from edgeft import assets
 
+    # the venv's own packages must win: a PYTHONPATH left by an earlier test (Ray sets one) would put this
+    # environment's transformers 5 ahead of the venv's 4.57
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     work = tmp_path_factory.mktemp("optimum")
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *OPTIMUM], capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, env=env)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *OPTIMUM], capture_output=True, text=True, env=env)
     assert install.returncode == 0, install.stderr[-2000:]
     out = work / "minilm-onnx"
     result = subprocess.run([str(venv / "bin" / "optimum-cli"), "export", "onnx", "--model", str(assets.minilm_folder()),
-                             "--task", "feature-extraction", str(out)], capture_output=True, text=True)
+                             "--task", "feature-extraction", str(out)], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and (out / "model.onnx").is_file(), result.stderr[-2000:]
     return out
 
