@@ -110,7 +110,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     table += [f"| {r['graph']} | {r['bytes'] / 1e6:.1f} | {r['x_fp32']:.2f} | {r['agreement']:.1%} | {r['pool_agreement']:.1%} | "
               f"{r['accuracy']:.1%} | {r['ms_per_text']:.2f} |" for r in rows]
-    text = (f"# int8 deploy of MiniLM: what stays fp32 (issue 14 §2)\n\n" + __doc__.split("\n\n", 2)[2] +
+    text = ("# int8 deploy of MiniLM: what stays fp32 (issue 14 §2)\n\n" + __doc__.split("\n\n", 2)[2] +
             "\n" + "\n".join(table) + "\n")
     (DOCS / "INT8-TABLES.md").write_text(text)
     print(text)
