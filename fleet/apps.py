@@ -23,9 +23,10 @@ import numpy as np
 
 from . import directions
 from .protocol import FleetConfig, FleetState, Upload, aggregate, apply_round, check_upload, digest, replay, round_lr
-from .start import HEAD_ROLES, needs_start
+from .results import ROUNDS_FILE, STATE_FILE, evaluate_adapter, finish, keep_best, write_adapter
+from .start import needs_start
+from .start_exchange import client_start, fit_start, head_tensors, held_head
 
-STATE_FILE, ROUNDS_FILE, SUMMARY_FILE = "state.json", "rounds.jsonl", "summary.json"
 OWN_DATA = "own"  # the partition of a deployed device: the whole data file it was started with
 
 
@@ -73,30 +74,12 @@ def start_and_index(bundle, seed: int, init_adapter: Path | None, head=None) -> 
         theta = load_adapter(init_adapter, bundle.layout, base=theta)
     if head is not None:
         named = bundle.layout.unflatten(theta)
-        for tensor, values in zip(_head_tensors(bundle), head):
+        for tensor, values in zip(head_tensors(bundle), head):
             named[tensor.name][...] = np.asarray(values, dtype=np.float32).reshape(tensor.shape)
     names = set(searched_tensors(bundle.layout, bundle.manifest))
     index = np.concatenate([np.arange(bundle.layout.slice_of(t.name).start, bundle.layout.slice_of(t.name).stop)
                             for t in bundle.layout.tensors if t.name in names])
     return theta, index
-
-
-def _head_tensors(bundle):
-    by_role = {t.role: t for t in bundle.layout.tensors}
-    return [by_role[role] for role in HEAD_ROLES]
-
-
-def _held_head(record: dict, state):
-    """The shared head a device holds: from this message (a device that lacked it) or its own state."""
-    from flwr.app import Array, ArrayRecord
-
-    if "start_weight" in record:
-        head = (np.asarray(record["start_weight"], dtype=np.float32), np.asarray(record["start_bias"], dtype=np.float32))
-        state["edgeft-start"] = ArrayRecord({"weight": Array(head[0]), "bias": Array(head[1])})
-        return head
-    if "edgeft-start" in state:
-        return state["edgeft-start"]["weight"].numpy(), state["edgeft-start"]["bias"].numpy()
-    return None
 
 
 def selected(config: FleetConfig, round_: int, client: int, clients: int) -> bool:
@@ -149,7 +132,7 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     bundle = _bundle(settings.bundle)
     head = None
     if needs_start(bundle, settings.init_adapter):
-        head = _held_head(record, state)
+        head = held_head(record, state)
         if head is None:  # restarted without its state: the server sends the head with the next message
             return Upload([], [], 1, known_round=0).to_record() | {"client": client, "skipped": True, "has_start": False}
     theta0, index = start_and_index(bundle, config.seed, settings.init_adapter, head)
@@ -174,41 +157,6 @@ def client_train(settings: FleetSettings, record, state) -> dict:
     upload, _ = local_round(bundle, encoded, theta, config, round_, client, index)
     upload.known_round = known
     return upload.to_record() | {"client": client, "skipped": False, "has_start": True}
-
-
-def client_start(settings: FleetSettings, record: dict, state) -> dict:
-    """A device's part in fitting the shared head (fleet/start.py): its class sums, its losses per
-    temperature, then keeping the head."""
-    from .start import class_sums, temperature_losses
-
-    bundle, client = _bundle(settings.bundle), int(record["client"])
-    step = record["step"]
-    if step == "hold":
-        head = _held_head({"start_weight": record["weight"], "start_bias": record["bias"]}, state)
-        theta0, _ = start_and_index(bundle, settings.config.seed, settings.init_adapter, head)
-        return {"client": client, "adapter": digest(theta0)}
-    _, encoded = client_data(settings, bundle, client)
-    features = _start_features(settings, bundle, client, encoded)
-    if step == "sums":
-        return {"client": client, **class_sums(features, encoded.labels, len(bundle.labels))}
-    if step == "losses":
-        means = np.asarray(record["means"], dtype=np.float64).reshape(len(bundle.labels), -1)
-        return {"client": client, "examples": len(encoded),
-                "losses": temperature_losses(features, encoded.labels, means, record["taus"])}
-    raise ValueError(f"unknown start step {step!r}")
-
-
-_FEATURES: dict[tuple, np.ndarray] = {}  # a device's pooled features at the start, computed once per process
-
-
-def _start_features(settings: FleetSettings, bundle, client: int, encoded) -> np.ndarray:
-    from edgeft.runtime.evaluate import pooled_features
-
-    key = (str(Path(settings.bundle).resolve()), str(Path(settings.data).resolve()), settings.partition,
-           settings.clients, settings.config.seed, client)
-    if key not in _FEATURES:
-        _FEATURES[key] = pooled_features(bundle, bundle.layout.initial(settings.config.seed), encoded, 32)
-    return _FEATURES[key]
 
 
 _ENCODED: dict[tuple, object] = {}  # a device's rows, read and tokenised once per process (not every round)
@@ -236,32 +184,39 @@ def _read_rows(settings: FleetSettings, bundle, client: int):
     return data, bundle.encode(data.texts, data.labels)
 
 
+def answer(msg, context, handle: Callable[[dict], dict]):
+    """A ClientApp's reply to a "fleet" (train) or "start" (query) message: its record, with this device's
+    partition id as ``client``, through ``handle``; the reply record is "upload" or "answer"."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    name = "fleet" if "fleet" in msg.content else "start"
+    record = dict(msg.content[name])
+    record["client"] = int(context.node_config.get("partition-id", record.get("client", 0)))
+    reply = handle(record)
+    return Message(content=RecordDict({"upload" if name == "fleet" else "answer": ConfigRecord(reply)}), reply_to=msg)
+
+
 def make_client_app(settings: FleetSettings, tamper: Callable[[int, dict], dict] | None = None,
                     tamper_start: Callable[[int, str, dict], dict] | None = None):
     """The ClientApp. ``tamper`` and ``tamper_start`` (tests only) rewrite a client's upload in a round or in
     fitting the start: a poisoned device."""
-    from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
 
     @app.train()
-    def train(msg: Message, context) -> Message:
-        record = dict(msg.content["fleet"])
-        record["client"] = int(context.node_config.get("partition-id", record.get("client", 0)))
-        reply = client_train(settings, record, context.state)
-        if tamper is not None:
-            reply = tamper(record["client"], reply)
-        return Message(content=RecordDict({"upload": ConfigRecord(reply)}), reply_to=msg)
+    def train(msg, context):
+        def handle(record):
+            reply = client_train(settings, record, context.state)
+            return tamper(record["client"], reply) if tamper is not None else reply
+        return answer(msg, context, handle)
 
     @app.query()
-    def query(msg: Message, context) -> Message:
-        record = dict(msg.content["start"])
-        record["client"] = int(context.node_config.get("partition-id", record.get("client", 0)))
-        reply = client_start(settings, record, context.state)
-        if tamper_start is not None:
-            reply = tamper_start(record["client"], record["step"], reply)
-        return Message(content=RecordDict({"answer": ConfigRecord(reply)}), reply_to=msg)
+    def query(msg, context):
+        def handle(record):
+            reply = client_start(settings, record, context.state)
+            return tamper_start(record["client"], record["step"], reply) if tamper_start is not None else reply
+        return answer(msg, context, handle)
 
     return app
 
@@ -306,13 +261,13 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
     head, start_fields, holding = None, None, {}  # holding: node → whether it holds the shared head
     if needs_start(bundle, settings.init_adapter):
         if state.start is None:
-            state.start, holding = _fit_start(settings, grid, nodes, bundle)
+            state.start, holding = fit_start(settings, grid, nodes, bundle)
             state.save(state_path)
         head = (state.start["weight"], state.start["bias"])
         start_fields = {"start_weight": state.start["weight"], "start_bias": state.start["bias"]}
     theta0, index = start_and_index(bundle, config.seed, settings.init_adapter, head)
     if head is not None and not (run_dir / "start").exists():
-        _save(run_dir / "start", bundle, theta0)  # the shared start alone: central baselines take it as --init-adapter
+        write_adapter(run_dir / "start", bundle, theta0)  # the shared start alone: central baselines take it as --init-adapter
     theta = replay(theta0, state.history, config, index)  # the shared adapter (kept up round by round)
     seeds = directions.pool(config.seed, config.pool_size)
     while state.round < settings.rounds:
@@ -362,7 +317,7 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                 "download_bytes_max": max(down.values(), default=0), "client_forward_passes": passes,
                 "train_loss": float(np.nanmean(losses)) if losses else None}
         if settings.eval_data and ((r + 1) % settings.eval_every == 0 or r + 1 == settings.rounds):
-            line["eval"] = _evaluate(settings, bundle, theta)
+            line["eval"] = evaluate_adapter(settings, bundle, theta)
         with open(run_dir / ROUNDS_FILE, "a") as handle:  # the log first: a kill before the save redoes the round
             handle.write(json.dumps(line, sort_keys=True) + "\n")
         state.save(state_path)
@@ -370,87 +325,10 @@ def run_server(settings: FleetSettings, grid) -> FleetState:
                      f"down ≤ {line['download_bytes_max']} B" + (f", eval {line['eval']}" if "eval" in line else ""))
     agree = _closing_sync(settings, grid, state, nodes, known, digest(theta), start_fields, holding)
     start = {k: v for k, v in state.start.items() if k not in ("weight", "bias")} if state.start else None
-    best = _keep_best(settings, bundle, theta0, state, index) if settings.eval_data else None
+    best = keep_best(settings, bundle, theta0, state, index) if settings.eval_data else None
     finish(settings, bundle, theta, lr=next((e["lr"] for e in state.history if e.get("lr")), None),
            clients_holding_the_adapter=agree, start=start, best=best)
     return state
-
-
-def _keep_best(settings: FleetSettings, bundle, theta0: np.ndarray, state: FleetState, index: np.ndarray) -> dict:
-    """The shared adapter after the round that scored best on the eval data (or the start, scored here), as
-    ``edgeft train`` keeps its best step: RUN/best-adapter, rebuilt by replaying the history up to that round.
-    RUN/adapter stays the last round's, the one every device holds."""
-    from edgeft.runtime.trainer import rank_key
-
-    run_dir = Path(settings.run_dir)
-    scored = [(None, _evaluate(settings, bundle, theta0))]
-    scored += [(r["round"], r["eval"]) for r in (json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines())
-               if "eval" in r]
-    round_, metrics = max(scored, key=lambda item: rank_key(bundle.task, item[1], held_out=True))  # first of ties
-    adapter = theta0 if round_ is None else replay(theta0, state.history[:round_ + 1], settings.config, index)
-    _save(run_dir / "best-adapter", bundle, adapter)
-    return {"round": round_, "eval": metrics, "start_eval": scored[0][1], "adapter": str(run_dir / "best-adapter")}
-
-
-def _fit_start(settings: FleetSettings, grid, nodes: list[int], bundle) -> tuple[dict, dict[int, bool]]:
-    """Fit the shared class-mean head with the devices (fleet/start.py's three exchanges). Returns the
-    start (head, temperature, what it cost on the wire) and which nodes hold it."""
-    from .start import TEMPERATURES, check_losses, check_sums, combine_means, head_from_means, pick_temperature
-
-    weight_tensor = _head_tensors(bundle)[0]
-    labels, dim = weight_tensor.shape
-    rejected, up, down = [], {}, {}
-
-    def ask(step: str, fields: dict) -> list[tuple[int, dict]]:
-        from flwr.app import ConfigRecord, Message, RecordDict
-
-        messages = []
-        for node in nodes:
-            record = {"step": step, "node": int(node), **fields}
-            down[node] = down.get(node, 0) + wire_bytes(record)
-            messages.append(Message(content=RecordDict({"start": ConfigRecord(record)}), dst_node_id=node,
-                                    message_type="query", group_id=f"start-{step}"))
-        replies = []
-        for reply in grid.send_and_receive(messages):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                rejected.append({"step": step, "node": node, "reason": f"client error: {reply.error.reason}"})
-                continue
-            raw = dict(reply.content["answer"])
-            up[node] = max(up.get(node, 0), wire_bytes(raw))
-            replies.append((node, raw))
-        return sorted(replies, key=lambda nr: nr[0])  # a fixed order: the same sums on every run
-
-    def accepted(step: str, replies, check) -> list:
-        kept = []
-        for node, raw in replies:
-            try:
-                kept.append(check(raw))
-            except (ValueError, KeyError, TypeError) as err:
-                rejected.append({"step": step, "node": node, "reason": str(err)})
-                settings.log(f"start ({step}): rejected an upload from node {node}: {err}")
-        if not kept:
-            raise RuntimeError(f"fleet start: no device sent a usable {step} upload ({rejected[-1]['reason'] if rejected else 'no replies'})")
-        return kept
-
-    sums = accepted("sums", ask("sums", {}), lambda raw: check_sums(raw, labels, dim, settings.config.reject_above))
-    means, counts = combine_means(sums, labels, dim, settings.log)
-    losses = accepted("losses", ask("losses", {"means": means.ravel().tolist(), "taus": list(TEMPERATURES)}),
-                      lambda raw: check_losses(raw, len(TEMPERATURES)))
-    tau = pick_temperature(losses, TEMPERATURES)
-    weight, bias = head_from_means(means, tau)
-    head = {"weight": [float(v) for v in weight.ravel()], "bias": [float(v) for v in bias]}
-    shared = digest(start_and_index(bundle, settings.config.seed, None, (weight, bias))[0])
-    holding = {}
-    for node, raw in ask("hold", head):
-        holding[node] = raw.get("adapter") == shared
-        if not holding[node]:
-            settings.log(f"start: node {node} holds another start ({raw.get('adapter')} != {shared})")
-    settings.log(f"start: class-mean head from {int(counts.sum())} examples on {len(sums)} devices "
-                 f"({int((counts > 0).sum())} of {labels} labels held), temperature {tau:g}")
-    return {**head, "temperature": tau, "examples": int(counts.sum()), "labels_held": int((counts > 0).sum()),
-            "devices": len(sums), "rejected": rejected, "upload_bytes_max": max(up.values(), default=0),
-            "download_bytes_max": max(down.values(), default=0)}, holding
 
 
 def _drop_unsaved_rounds(log: Path, saved: int) -> None:
@@ -493,63 +371,3 @@ def _closing_sync(settings: FleetSettings, grid, state: FleetState, nodes: list[
         else:
             settings.log(f"closing sync: node {reply.metadata.src_node_id} holds another adapter ({held} != {shared})")
     return agree
-
-
-def finish(settings: FleetSettings, bundle, theta: np.ndarray, **method: object) -> dict:
-    """The run folder's results: RUN/adapter (PEFT, as edgeft train writes), curve.png, summary.json (from
-    rounds.jsonl, plus the ``method``'s own keys)."""
-    run_dir = Path(settings.run_dir)
-    _save(run_dir / "adapter", bundle, theta)
-    rounds = [json.loads(line) for line in (run_dir / ROUNDS_FILE).read_text().splitlines()]
-    plot = _plot(rounds, run_dir / "curve.png")
-    summary = {"rounds": len(rounds), "clients": settings.clients, "partition": settings.partition,
-               "upload_bytes_per_client_round_max": max(r["upload_bytes_max"] for r in rounds),
-               "download_bytes_per_client_round_max": max(r["download_bytes_max"] for r in rounds),
-               "forward_passes": sum(r["client_forward_passes"] for r in rounds),
-               "rejected_uploads": sum(len(r["rejected"]) for r in rounds),
-               "eval": next((r["eval"] for r in reversed(rounds) if "eval" in r), None),
-               "adapter": str(run_dir / "adapter"), "plot": str(plot) if plot else None, **method}
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
-
-
-def _save(folder: Path, bundle, theta: np.ndarray) -> None:
-    from edgeft.adapters import save_adapter
-
-    save_adapter(folder, bundle.layout, theta, bundle.manifest.peft_base.get("source", ""),
-                 "CAUSAL_LM" if bundle.task == "causal-lm" else None)
-
-
-def _evaluate(settings: FleetSettings, bundle, theta: np.ndarray) -> dict:
-    from edgeft.data import load_dataset
-    from edgeft.runtime import evaluate
-
-    data = load_dataset(settings.eval_data, bundle.labels, settings.text_field, settings.label_field)
-    if settings.eval_limit and len(data) > settings.eval_limit:
-        data = data.subset(np.arange(settings.eval_limit))
-    metrics = evaluate(bundle, theta, bundle.encode(data.texts, data.labels), batch_size=8)
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def _plot(rounds: list[dict], path: Path) -> Path | None:
-    evaluated = [r for r in rounds if "eval" in r]
-    if not evaluated:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = "perplexity" if "perplexity" in evaluated[0]["eval"] else "accuracy"
-    sent = np.cumsum([r["upload_bytes_max"] * r["accepted"] + r["download_bytes_max"] * r["clients"] for r in rounds])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
-    left.plot([r["round"] + 1 for r in evaluated], [r["eval"][key] for r in evaluated], marker="o")
-    left.set_xlabel("round")
-    right.plot([sent[r["round"]] / 1024 for r in evaluated], [r["eval"][key] for r in evaluated], marker="o")
-    right.set_xlabel("KB on the wire (all clients, up + down)")
-    for ax in (left, right):
-        ax.set_ylabel(key)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

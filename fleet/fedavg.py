@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .apps import ROUNDS_FILE, FleetSettings, _bundle, _evaluate, client_data, finish, start_and_index
+from .apps import FleetSettings, _bundle, client_data, start_and_index
+from .results import ROUNDS_FILE, evaluate_adapter, finish
 from .client import local_round
 
 
@@ -61,7 +62,7 @@ def make_fedavg_apps(settings: FleetSettings):
                     "rejected": [], "upload_bytes_max": size, "download_bytes_max": size,
                     "client_forward_passes": settings.clients * settings.config.local_steps * 2}
             if settings.eval_data:
-                line["eval"] = _evaluate(settings, bundle, arrays["theta"].numpy().astype(np.float32))
+                line["eval"] = evaluate_adapter(settings, bundle, arrays["theta"].numpy().astype(np.float32))
             with open(run_dir / ROUNDS_FILE, "a") as handle:
                 handle.write(json.dumps(line, sort_keys=True) + "\n")
             settings.log(f"fedavg round {server_round - 1}: up and down {size} B per client"

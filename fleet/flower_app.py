@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from .apps import OWN_DATA, FleetSettings, client_start, client_train, run_server
+from .apps import OWN_DATA, FleetSettings, answer, client_start, client_train, run_server
 from .protocol import FleetConfig
 
 # run-config key → FleetConfig field (Flower config values are flat: str, int, float, bool)
@@ -48,19 +48,13 @@ def _server(grid, context) -> None:
 @client_app.train()
 def _train(msg: Message, context) -> Message:
     settings = settings_from(dict(context.run_config), dict(context.node_config))
-    record = dict(msg.content["fleet"])
-    record["client"] = int(context.node_config.get("partition-id", 0))
-    reply = client_train(settings, record, context.state)
-    return Message(content=RecordDict({"upload": ConfigRecord(reply)}), reply_to=msg)
+    return answer(msg, context, lambda record: client_train(settings, record, context.state))
 
 
 @client_app.query()
 def _start(msg: Message, context) -> Message:
     settings = settings_from(dict(context.run_config), dict(context.node_config))
-    record = dict(msg.content["start"])
-    record["client"] = int(context.node_config.get("partition-id", 0))
-    reply = client_start(settings, record, context.state)
-    return Message(content=RecordDict({"answer": ConfigRecord(reply)}), reply_to=msg)
+    return answer(msg, context, lambda record: client_start(settings, record, context.state))
 
 
 APP_PYPROJECT = """[build-system]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from edgeft.errors import EdgeftError
 
-from .apps import STATE_FILE, SUMMARY_FILE, FleetSettings, _bundle, make_client_app, make_server_app
+from .apps import FleetSettings, _bundle, make_client_app, make_server_app
+from .results import STATE_FILE, SUMMARY_FILE
 from .protocol import FleetState
 
 
