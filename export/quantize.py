@@ -140,6 +140,7 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
     from .exact_int4 import convert_exact_int4
+    from .exact_tables import convert_tied_tables
 
     model = load_model(src)
     if keep_fp32 is None:
@@ -148,8 +149,10 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
     # weights already on a 4-bit grid (a GGUF's Q4_0/Q4_1 layers) convert losslessly, down projections too;
     # the rest is rounded by ONNX Runtime's quantiser
     exact, offset_branches = convert_exact_int4(model, set(adapters))
+    tables = convert_tied_tables(model)  # a GGUF's Q8_0 embedding (tied to the LM head): bytes, read by both
     if log is not None:
-        log(f"int4: {len(exact)} frozen MatMuls were already on a 4-bit grid and converted without rounding")
+        log(f"int4: {len(exact)} frozen MatMuls were already on a 4-bit grid and converted without rounding"
+            + (f"; {len(tables)} embedding table{'s' * (len(tables) > 1)} on an 8-bit grid stored as bytes" if tables else ""))
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=adapters + list(keep_fp32) + offset_branches,
                                      op_types_to_quantize=("MatMul",))

@@ -406,9 +406,34 @@ def test_weights_on_a_gguf_4bit_grid_convert_to_int4_without_rounding(tmp_path):
         assert np.abs(session.run(["y"], {"x": xs})[0] - xs @ weight.T).max() < 1e-4
 
 
+def _on_q8_grid(table: np.ndarray) -> np.ndarray:
+    """[rows, K] values snapped to GGUF's Q8_0 grid per block of 32 along K (fp16 scale), dequantised in fp32."""
+    rows, k = table.shape
+    blocks = table.reshape(rows, k // 32, 32).astype(np.float32)
+    d = (np.abs(blocks).max(-1) / 127).astype(np.float16).astype(np.float32)
+    d = np.where(d > 0, d, 1.0)  # an all-zero block (the padding token's row) stays zero
+    return (np.rint(blocks / d[..., None]) * d[..., None]).astype(np.float32).reshape(rows, k)
+
+
+def test_tables_on_a_q8_grid_are_recovered_exactly():
+    from edgeft.export.exact_tables import q8_grid
+
+    raw = np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32)
+    table = _on_q8_grid(raw)
+    table[3, 32:] = 0.0  # an all-zero block
+    data, scales = q8_grid(table)
+    assert data.dtype == np.uint8 and scales.shape == (40, 2)
+    back = ((data.astype(np.float32) - 128).reshape(40, 2, 32) * scales[..., None]).reshape(40, 64)
+    assert np.array_equal(back, table)
+    nearly = table.copy()
+    nearly[7, 9] += 1e-3  # one value off its grid
+    assert q8_grid(raw) is None and q8_grid(nearly) is None and q8_grid(table[:, :48]) is None  # 48: no whole blocks
+
+
 def test_int4_of_a_gguf_style_model_is_lossless(llama_folder, export_bundle_for, tmp_path):
-    """A Llama whose linear weights lie on GGUF's Q4_1 grid (as a Q4_1 GGUF dequantises): compress --quantize int4
-    converts every frozen linear layer, down projections too, and the logits equal the fp32 bundle's."""
+    """A Llama whose linear weights lie on GGUF's Q4_1 grid and whose tied embedding lies on its Q8_0 grid (as
+    such a GGUF dequantises): compress --quantize int4 converts every frozen linear layer, down projections too,
+    stores the table once as bytes for both the lookup and the LM head, and the logits equal the fp32 bundle's."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -422,6 +447,8 @@ def test_int4_of_a_gguf_style_model_is_lossless(llama_folder, export_bundle_for,
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 module.weight.copy_(torch.from_numpy(_on_q4_grid(module.weight.numpy())))
+        embedding = model.get_input_embeddings().weight
+        embedding.copy_(torch.from_numpy(_on_q8_grid(embedding.numpy())))  # tied: the LM head's weight too
     folder = tmp_path / "q4-llama"
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(llama_folder).save_pretrained(folder)
@@ -431,8 +458,14 @@ def test_int4_of_a_gguf_style_model_is_lossless(llama_folder, export_bundle_for,
     assert result.exit_code == 0, result.output
     linear = sum(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n != "lm_head")
     assert f"int4: {linear} frozen MatMuls were already on a 4-bit grid" in result.output
+    assert "1 embedding table on an 8-bit grid stored as bytes" in result.output
     graph = onnx.load(str(out / "model.onnx")).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == linear
+    vocab, hidden = embedding.shape
+    # one uint8 table, read by the lookup and the head's dequantisation; no fp32 copy of it is left
+    assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 2
+    assert [list(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8 and list(t.dims) == [vocab, hidden]] == [[vocab, hidden]]
+    assert not any(sorted(t.dims) == sorted([vocab, hidden]) and t.data_type == onnx.TensorProto.FLOAT for t in graph.initializer)
     fp32, int4 = Bundle(bundle), Bundle(out)
     manifest = Manifest.load(bundle)
     vector = fp32.layout.flatten(random_adapters(manifest, seed=1))
