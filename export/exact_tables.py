@@ -50,12 +50,13 @@ def _readers(model: onnx.ModelProto) -> dict[str, list]:
     return readers
 
 
-def convert_tied_tables(model: onnx.ModelProto) -> list[str]:
+def convert_tied_tables(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """Replace, in place, every embedding table (an initializer read by Gather lookups and, optionally, by
-    Transpose → MatMul heads) that lies on the Q8_0 grid; returns the converted tables' names."""
+    Transpose → MatMul heads) that lies on the Q8_0 grid; returns the converted tables' names and the heads'
+    Gemm nodes (a later quantiser must leave them alone: their weight is computed, not an initializer)."""
     initializers = {t.name: t for t in model.graph.initializer}
     readers = _readers(model)
-    converted = []
+    converted, heads_out = [], []
     for name, tensor in list(initializers.items()):
         uses = readers.get(name, [])
         gathers = [n for n in uses if n.op_type == "Gather" and n.input[0] == name
@@ -68,11 +69,12 @@ def convert_tied_tables(model: onnx.ModelProto) -> list[str]:
         grid = q8_grid(numpy_helper.to_array(tensor))
         if grid is None:
             continue
+        heads_out += [r.name for h in heads for r in readers.get(h.output[0], [])]
         _rewrite(model, name, grid, gathers, heads, readers)
         converted.append(name)
     if converted and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return converted
+    return converted, heads_out
 
 
 def _is_transpose(node) -> bool:

@@ -21,7 +21,9 @@ Defaults, measured in benchmarks/bench_deploy.py (docs/DEPLOY.md):
   0.37x of fp32 (docs/INT8-TABLES.md);
 * embedding tables (the Gather that reads an initializer) int8 too, unless another node reads the same
   table (a tied LM head: quantising the lookup would add an int8 copy beside the fp32 weight the head
-  still needs). MiniLM is half embedding: its merged int8 file went from 0.65x to 0.26x of fp32.
+  still needs). MiniLM is half embedding: its merged int8 file went from 0.65x to 0.26x of fp32. A tied
+  table that already lies on GGUF's Q8_0 grid is stored once as bytes for both readers, without rounding
+  (``exact_tables.py``; int8 and int4 alike).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import onnx
 
 from edgeft.manifest import Manifest
 
-from .onnx_files import large, load_model
+from .onnx_files import large, load_model, save_model
 
 
 def adapter_nodes(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
@@ -108,9 +110,20 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: 
         keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
     adapters = adapter_nodes(model, manifest) if manifest is not None else []
     exclude = adapters + list(keep_fp32) + shared_tables(model)
+    has_shared = bool(shared_tables(model))
     del model
     external = large(src)  # over 2 GB in, possibly over 2 GB out: weights in a side file
     with tempfile.TemporaryDirectory() as tmp:
+        if tables and has_shared:  # a tied table on GGUF's Q8_0 grid: stored once as bytes (exact_tables.py)
+            from .exact_tables import convert_tied_tables
+
+            model = load_model(src)
+            converted, heads = convert_tied_tables(model)
+            if converted:
+                src = Path(tmp) / "tables.onnx"
+                save_model(model, src, external=external)
+                exclude += heads
+            del model
         prepared = Path(tmp) / "prepared.onnx"
         try:  # shape inference + graph cleanup recommended before quantising; optional
             quant_pre_process(str(src), str(prepared), skip_optimization=True, skip_symbolic_shape=True,
@@ -149,7 +162,7 @@ def quantize_int4(src: Path, dst: Path, manifest: Manifest | None, block_size: i
     # weights already on a 4-bit grid (a GGUF's Q4_0/Q4_1 layers) convert losslessly, down projections too;
     # the rest is rounded by ONNX Runtime's quantiser
     exact, offset_branches = convert_exact_int4(model, set(adapters))
-    tables = convert_tied_tables(model)  # a GGUF's Q8_0 embedding (tied to the LM head): bytes, read by both
+    tables, _ = convert_tied_tables(model)  # a GGUF's Q8_0 embedding (tied to the LM head): bytes, read by both
     if log is not None:
         log(f"int4: {len(exact)} frozen MatMuls were already on a 4-bit grid and converted without rounding"
             + (f"; {len(tables)} embedding table{'s' * (len(tables) > 1)} on an 8-bit grid stored as bytes" if tables else ""))

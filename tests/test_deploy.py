@@ -473,3 +473,13 @@ def test_int4_of_a_gguf_style_model_is_lossless(llama_folder, export_bundle_for,
         feeds = sample_batch(manifest, 60, batch, seq, seed=seq)
         want, got = fp32.run(feeds, vector, ["logits"])[0], int4.run(feeds, vector, ["logits"])[0]
         assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    # int8 stores the same table the same way (its MatMuls are rounded: only the table is exact)
+    result = CliRunner().invoke(main, ["compress", str(bundle), "-o", str(tmp_path / "b8"), "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(tmp_path / "b8" / "model.onnx")).graph
+    assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 2
+    assert not any(sorted(t.dims) == sorted([vocab, hidden]) and t.data_type == onnx.TensorProto.FLOAT for t in graph.initializer)
+    int8 = Bundle(tmp_path / "b8")
+    feeds = sample_batch(manifest, 60, 2, 7, seed=7)
+    want, got = fp32.run(feeds, vector, ["logits"])[0], int8.run(feeds, vector, ["logits"])[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
