@@ -14,9 +14,9 @@ LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng, rt: lines "OPTIMIZER@LR" run with th
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
                          "backprop"),
          "rt-prompt": ("mezo", "probe", "auto"),
-         "20ng": ("probe", "mezo", "mezo+refit", "cma", "lora-pro", "monteclora",
+         "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
-         "rt": ("probe", "mezo", "mezo+refit", "cma", "monteclora",
+         "rt": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "monteclora",
                 *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
          "speakers": ("probe", "mezo", "fzoo", "cma", "backprop")}
 CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the start is each seed's probe line
@@ -62,7 +62,7 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("mezo+refit", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto",)):
+    for main_line in (("mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto",)):
         for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "probe", "backprop"):
             if main_line not in by_line or other not in by_line or other == main_line:
                 continue

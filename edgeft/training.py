@@ -79,7 +79,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS, searched_tensors
     from edgeft.plots import learning_curve_in_child
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
-    from edgeft.runtime.optimizers import POPULATION, REGISTRY
+    from edgeft.runtime.optimizers import POPULATION, REGISTRY, needs_input_bases
     from edgeft.runtime.output_fit import (OutputFitConfig, describe_fit, fit_output_adapter, label_probe_tensors,
                                            output_bias_slice)
     from edgeft.runtime.recipes import auto_recipe
@@ -168,6 +168,12 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
                 "steps_per_epoch": max(1, len(train_enc) // batch_size), "examples": len(train_enc)}
     if name in POPULATION and settings.get("projection") == "hidden":
         settings["layer_std"] = layer_input_std(bundle, train_enc, batch_size)  # base model: the same on --resume
+    if needs_input_bases(name, settings):
+        from edgeft.runtime.statistics import layer_input_bases
+
+        k = int(settings.get("rank") or 16)
+        bases = layer_input_bases(bundle, train_enc, k, batch_size)  # base model: the same on --resume
+        settings["input_bases"] = [u for u, _ in bases] if bases else None
     # the output side is fitted from exact gradients, never searched (runtime/optimizers/frozen.py)
     trainable = searched_tensors(bundle.layout, bundle.manifest)
     optimizer = make_optimizer(name, theta, layout=bundle.layout, trainable=trainable, **settings)

@@ -34,3 +34,30 @@ def layer_input_std(bundle: Bundle, encoded: Encoded, batch_size: int = 16, limi
         bound = np.percentile(np.abs(flat), CLIP_PERCENTILE)
         stds.append(float(np.std(np.clip(flat, -bound, bound))))
     return stds
+
+
+def layer_input_bases(bundle: Bundle, encoded: Encoded, k: int, batch_size: int = 16, limit: int = 256) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per layer, the top-``k`` principal directions of the hidden states entering it (the uncentred
+    second moment over the non-padding tokens of the first ``limit`` examples), as ([hidden, k]
+    orthonormal columns, their k eigenvalues); None when the bundle has no such outputs.
+
+    A linear layer's weight gradient is δ·xᵀ, so the input side of its update lies in the span of
+    its inputs x; uncentred, because that span includes the inputs' mean."""
+    names = bundle.manifest.hidden_states
+    if not names or len(encoded) == 0:
+        return None
+    start = bundle.layout.initial(0)
+    moments: list[np.ndarray | None] = [None] * len(names)
+    rows = np.arange(min(len(encoded), limit))
+    for begin in range(0, len(rows), batch_size):
+        feeds = bundle.feeds(encoded, rows[begin : begin + batch_size])
+        mask = feeds["attention_mask"].astype(bool)
+        for index, out in enumerate(bundle.run(feeds, start, names)):
+            x = out[mask].astype(np.float64)
+            moments[index] = x.T @ x if moments[index] is None else moments[index] + x.T @ x
+    bases = []
+    for moment in moments:
+        values, vectors = np.linalg.eigh(moment)
+        top = np.argsort(values)[::-1][:k]
+        bases.append((vectors[:, top].astype(np.float32), values[top]))
+    return bases

@@ -20,6 +20,12 @@ LORA_LAYOUT = AdapterLayout(AdapterSpec("lora", 2, 4.0, [], [
     AdapterTensor(f"layer.{i}.q.lora_{ab}", shape, "zeros", None, f"layer.{i}.q", f"lora_{ab}")
     for i in (0, 1) for ab, shape in (("A", [2, 5]), ("B", [5, 2]))]))
 LORA_START = 0.5
+# zo-activations perturbs a LoRA A only within its layer's input directions: the same two 4x5 tensors as
+# A's of attention modules, each layer's inputs spanning the all-ones row (where the optimum lies) + one more
+ACT_LAYOUT = SimpleNamespace(tensors=[SimpleNamespace(name=f"layer.{i}.attention.self.query.lora_A", shape=[4, 5],
+                                                      role="lora_A", module=f"layer.{i}.attention.self.query") for i in (0, 1)])
+ACT_BASES = [np.linalg.qr(np.column_stack([np.ones(5), np.random.default_rng(i).standard_normal(5)]))[0].astype(np.float32)
+             for i in (0, 1)]
 POP = dict(intrinsic_dim=40, popsize=12, sigma=2.0)
 # name -> (settings for this 40-dim quadratic, steps)
 TABLE = {
@@ -31,6 +37,7 @@ TABLE = {
     "subzero": (dict(lr=0.02, eps=1e-3, queries=2, rank=2, refresh=10), 300),
     "lozo": (dict(lr=0.01, eps=1e-3, queries=2, refresh=5), 300),
     "lozo-m": (dict(lr=0.001, eps=1e-3, queries=2, refresh=5), 300),
+    "zo-activations": (dict(lr=0.02, eps=1e-3, queries=2, rank=2, input_bases=ACT_BASES), 300),
     "adazeta": (dict(lr=0.02, eps=1e-3, max_queries=6, steps_per_epoch=30), 300),
     "zo-kalman": (dict(lr=0.01, eps=1e-3, queries=2), 300),
     "fzoo": (dict(lr=0.05, eps=1e-3, directions_per_step=4), 300),
@@ -71,7 +78,7 @@ def loss_of(name):
 def build(name, seed, steps, start=None):
     settings, _ = TABLE[name]
     start = start if start is not None else (LORA_START if name == "lora-pro" else 0.0)
-    layout = LORA_LAYOUT if name == "lora-pro" else LAYOUT
+    layout = LORA_LAYOUT if name == "lora-pro" else ACT_LAYOUT if name == "zo-activations" else LAYOUT
     return make_optimizer(name, np.full(40, start, dtype=np.float32), layout=layout, seed=seed, total_steps=steps, **settings)
 
 
@@ -150,6 +157,24 @@ def test_low_rank_directions_are_low_rank():
         assert z.shape == (127,)
 
 
+def test_activation_directions_stay_in_their_layers_input_span():
+    """A LoRA A of a module reading its layer's input moves only within that layer's basis; other tensors
+    (here a B, and an A whose basis is too short for it) get full Gaussian entries."""
+    from edgeft.runtime.optimizers import make_optimizer as build_one
+
+    layout = SimpleNamespace(tensors=[*ACT_LAYOUT.tensors, SimpleNamespace(name="layer.0.attention.self.query.lora_B",
+                                                                           shape=[5, 4], role="lora_B", module="layer.0.attention.self.query")])
+    opt = build_one("zo-activations", np.zeros(60, dtype=np.float32), layout=layout, seed=1, rank=2, input_bases=ACT_BASES)
+    z = opt.directions(step=4, query=0)
+    for i in (0, 1):
+        rows = z[20 * i : 20 * (i + 1)].reshape(4, 5)
+        residual = rows - rows @ ACT_BASES[i] @ ACT_BASES[i].T
+        assert np.abs(residual).max() < 1e-5 and np.abs(rows).max() > 0.1
+    assert np.linalg.matrix_rank(z[40:].reshape(5, 4)) == 4  # the B: unrestricted
+    with pytest.raises(Exception, match="input bases"):
+        build_one("zo-activations", np.zeros(60, dtype=np.float32), layout=layout, seed=1)
+
+
 def test_layerwise_changes_one_layer_per_generation():
     opt = build("dfo-layerwise", 0, 10)
     for candidate in opt.ask():
@@ -165,7 +190,9 @@ def test_default_step_size_lowers_the_loss(name):
     """No lr given: the RMS-normalised, size-scaled default step (with warm-up) still converges."""
     start = np.full(40, LORA_START if name == "lora-pro" else 0.0, dtype=np.float32)
     extra = {"examples": 100} if name == "monteclora" else {}  # edgeft train passes the training set's size
-    opt = make_optimizer(name, start, layout=LORA_LAYOUT if name == "lora-pro" else LAYOUT, seed=0, total_steps=300, **extra)
+    extra.update({"input_bases": ACT_BASES} if name == "zo-activations" else {})
+    layout = LORA_LAYOUT if name == "lora-pro" else ACT_LAYOUT if name == "zo-activations" else LAYOUT
+    opt = make_optimizer(name, start, layout=layout, seed=0, total_steps=300, **extra)
     assert opt.config.lr is None and opt.warmup_steps() == 15
     advance(opt, 300)
     assert loss_of(name)([opt.theta])[0] < loss_of(name)([start])[0] / 5

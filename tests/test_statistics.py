@@ -67,3 +67,47 @@ def test_cma_with_hidden_projection_trains_and_resumes_bit_identically(bert_bund
         assert arrays[0][key].tobytes() == arrays[1][key].tobytes(), key
     state = [json.loads((r / "checkpoint" / "state.json").read_text()) for r in (full, split)]
     assert state[0]["optimizer_state"]["config"]["layer_std"] == state[1]["optimizer_state"]["config"]["layer_std"]
+
+
+def test_layer_input_bases_are_the_top_principal_directions_of_torchs_hidden_states(bert_bundle, bert_folder):
+    from transformers import AutoModel
+
+    from edgeft.runtime.statistics import layer_input_bases
+
+    b = Bundle(bert_bundle)
+    enc = b.encode(TEXTS, np.zeros(len(TEXTS), dtype=np.int64))
+    got = layer_input_bases(b, enc, k=4, batch_size=2)  # padding must not count
+    model = AutoModel.from_pretrained(bert_folder, attn_implementation="eager").eval()
+    feeds = b.feeds(enc, np.arange(len(TEXTS)))
+    with torch.no_grad():
+        hidden = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                       output_hidden_states=True).hidden_states[:-1]
+    mask = feeds["attention_mask"].astype(bool)
+    assert len(got) == len(hidden) == 2
+    for (basis, values), h in zip(got, hidden):
+        x = h.numpy()[mask].astype(np.float64)
+        want_values, want_vectors = np.linalg.eigh(x.T @ x)
+        order = np.argsort(want_values)[::-1][:4]
+        assert basis.shape == (x.shape[1], 4) and np.allclose(basis.T @ basis, np.eye(4), atol=1e-5)
+        assert np.allclose(values, want_values[order], rtol=1e-3)
+        # the same directions up to sign (the eigenvalues here are distinct)
+        assert np.allclose(np.abs(basis.T @ want_vectors[:, order]), np.eye(4), atol=1e-3)
+
+
+def test_activation_directions_train_and_resume_bit_identically(bert_bundle, sentiment_data, tmp_path):
+    from safetensors.numpy import load_file
+
+    def train(run, steps, *extra):
+        args = ["train", str(bert_bundle), "--data", str(sentiment_data), "-o", str(run), "--json", "--batch-size", "4",
+                "--eval-every", "4", "--optimizer", "zo-activations", "--set", "rank=3", "--lr", "0.05", "--steps", steps, *extra]
+        return CliRunner().invoke(main, args)
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    result = train(full, "8")
+    assert result.exit_code == 0, result.output
+    assert train(split, "4").exit_code == 0 and train(split, "8", "--resume").exit_code == 0
+    a, b = (load_file(str(r / "checkpoint" / "arrays.safetensors")) for r in (full, split))
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    layout = Bundle(bert_bundle).layout
+    named = layout.unflatten(a["optimizer.theta"])
+    assert any(np.any(named[t.name] != 0) for t in layout.tensors if t.role == "lora_B")  # B left its zero start

@@ -39,7 +39,32 @@ def _build_zo(name, pieces, theta, settings, layout):
         if layout is None:
             raise ValueError("update lora-pro needs the bundle's adapter layout")
         adjust = LoRAPro(lora_pairs(layout), layout.spec.scale, config.lora_pro_damping)
-    return ZeroOrder(theta, config, _shapes(layout), name, adjust)
+    bases = _input_bases(layout, settings.get("input_bases"), config.rank) if config.directions == "activations" else None
+    return ZeroOrder(theta, config, _shapes(layout), name, adjust, bases)
+
+
+# LoRA'd modules that read the hidden state entering their layer as it is (BERT-family encoders: the
+# attention's input is the previous layer's LayerNorm output); a pre-norm decoder's q/k/v read
+# RMSNorm(h)·g instead, whose principal directions differ, so their A tensors get Gaussian entries
+READS_LAYER_INPUT = ("attention.self.query", "attention.self.key", "attention.self.value")
+
+
+def _input_bases(layout, per_layer, k: int) -> list:
+    """Per adapter tensor, the top-``k`` input directions of its layer (a LoRA A of a module in
+    ``READS_LAYER_INPUT``) or None."""
+    if layout is None or per_layer is None:
+        raise ValueError("activation directions need the bundle's layout and its layers' input bases "
+                         "(a bundle exported with hidden-state outputs)")
+    out = []
+    for t in layout.tensors:
+        module = getattr(t, "module", None) or ""
+        basis = None
+        if getattr(t, "role", None) == "lora_A" and module.endswith(READS_LAYER_INPUT):
+            layer = layer_of(t.name)
+            if 0 <= layer < len(per_layer) and per_layer[layer].shape[0] == t.shape[1]:
+                basis = per_layer[layer][:, :k]
+        out.append(basis)
+    return out
 
 
 def _population(cls):
@@ -63,6 +88,7 @@ REGISTRY = {
     "subzero": _zo("subzero", directions="subspace", rank=8, refresh=2000),
     "lozo": _zo("lozo", directions="lowrank", rank=2, refresh=50),
     "lozo-m": _zo("lozo-m", directions="lowrank", rank=2, refresh=50, update="momentum"),
+    "zo-activations": _zo("zo-activations", directions="activations", rank=16),
     "adazeta": _zo("adazeta", queries="auto"),
     "zo-kalman": _zo("zo-kalman", update="kalman"),
     "lora-pro": _zo("lora-pro", update="lora-pro"),
@@ -80,6 +106,11 @@ def _config(cls, settings: dict):
 
 
 POPULATION = ("cma", "fireworks", "dfo-layerwise")  # search a projection; may use per-layer hidden-state std
+
+
+def needs_input_bases(name: str, settings: dict) -> bool:
+    """Whether ``name`` with ``settings`` perturbs along its layers' input directions (``input_bases``)."""
+    return name == "zo-activations" or settings.get("directions") == "activations"
 
 
 def forwards_per_step(name: str, settings: dict) -> int:

@@ -8,6 +8,11 @@ demand, which is what lets a checkpoint hold integers instead of arrays.
   with U, V orthonormal (QR of Gaussians) refreshed every ``refresh`` steps, Z0 r×r Gaussian.
 * ``LowRank``   LOZO (arXiv 2410.07698): per 2-D tensor z = u·vᵀ, u fresh each step, v kept
   for ``refresh`` steps. 1-D tensors get Gaussian entries in both.
+* ``Activations`` ours (issue 12): a LoRA A [r, n] whose layer reads the hidden state entering it is
+  perturbed only within the top-k principal directions U [n, k] of that hidden state, z = Z0·Uᵀ·sqrt(n/k)
+  (Z0 r×k Gaussian): A's gradient s·Bᵀ·δ·xᵀ has its rows in the span of the inputs x. Every other tensor
+  gets Gaussian entries. The bases are measured once, with forward passes of the base model
+  (``runtime/statistics.py::layer_input_bases``), so a resumed run rebuilds the same directions.
 """
 
 from __future__ import annotations
@@ -80,4 +85,29 @@ class LowRank(_PerMatrix):
         return (u @ self.v(index, shape, step).T / np.sqrt(self.rank)).astype(np.float32)
 
 
-FAMILIES = {"gaussian": Gaussian, "subspace": Subspace, "lowrank": LowRank}
+class Activations(_PerMatrix):
+    name = "activations"
+
+    def __init__(self, shapes: list[Shape], seed: int, rank: int = 2, refresh: int = 50, bases=None):
+        super().__init__(shapes, seed, rank, refresh)
+        if bases is None or len(bases) != len(self.shapes):
+            raise ValueError("activation directions need a basis (or None) per adapter tensor")
+        self.bases = bases
+
+    def __call__(self, step: int, query: int) -> np.ndarray:
+        out = np.empty(self.size, dtype=np.float32)
+        offset = 0
+        for index, shape in enumerate(self.shapes):
+            n = int(np.prod(shape))
+            basis = self.bases[index]
+            rng = _rng(self.seed, step, query, index, 6)
+            if basis is None:
+                out[offset : offset + n] = rng.standard_normal(n, dtype=np.float32)
+            else:  # scaled so that E[z_ij²] = 1, as for the Gaussian direction
+                z0 = rng.standard_normal((shape[0], basis.shape[1]), dtype=np.float32)
+                out[offset : offset + n] = (z0 @ basis.T * np.sqrt(shape[1] / basis.shape[1])).ravel()
+            offset += n
+        return out
+
+
+FAMILIES = {"gaussian": Gaussian, "subspace": Subspace, "lowrank": LowRank, "activations": Activations}

@@ -52,11 +52,11 @@ class ZOConfig:
     schedule: str = "constant"  # "constant" | "linear" (to zero at total_steps)
     total_steps: int = 1000
     seed: int = 0
-    directions: str = "gaussian"  # gaussian | subspace | lowrank
+    directions: str = "gaussian"  # gaussian | subspace | lowrank | activations
     update: str = "sgd"  # sgd | momentum | adam | kalman; "lora-pro[+rule]": LoRA-Pro's adjustment first (lora_pro.py)
     sign: bool = False
     conservative: bool = False
-    rank: int = 2  # subspace / lowrank directions
+    rank: int = 2  # subspace / lowrank directions; activations: principal directions kept per layer
     refresh: int = 50  # steps a subspace basis / LOZO's v is kept
     max_queries: int = 15  # AdaZeta Q_max
     shrink: float = 0.85  # AdaZeta
@@ -111,14 +111,17 @@ def adazeta_queries(epoch: int, total_epochs: int, max_queries: int, shrink: flo
 
 
 class ZeroOrder:
-    def __init__(self, theta: np.ndarray, config: ZOConfig = ZOConfig(), shapes=None, name: str = "zo", adjust=None):
+    def __init__(self, theta: np.ndarray, config: ZOConfig = ZOConfig(), shapes=None, name: str = "zo", adjust=None,
+                 bases=None):
         """``adjust(theta, ĝ) -> ĝ'``: a transformation of the estimate before the update rule (LoRA-Pro's,
-        required when ``config.update`` names it)."""
+        required when ``config.update`` names it). ``bases``: per tensor, its input basis or None (required
+        by ``directions="activations"``)."""
         self.name = name
         self.config = config
         self._theta = np.array(theta, dtype=np.float32, copy=True)
         shapes = shapes or [(self._theta.size,)]
-        self.directions = FAMILIES[config.directions](shapes, config.seed, rank=config.rank, refresh=config.refresh)
+        extra = {"bases": bases} if config.directions == "activations" else {}
+        self.directions = FAMILIES[config.directions](shapes, config.seed, rank=config.rank, refresh=config.refresh, **extra)
         self.rule = RULES[rule_name(config.update)]()
         if config.update.startswith(LORA_PRO) and adjust is None:
             raise ValueError("update lora-pro needs the bundle's LoRA pairs")
