@@ -4,7 +4,8 @@ linear-probe head.
 A fresh random head trained by ZO alone learns next to nothing in an edge-sized
 budget (research.md: 55.6% on Rotten Tomatoes after 1,433 MeZO steps). A linear
 probe fitted on the few-shot set's pooled embeddings — forward passes only, no
-backward graph — starts the optimizer from a good point (linear-probe-then-fine-tune).
+backward graph — starts the optimizer from a good point (linear-probe-then-fine-tune),
+its logits scaled by the temperature with the least cross-validated loss (``probe_temperature``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from edgeft.adapters import HEAD_WEIGHTS, load_adapter
 
 from .bundle import Bundle, Encoded
 from .evaluate import pooled_features
-from .probe import fit_linear_probe
+from .probe import fit_linear_probe, probe_temperature
+
+
+TEMPERATURE_FOLDS = 4
 
 
 def starting_adapter(bundle: Bundle, train: Encoded, seed: int = 0, init_adapter=None, batch_size: int = 32) -> tuple[np.ndarray, str]:
@@ -35,8 +39,12 @@ def starting_adapter(bundle: Bundle, train: Encoded, seed: int = 0, init_adapter
     if has_head and not head_loaded:
         features = pooled_features(bundle, vector, train, batch_size)
         weight, bias = fit_linear_probe(features, train.labels, len(bundle.labels))
+        how += f" + linear-probe head fitted on {len(train)} examples"
+        if len(train) >= 2 * TEMPERATURE_FOLDS:  # its logits' scale, by cross-validation on the same examples
+            t, before, after = probe_temperature(features, train.labels, len(bundle.labels), folds=TEMPERATURE_FOLDS, seed=seed)
+            weight, bias = weight * t, bias * t
+            how += f", its logits scaled by {t:.3g} (out-of-fold loss {before:.3f} -> {after:.3f})"
         named = bundle.layout.unflatten(vector)
         named["head.weight"][...] = weight
         named["head.bias"][...] = bias
-        how += f" + linear-probe head fitted on {len(train)} examples"
     return vector, how
