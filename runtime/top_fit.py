@@ -77,13 +77,13 @@ class TopMLPFit:
     """What the device needs to differentiate the output side: the bundle's frozen weights and names."""
 
     def __init__(self, folder: Path, manifest):
-        from safetensors.numpy import load_file
+        from edgeft.tensor_file import read_tensors
 
         top = manifest.top_mlp
         path = Path(folder) / top.weights
         try:
-            weights = load_file(str(path))
-        except Exception as err:  # missing, truncated or foreign file
+            weights = read_tensors(path)  # one copy of the 113 MB head (safetensors' loader peaked at two)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
             raise EdgeftError(f"{path}: cannot read the top MLP's weights ({str(err).splitlines()[0][:200]})") from None
         self.lm_head, self.final_norm, self.down = weights.get("lm_head"), weights.get("final_norm"), weights.get("down")
         if self.lm_head is None or self.final_norm is None or self.down is None:

@@ -1,0 +1,50 @@
+"""Read a safetensors file straight into numpy arrays: one copy of the weights in memory, never two.
+
+``safetensors.numpy.load_file`` (and ``safe_open(...).get_tensor``) copy each tensor out of the whole file
+read into memory (or out of a memory map whose touched pages count as resident): loading a causal LM's
+117 MB ``top_mlp.safetensors`` peaked at 250 MB for 139 MB held (measured here). This reader parses the
+format's header (8-byte little-endian length, then JSON: dtype, shape and byte range per tensor) and
+reads each tensor's bytes into an array allocated for it. Written by hand for that reason; files are
+still written with the safetensors library.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+MAX_HEADER = 100 * 2**20
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors file ``path``; ValueError names what is wrong with a malformed one."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 0 < length <= min(MAX_HEADER, size - 8):
+            raise ValueError("not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("not a safetensors file (header is not JSON)") from None
+        base, out = 8 + length, {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            if dtype is None:
+                raise ValueError(f"tensor {name!r}: unsupported or missing dtype")
+            shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+            array = np.empty(shape, dtype=dtype)
+            if end - begin != array.nbytes or begin < 0 or base + end > size:
+                raise ValueError(f"tensor {name!r}: its byte range does not match its shape or the file")
+            f.seek(base + begin)
+            if array.nbytes and f.readinto(memoryview(array.reshape(-1)).cast("B")) != array.nbytes:
+                raise ValueError(f"tensor {name!r}: file ends early")
+            out[name] = array
+    return out
