@@ -23,6 +23,7 @@ from pathlib import Path
 PROBES = ((1, 16), (4, 64))  # (rows, length) of the two probes per path: 16 and 256 tokens
 EVAL_BATCH = 32  # rows of a held-out evaluation during training (TrainConfig.eval_batch_size) and of edgeft eval
 MAX_BATCH = 4096  # what "the largest batch that fits" reports when activations cost next to nothing
+TOP_FIT_OVERHEAD = 1.1  # the top-MLP fit's memory over its weights file (SmolLM2: 117 MB file)
 OPTIMIZER_VECTORS = 8  # adapter-sized float32 vectors an optimizer holds (θ, best, candidates, direction, moments)
 
 
@@ -109,13 +110,14 @@ def predict(train: tuple[float, float], held_out: tuple[float, float], extra: fl
 
 
 def _extra_mb(folder: Path, manifest, output_fit: bool) -> float:
-    """Memory the probes do not see: the optimizer's vectors and the top-MLP fit's weights (float64 copy)."""
+    """Memory the probes do not see: the optimizer's vectors and the top-MLP fit's weights."""
     from edgeft.adapters import bundle_layout
 
     size = bundle_layout(folder, manifest).size
     extra = OPTIMIZER_VECTORS * size * 4 / 2**20
     if manifest.top_mlp is not None and output_fit:
-        extra += 2 * (folder / manifest.top_mlp.weights).stat().st_size / 2**20
+        # one copy, read in place (edgeft/tensor_file.py), + the down projection in float64 and a softmax chunk
+        extra += TOP_FIT_OVERHEAD * (folder / manifest.top_mlp.weights).stat().st_size / 2**20
     return extra
 
 
