@@ -116,8 +116,10 @@ steps; kept on dev every 10 steps like the others)."""
 (LoRA r=8 on q/v + a linear-probe head, {what[1]}), {what[2].format(RT_DEV=RT_DEV)} the kept adapter; **accuracy on
 {RT_TEST} others** (standard error ≈ 1.5 points). Every run: {budget} training forward passes, one ORT thread.
 
-Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head, scored untrained; `start`
-is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `mezo+refit` = that run's kept adapter with its
+Lines: `probe` = each seed's start (its k-shot draw, LoRA init and linear-probe head — its logits scaled by the
+cross-validated temperature from 100 examples on, i.e. on 20NG since session 15 —, scored untrained; `start`
+is their median); `mezo` = MeZO at edgeft's defaults on LoRA + head; `lozo` = LOZO's low-rank directions; `zo-activations` =
+directions whose LoRA A part lies in the top 16 principal directions of its layer's input hidden states (ours); `mezo+refit` = that run's kept adapter with its
 head refitted as a linear probe on the trained body's features (one LP-FT alternation, at the end: one pass); `cma` = CMA-ES (edgeft's population search) on
 the same tensors at the same passes; `lora-pro` = the same with LoRA-Pro's adjustment of each LoRA pair's estimate; `monteclora` = the forward-only
 MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pairs per step), scored at its mean;
