@@ -9,7 +9,9 @@ The rule follows what was measured here (README "Choosing a recipe", docs/LEARNI
   −19.8%, paired −1.0/+0.3/−1.2% against the longer fit: an exact step is worth at least a MeZO step);
 * causal LM with an output bias only (other architectures, older bundles): fit the bias first, then
   MeZO on the body with the bias held fixed (MeZO alone −0.9%, the 40-pass fit −6.6%, fit + MeZO −7.2%);
-* classification: the linear-probe head (``start.py``), then MeZO on LoRA + head;
+* classification: the linear-probe head (``start.py``; from 100 examples on its logits scaled by the
+  cross-validated temperature: 20NG test loss 1.86 -> 0.98, ECE 0.50 -> 0.04, no prediction changed),
+  then MeZO on LoRA + head;
 * prompt mode: a linear probe on the answer position's hidden state, offset by the zero-shot logits
   (kept only if it beats the zero-shot prompt on held-out data), then MeZO on LoRA (SmolLM2/Rotten
   Tomatoes, k = 16: zero-shot 62.9%, MeZO 100 passes 64.3%, the probe 69.2–70.4%).
@@ -41,7 +43,7 @@ def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False,
     if task == "causal-lm":
         return Recipe("mezo", "causal LM exported without an output bias: MeZO on the body")
     if task == "classification":
-        return Recipe("mezo", "classification: linear-probe head, then MeZO on LoRA + head")
+        return Recipe("mezo", "classification: linear-probe head (temperature-scaled from 100 examples), then MeZO on LoRA + head")
     if has_label_probe:
         return Recipe("mezo", "prompt mode: label-word probe on the answer's hidden state (kept if it beats "
                               "zero-shot on held-out data), then MeZO on LoRA")
