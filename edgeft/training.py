@@ -172,7 +172,8 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         from edgeft.runtime.statistics import layer_input_bases
 
         k = int(settings.get("rank") or 16)
-        bases = layer_input_bases(bundle, train_enc, k, batch_size)  # base model: the same on --resume
+        # base model: the same on --resume; small batches: every layer's hidden states are outputs here
+        bases = layer_input_bases(bundle, train_enc, k, min(batch_size, BASES_BATCH))
         settings["input_bases"] = [u for u, _ in bases] if bases else None
     # the output side is fitted from exact gradients, never searched (runtime/optimizers/frozen.py)
     trainable = searched_tensors(bundle.layout, bundle.manifest)
@@ -250,6 +251,7 @@ def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
     return DEFAULT_STEPS
 
 
+BASES_BATCH = 8  # rows per pass when measuring the layers' input directions (zo-activations)
 STOP_WINDOWS = 16  # text windows held back from a long output fit to stop it, when no --eval-data is given
 
 
