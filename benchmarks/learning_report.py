@@ -127,7 +127,10 @@ MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pa
 (N one-sided directions per step); `backprop` = the reference: peft LoRA r=8 on q, v of every layer + the probe head, AdamW
 lr 1e-3, batch 32, the same k-shot draw, kept on dev every 20 steps (`trial_top_ffn.py head+qvall`; its "fwd" column
 counts steps, each a forward and a backward).
-ECE: expected calibration error (15 bins) of the kept adapter on the test set."""
+ECE: expected calibration error (15 bins) of the kept adapter on the test set.""" + (
+            "\n\nSession 15 re-ran 20NG's probe, mezo, lozo and zo-activations rows from the temperature-scaled probe; the "
+            "earlier rows (cma, lora-pro, monteclora, the lr grid, mezo+refit, from the plain C = 1 probe) are kept in "
+            "docs/learning-runs/probe-c1-start/ and read in docs/learning-notes.md." if task == "20ng" else "")
     else:
         head = f"""## SmolLM2-135M prompt mode, Rotten Tomatoes
 
