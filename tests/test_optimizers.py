@@ -173,6 +173,10 @@ def test_activation_directions_stay_in_their_layers_input_span():
     assert np.linalg.matrix_rank(z[40:].reshape(5, 4)) == 4  # the B: unrestricted
     with pytest.raises(Exception, match="input bases"):
         build_one("zo-activations", np.zeros(60, dtype=np.float32), layout=layout, seed=1)
+    decoder = SimpleNamespace(tensors=[SimpleNamespace(name="model.layers.0.self_attn.q_proj.lora_A", shape=[4, 5],
+                                                       role="lora_A", module="model.layers.0.self_attn.q_proj")])
+    with pytest.raises(Exception, match="reads its layer's input"):  # a pre-norm decoder's q reads RMSNorm(h)
+        build_one("zo-activations", np.zeros(20, dtype=np.float32), layout=decoder, seed=1, input_bases=ACT_BASES)
 
 
 def test_layerwise_changes_one_layer_per_generation():

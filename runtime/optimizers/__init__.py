@@ -64,6 +64,9 @@ def _input_bases(layout, per_layer, k: int) -> list:
             if 0 <= layer < len(per_layer) and per_layer[layer].shape[0] == t.shape[1]:
                 basis = per_layer[layer][:, :k]
         out.append(basis)
+    if all(b is None for b in out):
+        raise ValueError("no LoRA A here reads its layer's input as it is (BERT-family attention query/key/value): "
+                         "activation directions would be Gaussian; use mezo")
     return out
 
 
