@@ -109,12 +109,12 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: 
     if keep_fp32 is None:
         keep_fp32 = default_keep_fp32(model, architecture or (manifest.architecture if manifest else None))
     adapters = adapter_nodes(model, manifest) if manifest is not None else []
-    exclude = adapters + list(keep_fp32) + shared_tables(model)
-    has_shared = bool(shared_tables(model))
+    shared = shared_tables(model)
+    exclude = adapters + list(keep_fp32) + shared
     del model
     external = large(src)  # over 2 GB in, possibly over 2 GB out: weights in a side file
     with tempfile.TemporaryDirectory() as tmp:
-        if tables and has_shared:  # a tied table on GGUF's Q8_0 grid: stored once as bytes (exact_tables.py)
+        if tables and shared:  # a tied table on GGUF's Q8_0 grid: stored once as bytes (exact_tables.py)
             from .exact_tables import convert_tied_tables
 
             model = load_model(src)

@@ -50,6 +50,17 @@ def fit_linear_probe(
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+def _folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """The held-out rows of each of ``folds`` (at least 2, at most ``n``) cross-validation folds."""
+    return np.array_split(np.random.default_rng(seed).permutation(n), max(2, min(folds, n)))
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-row cross-entropy of ``logits`` [n, labels] (float64)."""
+    z = logits - logits.max(1, keepdims=True)
+    return np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]
+
+
 def fit_linear_probe_cv(features: np.ndarray, labels: np.ndarray, num_labels: int, offset: np.ndarray | None = None,
                         grid: tuple[float, ...] = C_GRID, folds: int = 4, seed: int = 0
                         ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -60,8 +71,7 @@ def fit_linear_probe_cv(features: np.ndarray, labels: np.ndarray, num_labels: in
     training loss to 0.02 and lost to the zero-shot prompt on dev for one of three draws; the
     cross-validated C gave +6.3 to +7.5 test points over zero-shot on all three (docs/LEARNING.md)."""
     n = len(labels)
-    folds = max(2, min(folds, n))
-    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    parts = _folds(n, folds, seed)
     base = np.zeros((n, num_labels)) if offset is None else np.asarray(offset, dtype=np.float64)
     x = features.astype(np.float64)
     best = (np.inf, grid[0])
@@ -70,9 +80,7 @@ def fit_linear_probe_cv(features: np.ndarray, labels: np.ndarray, num_labels: in
         for held in parts:
             kept = np.setdiff1d(np.arange(n), held)
             w, b = fit_linear_probe(x[kept], labels[kept], num_labels, c=c, offset=base[kept])
-            z = base[held] + x[held] @ w.T.astype(np.float64) + b
-            z -= z.max(1, keepdims=True)
-            total += float((np.log(np.exp(z).sum(1)) - z[np.arange(len(held)), labels[held]]).sum())
+            total += float(_nll(base[held] + x[held] @ w.T.astype(np.float64) + b, labels[held]).sum())
         best = min(best, (total / n, c))
     weight, bias = fit_linear_probe(features, labels, num_labels, c=best[1], offset=offset)
     return weight, bias, best[1]
@@ -95,18 +103,15 @@ def probe_temperature(features: np.ndarray, labels: np.ndarray, num_labels: int,
     (docs/learning-notes.md). Scaling logits changes no prediction, so the accuracy-first keep rule is
     unaffected; the loss the search then follows is about the predictions, not their scale."""
     n = len(labels)
-    folds = max(2, min(folds, n))
     x = features.astype(np.float64)
     logits = np.zeros((n, num_labels))
-    for held in np.array_split(np.random.default_rng(seed).permutation(n), folds):
+    for held in _folds(n, folds, seed):
         kept = np.setdiff1d(np.arange(n), held)
         w, b = fit_linear_probe(x[kept], labels[kept], num_labels, c=c, iterations=FOLD_ITERATIONS)
         logits[held] = x[held] @ w.T.astype(np.float64) + b
 
     def loss(t: float) -> float:
-        z = t * logits
-        z -= z.max(1, keepdims=True)
-        return float((np.log(np.exp(z).sum(1)) - z[np.arange(n), labels]).mean())
+        return float(_nll(t * logits, labels).mean())
 
     losses = [loss(t) for t in TEMPERATURES]
     best = int(np.argmin(losses))

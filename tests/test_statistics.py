@@ -16,18 +16,23 @@ TEXTS = ["the movie was great and the acting was good", "i hated this film", "th
          "the film was terrible and the plot was dull", "it is fun"]
 
 
-def test_layer_input_std_matches_torch(bert_bundle, bert_folder):
+def _torch_layer_inputs(b, enc, bert_folder):
+    """torch's hidden states entering each layer for ``enc`` (one batch), and the non-padding mask."""
     from transformers import AutoModel
 
-    b = Bundle(bert_bundle)
-    enc = b.encode(TEXTS, np.zeros(len(TEXTS), dtype=np.int64))
-    got = layer_input_std(b, enc, batch_size=2)  # batches pad differently: padding must not count
     model = AutoModel.from_pretrained(bert_folder, attn_implementation="eager").eval()
-    feeds = b.feeds(enc, np.arange(len(TEXTS)))
+    feeds = b.feeds(enc, np.arange(len(enc)))
     with torch.no_grad():
         hidden = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"]),
                        output_hidden_states=True).hidden_states[:-1]
-    mask = feeds["attention_mask"].astype(bool)
+    return hidden, feeds["attention_mask"].astype(bool)
+
+
+def test_layer_input_std_matches_torch(bert_bundle, bert_folder):
+    b = Bundle(bert_bundle)
+    enc = b.encode(TEXTS, np.zeros(len(TEXTS), dtype=np.int64))
+    got = layer_input_std(b, enc, batch_size=2)  # batches pad differently: padding must not count
+    hidden, mask = _torch_layer_inputs(b, enc, bert_folder)
     want = []
     for h in hidden:
         flat = h.numpy()[mask].ravel().astype(np.float64)
@@ -70,19 +75,12 @@ def test_cma_with_hidden_projection_trains_and_resumes_bit_identically(bert_bund
 
 
 def test_layer_input_bases_are_the_top_principal_directions_of_torchs_hidden_states(bert_bundle, bert_folder):
-    from transformers import AutoModel
-
     from edgeft.runtime.statistics import layer_input_bases
 
     b = Bundle(bert_bundle)
     enc = b.encode(TEXTS, np.zeros(len(TEXTS), dtype=np.int64))
     got = layer_input_bases(b, enc, k=4, batch_size=2)  # padding must not count
-    model = AutoModel.from_pretrained(bert_folder, attn_implementation="eager").eval()
-    feeds = b.feeds(enc, np.arange(len(TEXTS)))
-    with torch.no_grad():
-        hidden = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"]),
-                       output_hidden_states=True).hidden_states[:-1]
-    mask = feeds["attention_mask"].astype(bool)
+    hidden, mask = _torch_layer_inputs(b, enc, bert_folder)
     assert len(got) == len(hidden) == 2
     for (basis, values), h in zip(got, hidden):
         x = h.numpy()[mask].astype(np.float64)
