@@ -16,6 +16,7 @@ one at the same training forward passes (batch --batch-size):
              from their exact gradient
   fit+mezo   the output fit (--fit-steps passes), then MeZO on the body for the rest of the budget
   auto       edgeft's default: the output fit for the whole budget, its best held-out point kept
+  auto-heldback   the same without --eval-data: the run ranks on every 10th training window (16), held back
   fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
   bias-only, bias-all, bias+mezo   kept from session 7 (not re-run): fit-only, a 200-step fit and
              fit+mezo when the output fit was the output bias alone (bundles before the top MLP LoRA)
@@ -211,7 +212,11 @@ def run_one(args, files, line: str, seed: int) -> dict:
                 "fzoo": ["--optimizer", "fzoo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                 "fit-only": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.fit_steps}fwd"],
                 "fit+mezo": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.budget}fwd"],
-                "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
+                "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"],
+                "auto-heldback": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
+    if line == "auto-heldback":  # no dev play: the run ranks on windows it holds back from the training text
+        at = common.index("--eval-data")
+        del common[at : at + 2]
     return _finish(args, files, line, seed, out, run_dir, common, settings)
 
 

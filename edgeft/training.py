@@ -127,6 +127,14 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
 
     train_enc = bundle.encode(train_set.texts, train_set.labels)
     eval_enc = bundle.encode(eval_set.texts, eval_set.labels) if eval_set else None
+    held_back = 0
+    if eval_enc is None and bundle.task == "causal-lm" and len(train_enc) >= 2 * STOP_WINDOWS:
+        # A causal LM's training text is long: ranking adapters on all of it costs a pass over the whole text
+        # per evaluation (SmolLM2, three plays: 118 s each, 35x a 10-pass run's training), and it cannot see
+        # over-fitting. Held-back windows are cheap and unseen: the fit stops on them, the trainer ranks on them.
+        train_enc, eval_enc = _held_back_split(train_enc)
+        held_back = len(eval_enc)
+        log(f"no --eval-data: {held_back} of the {len(train_enc.ids) + held_back} training windows held back to rank the adapters")
     has_bias = output_bias_slice(bundle) is not None
     has_label_probe = label_probe_tensors(bundle)
     has_top_mlp = bundle.manifest.top_mlp is not None
@@ -149,18 +157,13 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
             started_fit = time.perf_counter()
             deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
             bar = _fit_progress(req, fit_steps, budget) if has_bias else _FitBar()  # the probes take one pass
-            fit_train, fit_held_out = train_enc, eval_enc
-            if eval_enc is None and recipe and recipe.fit_whole_budget and len(train_enc) >= 2 * STOP_WINDOWS:
-                fit_train, fit_held_out = _stopping_split(train_enc)
             try:
                 theta, output_fit, what = fit_output_adapter(
-                    bundle, fit_train, fit_held_out, theta, batch_size, req.seed, fit_steps, req.eval_every,
+                    bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,
                     out_of_time=lambda: time.perf_counter() - started_fit >= deadline, on_step=bar)
             finally:
                 bar.close()
             if output_fit:
-                if fit_held_out is not eval_enc:
-                    output_fit["stopping_windows"] = len(fit_held_out)  # held back from the training text
                 how += what
                 fit_cost = (output_fit["forward_passes"], time.perf_counter() - started_fit)
                 log(f"output adapter: {describe_fit(output_fit)}")
@@ -202,7 +205,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
     if hasattr(optimizer, "distribution"):  # monteclora: the spread beside the mean (edgeft/distribution.py)
         save_distribution(adapter_dir, bundle.layout, optimizer.distribution())
     summary.update(adapter=str(adapter_dir), optimizer=name, recipe=recipe.why if recipe else None,
-                   output_fit=output_fit, run_wall_s=round(time.perf_counter() - started, 2))
+                   output_fit=output_fit, held_back_windows=held_back, run_wall_s=round(time.perf_counter() - started, 2))
     plot = learning_curve_in_child(run_dir / "metrics.jsonl", run_dir / "curve.png", f"{name} on {Path(req.bundle).name}")
     summary["plot"] = str(plot) if plot else None
     warning = budget_warning(summary["peak_rss_mb"], profile.memory_budget_mb, profile.name)
@@ -252,10 +255,10 @@ def _horizon(req: TrainRequest, name: str, steps: int | None, budget) -> int:
 
 
 BASES_BATCH = 8  # rows per pass when measuring the layers' input directions (zo-activations)
-STOP_WINDOWS = 16  # text windows held back from a long output fit to stop it, when no --eval-data is given
+STOP_WINDOWS = 16  # text windows a causal LM's run holds back to rank its adapters, when no --eval-data is given
 
 
-def _stopping_split(train):
+def _held_back_split(train):
     """A causal LM's training windows without every 10th (at most ``STOP_WINDOWS``), and those windows:
     a long exact-gradient fit can over-fit the training text, and text, unlike k-shot labels, is
     plentiful enough to hold some back for choosing where to stop."""

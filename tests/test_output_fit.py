@@ -153,15 +153,25 @@ def test_auto_spends_a_forward_pass_budget_on_the_output_fit(llama_lm_bundle, lm
     assert fit["best_step"] == min(fit["evals"], key=lambda e: e["loss"])["step"]
 
 
-def test_auto_holds_back_windows_to_stop_a_long_fit_without_eval_data(llama_lm_bundle, tmp_path):
+def test_a_causal_lm_run_without_eval_data_ranks_on_held_back_windows(llama_lm_bundle, tmp_path):
+    from edgeft.runtime import evaluate
+    from edgeft.training import _held_back_split
+
     words = " ".join(LM_TEXTS).split()
     data = tmp_path / "long.jsonl"  # 40 texts: enough windows to hold 4 back
     data.write_text("".join(json.dumps({"text": " ".join(words[i % 30 : i % 30 + 9])}) + "\n" for i in range(40)))
-    summary = _train(llama_lm_bundle, data, tmp_path / "run", "--budget", "6fwd", "--eval-every", "3")
-    fit = summary["output_fit"]
-    assert fit["stopping_windows"] == 4 and [e["step"] for e in fit["evals"]] == [0, 3, 6]
+    for line in ("auto", "mezo"):
+        summary = _train(llama_lm_bundle, data, tmp_path / line, "--budget", "6fwd", "--eval-every", "3", "--optimizer", line)
+        assert summary["held_back_windows"] == 4
+        if line == "auto":  # the fit stops on them
+            assert [e["step"] for e in summary["output_fit"]["evals"]] == [0, 3, 6]
+        # the trainer ranks on the same 4 windows, not on the whole text: its start is scored there
+        b = Bundle(llama_lm_bundle)
+        _, held = _held_back_split(b.encode([json.loads(r)["text"] for r in data.read_text().splitlines()]))
+        rows = [json.loads(r) for r in (tmp_path / line / "metrics.jsonl").read_text().splitlines() if '"eval"' in r]
+        assert rows[0]["eval"]["tokens"] == evaluate(b, b.layout.initial(0), held, 32)["tokens"]
     few = _train(llama_lm_bundle, _few(tmp_path), tmp_path / "run2", "--budget", "4fwd")
-    assert "stopping_windows" not in few["output_fit"] and "evals" not in few["output_fit"]
+    assert few["held_back_windows"] == 0 and "evals" not in few["output_fit"]
 
 
 def _few(tmp_path):
