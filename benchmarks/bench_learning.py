@@ -17,6 +17,8 @@ one at the same training forward passes (batch --batch-size):
   fit+mezo   the output fit (--fit-steps passes), then MeZO on the body for the rest of the budget
   auto       edgeft's default: the output fit for the whole budget, its best held-out point kept
   auto-heldback   the same without --eval-data: the run ranks on every 10th training window (16), held back
+  auto-heldback-10m, backprop-10m   auto-heldback and backprop with 10 minutes of one core each instead of
+             a pass count (the forward passes or steps that bought are in the table)
   fzoo       FZOO (8 one-sided directions + 1 base pass per step) on LoRA, no output fit
   bias-only, bias-all, bias+mezo   kept from session 7 (not re-run): fit-only, a 200-step fit and
              fit+mezo when the output fit was the output bias alone (bundles before the top MLP LoRA)
@@ -61,6 +63,7 @@ from common import edgeft_json  # benchmarks/ is on sys.path when run as a scrip
 from learning_report import (CLASSIFICATION, DEV_PLAY, HISTORICAL, LINES, RT_DEV, RT_SEED, RT_TEST, SAMPLES, SPEAKERS,
                              SPEAKERS_MIN_WORDS, SPEAKERS_PLAY, TEST_PLAY, TRAIN_PLAYS, render)  # benchmarks/ is on sys.path when run as a script
 
+TIME_BUDGET_S = 600  # lines "-10m": the device budget, 10 minutes of one core (the run's whole time)
 CLASSIFICATION_BATCH = {"20ng": 32, "rt": 32, "speakers": 64}  # 20ng: batches of its 320; rt, speakers: the whole set
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smoke runs)
@@ -188,8 +191,8 @@ def run_one(args, files, line: str, seed: int) -> dict:
     run_dir = args.work / f"{args.task}-{line}-seed{seed}"
     if line == "backprop" and args.task in CLASSIFICATION:
         return _classifier_backprop_run(args, files, seed, out)
-    if line == "backprop":
-        return _backprop_run(args, files, seed, out)
+    if line in ("backprop", "backprop-10m"):
+        return _backprop_run(args, files, seed, out, seconds=TIME_BUDGET_S if line.endswith("-10m") else None)
     common = [args.bundle, "--data", files["train"], "--eval-data", files["dev"], "-o", run_dir, "--overwrite",
               "--seed", seed, "--device", files["profile"], "--eval-every", 25]
     if args.task == "rt-prompt":  # 16 per label, the whole set as the batch (the default for small sets)
@@ -213,8 +216,9 @@ def run_one(args, files, line: str, seed: int) -> dict:
                 "fit-only": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.fit_steps}fwd"],
                 "fit+mezo": ["--optimizer", "auto", "--output-fit-steps", args.fit_steps, "--budget", f"{args.budget}fwd"],
                 "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"],
-                "auto-heldback": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
-    if line == "auto-heldback":  # no dev play: the run ranks on windows it holds back from the training text
+                "auto-heldback": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"],
+                "auto-heldback-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"]}[line]
+    if line.startswith("auto-heldback"):  # no dev play: the run ranks on windows it holds back from the training text
         at = common.index("--eval-data")
         del common[at : at + 2]
     return _finish(args, files, line, seed, out, run_dir, common, settings)
@@ -277,15 +281,16 @@ def _probe_run(args, files, seed: int, out: Path, run_dir: Path, body: Path | No
     return record
 
 
-def _backprop_run(args, files, seed: int, out: Path) -> dict:
+def _backprop_run(args, files, seed: int, out: Path, seconds: float | None = None) -> dict:
     cmd = [sys.executable, Path(__file__).with_name("learning_backprop.py"), "--bundle", args.bundle, "--work", args.work,
-           "--batch-size", args.batch_size, "--steps", args.backprop_steps, "--seed", seed]
+           "--batch-size", args.batch_size, "--seed", seed,
+           *(["--steps", 10**6, "--seconds", seconds] if seconds else ["--steps", args.backprop_steps])]
     started = time.perf_counter()
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"backprop worker failed: {result.stderr.strip().splitlines()[-3:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    record.update(line="backprop", seed=seed, budget_fwd=args.budget, batch_size=args.batch_size,
+    record.update(line="backprop-10m" if seconds else "backprop", seed=seed, budget_fwd=args.budget, batch_size=args.batch_size,
                   run_s=round(time.perf_counter() - started, 1))
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(f"  done backprop seed {seed}: test perplexity {record['test']['perplexity']:.2f}", flush=True)

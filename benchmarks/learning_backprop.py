@@ -83,12 +83,15 @@ def backprop_worker(args) -> None:
     started = time.perf_counter()
     best_elapsed = 0.0
     for step in range(args.steps):
+        if args.seconds is not None and time.perf_counter() - started >= args.seconds:
+            args.steps = step  # a time budget, as edgeft train's: stop after the step that crossed it
+            break
         rows = [data["train"][i] for i in epoch_batch(n, batch_size, seed, BATCH_STREAM, step)]
         s, c = nll(rows)
         (s / c).backward()
         optim.step()
         optim.zero_grad()
-        if (step + 1) % 10 == 0 or step + 1 == args.steps:
+        if (step + 1) % 10 == 0 or step + 1 == args.steps or (args.seconds is not None and time.perf_counter() - started >= args.seconds):
             dev = evaluate(data["dev"])
             if dev < best[0]:
                 best = (dev, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora" in k})
@@ -110,6 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", required=True, type=int)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seconds", type=float, help="stop after the step that crosses this much training time")
     backprop_worker(p.parse_args(argv))
 
 

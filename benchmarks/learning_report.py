@@ -12,7 +12,8 @@ TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
 LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng, rt: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
-                         "auto-heldback", "backprop"),
+                         "auto-heldback", "backprop", "auto-heldback-10m",
+                         "backprop-10m"),
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
@@ -62,8 +63,8 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-heldback")):
-        for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "backprop"):
+    for main_line in (("mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-heldback", "auto-heldback-10m")):
+        for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "backprop", "backprop-10m"):
             if main_line not in by_line or other not in by_line or other == main_line:
                 continue
             for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
@@ -99,7 +100,9 @@ the output fit alone — the output bias and LoRA r=8 on the top layer's MLP (ga
 gradient (40 steps, one pass each); `fit+mezo` = that fit, then MeZO on the body for the rest of the budget; `auto` =
 edgeft's default recipe now: the output fit for the whole budget, its best point on the dev windows kept (scored
 every 25 steps); `auto-heldback` = the same run without `--eval-data`, as a user without a dev text runs it: the
-run ranks its adapters on 16 windows it holds back from the training plays (every 10th); `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
+run ranks its adapters on 16 windows it holds back from the training plays (every 10th); `auto-heldback-10m`,
+`backprop-10m` = auto-heldback and backprop given 10 minutes of one core each (the whole run's time, evaluations
+included) instead of a pass count; `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
 point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
 alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""

@@ -42,6 +42,8 @@ def session_options(profile: DeviceProfile) -> ort.SessionOptions:
     options.enable_cpu_mem_arena = True
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if not profile.prepack_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
