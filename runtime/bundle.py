@@ -14,6 +14,9 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
 
 from .devices import DeviceProfile
+from .memory import return_large_frees_to_the_os
+
+return_large_frees_to_the_os()  # before any session is created (runtime/memory.py: a 200 MB spread otherwise)
 
 _ORT_TYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32}
 

@@ -29,9 +29,9 @@ class DeviceProfile:
     # forward pass (when --batch-size is not given); a causal LM always trains in batches of batch_size
     whole_set_max: int = 64
     budget: str | None = None  # default training budget when --steps/--budget are not given ("20m", "4000fwd")
-    # false: ONNX Runtime computes with the fp32 weights as loaded instead of repacking each for its matrix
-    # kernels beside the original. Measured on SmolLM2-135M fp32 (one thread, 1 x 128 tokens): session 927 ->
-    # 702 MB, a forward pass 0.377 -> 0.448 s; int8 unchanged; int4 1.5x slower (its kernels need the packing).
+    # false: ONNX Runtime computes with the weights as loaded instead of repacking each for its matrix kernels
+    # beside the original. Measured on SmolLM2-135M (one thread, 1 x 128 tokens, peak after the runs): int8
+    # 655 -> 604 MB at 14% slower; fp32 and int4 no smaller, 28% and 2x slower. A last resort for tight memory.
     prepack_weights: bool = True
 
     @property
