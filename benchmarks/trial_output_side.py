@@ -8,7 +8,7 @@ step chosen every 10 steps on 16 windows of Romeo and Juliet; test perplexity on
 of Macbeth), 40 Adam steps of batch 4 (edgeft's batch order), the rest of the model frozen. CONFIG
 joins with "+": ``bias`` (output bias over the vocabulary, lr 3e-2); LoRA r=8 on ``down29`` (the top
 layer's down projection), ``mlp29`` (its gate, up and down), ``o29`` (its attention output projection), ``attn29`` (its q, k, v
-and o), ``qvtop6`` (q, v of the top 6 layers),
+and o), ``mlptopN`` (gate, up, down of the top N = 2, 3 or 6 layers), ``qvtop6`` (q, v of the top 6 layers),
 ``qvall`` (q, v of every layer: the backprop reference); ``hi``: LoRA lr 3e-3 instead of 3e-4; ``rN``: LoRA
 rank N instead of 8 (alpha 2N, the same scale). One JSON
 line per run is appended to docs/top-trial/results.jsonl. Reads the GGUF asset; needs torch and peft.
@@ -64,6 +64,9 @@ def main(argv=None) -> None:
         targets.append(f"model.layers.{top}.self_attn.o_proj")
     if "attn29" in config:
         targets += [f"model.layers.{top}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    for depth in (2, 3, 6):  # "mlptopN": gate, up and down of the top N layers
+        if f"mlptop{depth}" in config:
+            targets += [f"model.layers.{l}.mlp.{m}" for l in range(top - depth + 1, top + 1) for m in ("down_proj", "gate_proj", "up_proj")]
     if "qvtop6" in config:
         targets += [f"model.layers.{l}.self_attn.{m}" for l in range(top - 5, top + 1) for m in ("q_proj", "v_proj")]
     if "qvall" in config:
