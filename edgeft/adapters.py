@@ -143,9 +143,8 @@ class AdapterLayout:
 
 def searched_tensors(layout: AdapterLayout, manifest: Manifest) -> list[str]:
     """The tensors zeroth-order search changes: all but those fitted from exact gradients at the start
-    (the output adapter; a causal LM's top MLP LoRA, ``runtime/top_fit.py``)."""
-    top = manifest.top_mlp
-    fitted = {f"{m}.{ab}" for m in top.modules.values() for ab in ("lora_A", "lora_B")} if top else set()
+    (the output adapter; a causal LM's top blocks' or top MLP's LoRA, ``runtime/top_blocks.py``)."""
+    fitted = manifest.exact_fit_tensors()
     return [t.name for t in layout.tensors if t.role not in FITTED_ROLES and t.name not in fitted]
 
 

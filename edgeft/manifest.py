@@ -85,6 +85,37 @@ class TopMLP:
     activation: str = "silu"
 
 
+BLOCK_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class TopBlocks:
+    """A Llama-family causal LM's top decoder blocks (``layers``, contiguous up to the last), whose
+    LoRA on the ``fitted`` roles (the MLPs' gate, up, down) the device fits from an exact gradient:
+    it recomputes these blocks' forward in numpy from the hidden state entering the lowest of them
+    (the graph output ``input``) and differentiates it by hand (``runtime/top_blocks.py``).
+    ``weights`` (a safetensors file in the bundle) holds their frozen weights: ``lm_head``
+    [vocab, hidden], ``final_norm`` [hidden] and per layer ℓ ``ℓ.input_norm``, ``ℓ.post_norm`` and
+    ``ℓ.<role>`` [out, in] for every role (the bases under any LoRA). Supersedes ``TopMLP`` (one
+    block's MLP) for Llama exports; RoPE without scaling, no attention or MLP biases."""
+
+    layers: list[int]
+    modules: list[dict[str, str]]  # per layer: role (BLOCK_ROLES) -> module name (LoRA tensors <module>.lora_A/B)
+    fitted: list[str]  # roles whose LoRA the fit trains; other adapted roles only enter its forward
+    input: str
+    weights: str
+    norm_eps: float
+    rope_theta: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _weights_name(kind: str, name) -> None:
+    if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
+        raise EdgeftError(f"manifest: {kind} weights {name!r} must be a file name inside the bundle")
+
+
 @dataclass
 class Manifest:
     task: str
@@ -111,6 +142,18 @@ class Manifest:
     # causal LM: the top layer's MLP, whose LoRA the device fits from exact gradients (runtime/top_fit.py);
     # None for bundles without it (other architectures and adapter types, older exports)
     top_mlp: TopMLP | None = None
+    # causal LM (Llama family): the top blocks whose MLP LoRA the device fits from exact gradients
+    top_blocks: TopBlocks | None = None
+
+    def exact_fit_tensors(self) -> set[str]:
+        """Adapter tensors fitted from their exact gradient before the search (which leaves them alone)."""
+        names = set()
+        if self.top_mlp is not None:
+            names |= {f"{m}.{ab}" for m in self.top_mlp.modules.values() for ab in ("lora_A", "lora_B")}
+        if self.top_blocks is not None:
+            names |= {f"{layer[r]}.{ab}" for layer in self.top_blocks.modules for r in self.top_blocks.fitted
+                      for ab in ("lora_A", "lora_B")}
+        return names
 
     @property
     def graph_outputs(self) -> list[str]:
@@ -145,11 +188,34 @@ class Manifest:
             missing = [f"{m}.{ab}" for m in top.modules.values() for ab in ("lora_A", "lora_B") if f"{m}.{ab}" not in names]
             if missing or top.activation != "silu" or not all(o in self.outputs for o in top.outputs.values()):
                 raise EdgeftError(f"manifest: top_mlp does not match the graph ({missing[0] if missing else 'outputs'})")
-            if Path(top.weights).name != top.weights or top.weights.startswith("."):
-                raise EdgeftError(f"manifest: top_mlp weights {top.weights!r} must be a file name inside the bundle")
+            _weights_name("top_mlp", top.weights)
+        if self.top_blocks is not None:
+            self._validate_top_blocks(names)
         if self.segments and (sorted(n for group in self.segments.adapters for n in group) != sorted(names)
                               or len(self.segments.files) != len(self.segments.adapters)):
             raise EdgeftError("manifest: segments do not cover the adapter tensors exactly once")
+
+    def _validate_top_blocks(self, names: list[str]) -> None:
+        top = self.top_blocks
+        if not all(isinstance(v, list) for v in (top.layers, top.modules, top.fitted)) or not isinstance(top.input, str):
+            raise EdgeftError("manifest: malformed top_blocks (layers, modules and fitted are lists)")
+        try:
+            layers, modules = [int(i) for i in top.layers], [dict(m) for m in top.modules]
+            sizes = [int(top.heads), int(top.kv_heads), int(top.head_dim)]
+            numbers = [float(top.norm_eps), float(top.rope_theta)]
+            fitted = list(top.fitted)
+        except (TypeError, ValueError):
+            raise EdgeftError("manifest: malformed top_blocks") from None
+        if not layers or layers != list(range(layers[0], layers[0] + len(layers))) or len(modules) != len(layers):
+            raise EdgeftError("manifest: top_blocks needs contiguous layers, one module map each")
+        if any(set(m) != set(BLOCK_ROLES) for m in modules) or not fitted or not set(fitted) <= set(BLOCK_ROLES):
+            raise EdgeftError(f"manifest: top_blocks must map the roles {', '.join(BLOCK_ROLES)} and fit some of them")
+        if min(sizes) <= 0 or sizes[0] % sizes[1] or min(numbers) <= 0:
+            raise EdgeftError("manifest: top_blocks has impossible sizes (heads, kv_heads, head_dim, eps, rope_theta)")
+        missing = sorted(n for n in self.exact_fit_tensors() if n not in names)
+        if missing or top.input not in self.hidden_states:
+            raise EdgeftError(f"manifest: top_blocks does not match the graph ({missing[0] if missing else top.input})")
+        _weights_name("top_blocks", top.weights)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -165,10 +231,12 @@ class Manifest:
             tensors = [_known(AdapterTensor, t) for t in adapter_raw.pop("tensors", [])]
             adapter = _known(AdapterSpec, adapter_raw)
             adapter.tensors = tensors
-            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments", "top_mlp")}
+            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments", "top_mlp", "top_blocks")}
             segments = _known(Segments, raw["segments"]) if raw.get("segments") else None
             top_mlp = _known(TopMLP, raw["top_mlp"]) if raw.get("top_mlp") else None
-            manifest = _known(cls, {**body, "adapter": adapter, "segments": segments, "top_mlp": top_mlp})
+            top_blocks = _known(TopBlocks, raw["top_blocks"]) if raw.get("top_blocks") else None
+            manifest = _known(cls, {**body, "adapter": adapter, "segments": segments, "top_mlp": top_mlp,
+                                    "top_blocks": top_blocks})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise EdgeftError(f"manifest: malformed ({err})") from None
         if manifest.format_version > FORMAT_VERSION:

@@ -137,7 +137,7 @@ def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
         log(f"no --eval-data: {held_back} of the {len(train_enc.ids) + held_back} training windows held back to rank the adapters")
     has_bias = output_bias_slice(bundle) is not None
     has_label_probe = label_probe_tensors(bundle)
-    has_top_mlp = bundle.manifest.top_mlp is not None
+    has_top_mlp = bundle.manifest.top_mlp is not None or bundle.manifest.top_blocks is not None
     recipe = auto_recipe(bundle.task, has_bias, has_label_probe, has_top_mlp) if req.optimizer == "auto" else None
     name = recipe.optimizer if recipe else req.optimizer
     if recipe:

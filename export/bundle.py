@@ -18,6 +18,7 @@ from .loading import Source, load_source
 from .onnx_graph import export_onnx, verify_against_torch
 from .tasks import CausalLM, Classification, Prompt, head_tensors, label_head_tensors, output_bias_tensor
 from .top_mlp import OUTPUTS as TOP_OUTPUTS
+from .top_blocks import FIT_LAYERS, fitted_modules, top_block_layers, top_blocks_manifest, write_top_block_weights
 from .top_mlp import Capture, top_mlp_manifest, top_mlp_modules, write_top_mlp_weights
 
 
@@ -65,10 +66,15 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     layer_count = _layer_count(src.model)
     top = _top_layers(options.layers, layer_count)
     adapted = set(range(layer_count - top, layer_count)) if top else None
-    # causal LM: LoRA on the top layer's MLP too, fitted on the device from its exact gradient (top_mlp.py)
-    top_mlp = top_mlp_modules(src.model, src.architecture, options.adapter) if options.task == "causal-lm" else None
-    if top_mlp:
-        targets = list(targets) + [m for m in top_mlp.values() if m not in targets]
+    # causal LM: LoRA on the MLPs of the top blocks too (Llama: FIT_LAYERS of them, or the adapted top N,
+    # whose input is then the cut's boundary; top_blocks.py), or of the top layer only (other gated-MLP
+    # architectures: top_mlp.py), fitted on the device from its exact gradient
+    blocks = top_mlp = None
+    if options.task == "causal-lm":
+        blocks = top_block_layers(src.model, src.architecture, options.adapter, top or FIT_LAYERS)
+        top_mlp = None if blocks else top_mlp_modules(src.model, src.architecture, options.adapter)
+    fitted = fitted_modules(blocks) if blocks else list(top_mlp.values()) if top_mlp else []
+    targets = list(targets) + [m for m in fitted if m not in targets]
     slots, tensors, stored = inject_adapters(src.model, targets, options.adapter, options.rank, options.alpha,
                                              options.init, options.tt_cores, adapted)
     manifest_extra: dict = {}
@@ -102,6 +108,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         if top_mlp:
             outputs += list(TOP_OUTPUTS.values())
             manifest_extra["top_mlp"] = top_mlp_manifest(src.model, top_mlp)
+        if blocks:
+            manifest_extra["top_blocks"] = top_blocks_manifest(src.model, blocks)
     wrapper.eval()
     data_inputs = ["input_ids", "attention_mask"] + ([] if options.task == "causal-lm" else ["labels"])
 
@@ -131,6 +139,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_NAME))
         if top_mlp:
             write_top_mlp_weights(src.model, top_mlp, tmp)
+        if blocks:
+            write_top_block_weights(src.model, blocks, tmp)
         if stored:
             from safetensors.numpy import save_file
 

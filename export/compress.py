@@ -45,7 +45,7 @@ def compress_bundle(bundle: Path, out: Path, params_ratio: float | None = None, 
         if quantize:
             QUANTIZERS[quantize](target, tmp / MODEL_NAME, manifest)
             remove(target)
-        _derived_manifest(bundle, manifest, tmp, keep_top_mlp=False)
+        _derived_manifest(bundle, manifest, tmp, keep_exact_fit=False)
         return {}
 
     write_bundle(out, write)
@@ -75,18 +75,21 @@ def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None,
     return write_bundle(out, write)["excluded"]
 
 
-def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_top_mlp: bool = True) -> None:
+def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact_fit: bool = True) -> None:
     """The tokenizer, the adapters' stored start values and the source's manifest without its graph
-    segments (they hold the source's weights). The top MLP's exact fit (``export/top_mlp.py``) stays
-    for int8 weights (its gradient then uses the fp32 originals: off by the rounding) and is dropped
-    for LoRD, whose low-rank factors replace the down projection the gradient needs; that bundle's top
-    MLP LoRA is then searched like the rest of the body."""
+    segments (they hold the source's weights). The exact fit of the top blocks or top MLP
+    (``export/top_blocks.py``, ``export/top_mlp.py``) stays for int8/int4 weights (its gradient then
+    uses the fp32 originals: off by the rounding) and is dropped for LoRD, whose low-rank factors
+    replace the weights the gradient needs; that bundle's fitted LoRA is then searched like the rest
+    of the body."""
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
     if manifest.adapter.init_file:
         shutil.copy(source / manifest.adapter.init_file, folder / manifest.adapter.init_file)
-    if manifest.top_mlp is not None and keep_top_mlp:
-        shutil.copy(source / manifest.top_mlp.weights, folder / manifest.top_mlp.weights)
-    elif manifest.top_mlp is not None:
-        manifest.top_mlp = None
+    for kind in ("top_mlp", "top_blocks"):
+        top = getattr(manifest, kind)
+        if top is not None and keep_exact_fit:
+            shutil.copy(source / top.weights, folder / top.weights)
+        elif top is not None:
+            setattr(manifest, kind, None)
     manifest.segments = None
     manifest.save(folder)

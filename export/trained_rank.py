@@ -209,7 +209,7 @@ def _write(model, source: Path, manifest: Manifest, folder: Path) -> dict:
     from .onnx_files import save_model
 
     save_model(model, folder / MODEL_NAME)
-    _derived_manifest(source, replace(manifest), folder, keep_top_mlp=False)
+    _derived_manifest(source, replace(manifest), folder, keep_exact_fit=False)
     return {}
 
 

@@ -33,6 +33,7 @@ from edgeft.errors import EdgeftError
 from .bundle import Bundle, Encoded
 from .evaluate import causal_lm_rows
 from .optimizers.updates import Adam
+from .top_blocks import TopBlocksFit
 from .top_fit import TopMLPFit, scored_softmax_chunks
 
 
@@ -54,6 +55,22 @@ def bias_gradient(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.
         gradient += g.sum(0, dtype=np.float64)
         nll, tokens = nll + summed, tokens + len(rows)
     return gradient, nll, tokens
+
+
+def exact_fit(bundle: Bundle) -> TopBlocksFit | TopMLPFit | None:
+    """What differentiates the bundle's LoRA above the output bias: its top blocks (Llama exports), its
+    top MLP (other gated-MLP architectures, older Llama bundles) or nothing (the bias alone)."""
+    if bundle.manifest.top_blocks is not None:
+        return TopBlocksFit(bundle.folder, bundle.manifest)
+    if bundle.manifest.top_mlp is not None:
+        return TopMLPFit(bundle.folder, bundle.manifest)
+    return None
+
+
+def fit_kind(manifest) -> str:
+    if manifest.top_blocks is not None:
+        return f"output bias + LoRA on the top {len(manifest.top_blocks.layers)} blocks' MLPs"
+    return "output bias + top MLP LoRA" if manifest.top_mlp is not None else "output bias"
 
 
 def output_bias_slice(bundle: Bundle) -> slice | None:
@@ -83,7 +100,7 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
     where = output_bias_slice(bundle)
     if where is None:
         raise ValueError("this bundle has no output bias (exported before edgeft had one?)")
-    top = TopMLPFit(bundle.folder, bundle.manifest) if bundle.manifest.top_mlp is not None else None
+    top = exact_fit(bundle)
     theta = np.array(theta, dtype=np.float32, copy=True)
     named = bundle.layout.unflatten(theta)  # views: updating them updates theta
     groups = {"bias": (theta[where], config.lr)}
@@ -111,15 +128,15 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
         batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
         gradients = {k: np.zeros(v.shape, dtype=np.float64) for k, (v, _) in groups.items()}
         nll, tokens = 0.0, 0
-        down = top.down_projection(named) if top else None
         for start in range(0, len(batch), rows_per_run):
             feeds = bundle.feeds(train, batch[start : start + rows_per_run])
             logits, *top_outputs = bundle.run(feeds, theta, outputs)
-            for rows, cols, g, summed in scored_softmax_chunks(logits, feeds["input_ids"], feeds["attention_mask"]):
-                gradients["bias"] += g.sum(0, dtype=np.float64)
-                if top:
-                    top.add(rows, cols, g, top_outputs, named, down, gradients)
-                nll, tokens = nll + summed, tokens + len(rows)
+            if top:
+                summed, count = top.accumulate(feeds, logits, top_outputs, named, gradients)
+            else:
+                g, summed, count = bias_gradient(logits, feeds["input_ids"], feeds["attention_mask"])
+                gradients["bias"] += g
+            nll, tokens = nll + summed, tokens + count
             del logits, top_outputs
         if tokens == 0:
             continue
@@ -191,7 +208,7 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
                                              held_out, eval_every, out_of_time, on_step)
         if not losses:
             raise EdgeftError("output fit: the training data has no window of two or more tokens")
-        kind = "output bias + top MLP LoRA" if bundle.manifest.top_mlp is not None else "output bias"
+        kind = fit_kind(bundle.manifest)
         record = {"kind": kind, "steps": len(losses), "forward_passes": len(losses), "best_step": info["best_step"],
                   "forward_passes_to_best": info["best_step"], "train_loss_first": losses[0], "train_loss_last": losses[-1], "kept": True}
         what = f" + {kind} fitted in {len(losses)} steps"

@@ -127,9 +127,11 @@ def _extra_mb(folder: Path, manifest, output_fit: bool) -> float:
 
     size = bundle_layout(folder, manifest).size
     extra = OPTIMIZER_VECTORS * size * 4 / 2**20
-    if manifest.top_mlp is not None and output_fit:
-        # one copy, read in place (edgeft/tensor_file.py), + the down projection in float64 and a softmax chunk
-        extra += TOP_FIT_OVERHEAD * (folder / manifest.top_mlp.weights).stat().st_size / 2**20
+    top = manifest.top_blocks or manifest.top_mlp
+    if top is not None and output_fit:
+        # one copy, read in place (edgeft/tensor_file.py), + one sequence's saved activations (top blocks)
+        # or the down projection in float64 (top MLP) and a softmax chunk
+        extra += TOP_FIT_OVERHEAD * (folder / top.weights).stat().st_size / 2**20
     return extra
 
 

@@ -102,6 +102,17 @@ class TopMLPFit:
         a_d, b_d = (adapters[n].astype(np.float64) for n in self.names["down"])
         return self.down + self.scale * (b_d @ a_d)
 
+    def accumulate(self, feeds: dict, logits: np.ndarray, outputs: list[np.ndarray], adapters: dict[str, np.ndarray],
+                   into: dict[str, np.ndarray]) -> tuple[float, int]:
+        """Add the batch's summed gradients of the output bias (``into["bias"]``) and the six LoRA
+        tensors to ``into``; returns (summed NLL, scored tokens). As ``TopBlocksFit.accumulate``."""
+        down, nll, tokens = self.down_projection(adapters), 0.0, 0
+        for rows, cols, g, summed in scored_softmax_chunks(logits, feeds["input_ids"], feeds["attention_mask"]):
+            into["bias"] += g.sum(0, dtype=np.float64)
+            self.add(rows, cols, g, outputs, adapters, down, into)
+            nll, tokens = nll + summed, tokens + len(rows)
+        return nll, tokens
+
     def add(self, rows, cols, g: np.ndarray, outputs: list[np.ndarray], adapters: dict[str, np.ndarray],
             down: np.ndarray, into: dict[str, np.ndarray]) -> None:
         """Add the six LoRA tensors' summed gradients over one chunk of scored positions (``rows``,

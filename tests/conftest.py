@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models import SENTIMENT, tiny_bert, tiny_gpt2, tiny_llama, write_jsonl
+from tests.models import SENTIMENT, tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,16 @@ def bert_mlm_folder(workdir):
 @pytest.fixture(scope="session")
 def llama_folder(workdir):
     return tiny_llama(workdir / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def mistral_folder(workdir):
+    return tiny_mistral(workdir / "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def mistral_lm_bundle(workdir, mistral_folder):
+    return _export(workdir, "mistral-lm", mistral_folder, task="causal-lm")
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,43 @@ def tiny_llama(folder: Path) -> Path:
     return Path(folder)
 
 
+def tiny_mistral(folder: Path) -> Path:
+    """A gated-MLP decoder other than Llama: its bundles keep the single top-MLP fit (export/top_mlp.py)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    tok, vocab = _bpe_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    MistralForCausalLM(config).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(folder)
+    return Path(folder)
+
+
+def torch_lm_reference(model_folder: Path, manifest, feeds: dict, values: dict):
+    """Summed next-token NLL over real tokens and its autograd gradient for every adapter tensor, in
+    torch, with the adapters injected as the exporter injects them."""
+    import numpy as np
+    import torch
+
+    from export.adapters import inject_adapters
+    from export.loading import load_source
+    from export.tasks import CausalLM
+
+    src = load_source(str(model_folder), "causal-lm", None)
+    spec = manifest.adapter
+    slots, tensors, _ = inject_adapters(src.model, spec.targets, spec.kind, spec.rank, spec.alpha)
+    names = [t.name for t in manifest.adapter.tensors]
+    wrapper = CausalLM(src.model, slots, names)
+    adapters = [torch.tensor(np.asarray(values[n]), dtype=torch.float32, requires_grad=True) for n in names]
+    loss, count, _, *_ = wrapper(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]), *adapters)
+    total = (loss * count).sum()
+    total.backward()
+    return float(total.detach()), {n: a.grad.double().numpy() for n, a in zip(names, adapters)}
+
+
 def tiny_gpt2(folder: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast

@@ -1,5 +1,5 @@
-"""The top MLP's exact-gradient fit: numpy gradients from ORT outputs against torch autograd, and the
-bundle's contract (manifest, weights file)."""
+"""The top MLP's exact-gradient fit (gated-MLP decoders other than Llama, here a tiny Mistral): numpy
+gradients from ORT outputs against torch autograd, and the bundle's contract (manifest, weights file)."""
 
 import json
 import shutil
@@ -11,32 +11,12 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import Manifest
 from edgeft.runtime import Bundle
 from edgeft.runtime.top_fit import TopMLPFit, rms_norm_backward, scored_softmax_chunks
-
-
-def _torch_reference(llama_folder, manifest, feeds, values):
-    """Summed next-token NLL over real tokens and its autograd gradient for every adapter tensor, in torch,
-    with the adapters injected as the exporter injects them."""
-    import torch
-
-    from export.adapters import inject_adapters
-    from export.loading import load_source
-    from export.tasks import CausalLM
-
-    src = load_source(str(llama_folder), "causal-lm", None)
-    spec = manifest.adapter
-    slots, tensors, _ = inject_adapters(src.model, spec.targets, spec.kind, spec.rank, spec.alpha)
-    names = [t.name for t in manifest.adapter.tensors]
-    wrapper = CausalLM(src.model, slots, names)
-    adapters = [torch.tensor(values[n], dtype=torch.float32, requires_grad=True) for n in names]
-    loss, count, _, *_ = wrapper(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]), *adapters)
-    total = (loss * count).sum()
-    total.backward()
-    return float(total.detach()), {n: a.grad.double().numpy() for n, a in zip(names, adapters)}
+from tests.models import torch_lm_reference
 
 
 @pytest.mark.parametrize("batch, length", [(2, 7), (3, 11)])
-def test_top_mlp_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_folder, batch, length):
-    b = Bundle(llama_lm_bundle)
+def test_top_mlp_and_bias_gradients_equal_torch_autograd(mistral_lm_bundle, mistral_folder, batch, length):
+    b = Bundle(mistral_lm_bundle)
     assert b.manifest.top_mlp is not None
     top = TopMLPFit(b.folder, b.manifest)
     rng = np.random.default_rng(batch)
@@ -55,7 +35,7 @@ def test_top_mlp_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_
         got["bias"] += g.sum(0)
         top.add(rows, cols, g, outputs, named, top.down_projection(named), got)
         nll += summed
-    total, want = _torch_reference(llama_folder, b.manifest, feeds, {k: np.array(v) for k, v in named.items()})
+    total, want = torch_lm_reference(mistral_folder, b.manifest, feeds, {k: np.array(v) for k, v in named.items()})
     np.testing.assert_allclose(nll, total, rtol=1e-4)
     np.testing.assert_allclose(got["bias"], want["output.bias"], rtol=1e-3, atol=1e-5)
     for name in top.tensor_names():
@@ -82,8 +62,8 @@ def _copy(bundle, tmp_path):
     return folder
 
 
-def test_top_mlp_weights_outside_the_bundle_are_refused(llama_lm_bundle, tmp_path):
-    folder = _copy(llama_lm_bundle, tmp_path)
+def test_top_mlp_weights_outside_the_bundle_are_refused(mistral_lm_bundle, tmp_path):
+    folder = _copy(mistral_lm_bundle, tmp_path)
     raw = json.loads((folder / "edgeft.json").read_text())
     for bad in ("../top_mlp.safetensors", "/etc/passwd", ".hidden"):
         raw["top_mlp"]["weights"] = bad
@@ -99,38 +79,38 @@ def test_top_mlp_weights_outside_the_bundle_are_refused(llama_lm_bundle, tmp_pat
             Manifest.from_dict(raw)
 
 
-def test_corrupt_top_mlp_weights_get_a_one_line_error(llama_lm_bundle, tmp_path):
-    folder = _copy(llama_lm_bundle, tmp_path)
+def test_corrupt_top_mlp_weights_get_a_one_line_error(mistral_lm_bundle, tmp_path):
+    folder = _copy(mistral_lm_bundle, tmp_path)
     (folder / "top_mlp.safetensors").write_bytes(b"not a safetensors file")
     b = Bundle(folder)
     with pytest.raises(EdgeftError, match="cannot read the top MLP's weights"):
         TopMLPFit(b.folder, b.manifest)
 
 
-def test_int8_bundle_keeps_the_top_fit_and_lord_drops_it(llama_lm_bundle, tmp_path):
+def test_int8_bundle_keeps_the_top_fit_and_lord_drops_it(mistral_lm_bundle, tmp_path):
     """int8 frozen weights: the fit's weights file comes along and the fit runs; LoRD replaces the down
     projection the gradient needs, so its bundle has no top_mlp and searches that LoRA like the body."""
     from edgeft.adapters import searched_tensors
     from edgeft.export.compress import compress_bundle, quantize_bundle
     from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
 
-    quantize_bundle(llama_lm_bundle, tmp_path / "int8")
+    quantize_bundle(mistral_lm_bundle, tmp_path / "int8")
     b8 = Bundle(tmp_path / "int8")
     assert b8.manifest.top_mlp is not None and (tmp_path / "int8" / "top_mlp.safetensors").is_file()
     enc = b8.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
     _, losses, _ = fit_lm_output(b8, enc, b8.layout.initial(0), batch_size=2, config=OutputFitConfig(steps=5, lr=0.1))
     assert losses[-1] < losses[0]
-    compress_bundle(llama_lm_bundle, tmp_path / "lord", params_ratio=0.7)
+    compress_bundle(mistral_lm_bundle, tmp_path / "lord", params_ratio=0.7)
     lord = Bundle(tmp_path / "lord")
     assert lord.manifest.top_mlp is None and not (tmp_path / "lord" / "top_mlp.safetensors").exists()
     assert any(".mlp." in n for n in searched_tensors(lord.layout, lord.manifest))
 
 
-def test_top_fit_runs_on_a_bundle_cut_below_its_top_layer(export_bundle_for, llama_folder):
+def test_top_fit_runs_on_a_bundle_cut_below_its_top_layer(export_bundle_for, mistral_folder):
     """--layers top:1: the top segment returns the four outputs, and its gradients equal the whole graph's."""
     from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
 
-    cut = Bundle(export_bundle_for("llama-lm-top1", llama_folder, task="causal-lm", layers="top:1"))
+    cut = Bundle(export_bundle_for("mistral-lm-top1", mistral_folder, task="causal-lm", layers="top:1"))
     assert cut.chain is not None and cut.manifest.top_mlp is not None
     whole = Bundle(cut.folder, use_segments=False)
     enc = cut.encode(["the movie was great and the acting was good", "i hated this film it is boring"])

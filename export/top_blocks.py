@@ -1,0 +1,92 @@
+"""The top decoder blocks of a Llama-family causal LM, prepared for their exact-gradient fit on the device.
+
+The device fits a LoRA on the MLPs (gate, up, down) of the top ``FIT_LAYERS`` blocks from its exact
+loss gradient without a backward graph: it takes the hidden state entering the lowest of them (a
+graph output every causal-LM bundle has) and recomputes those blocks' forward and backward in numpy
+(``runtime/top_blocks.py``). This module checks that a model is one that code reproduces (pre-norm
+RMSNorm, rotary attention without scaling, grouped KV heads, SwiGLU, no biases, a plain LM head),
+names the modules and writes the frozen weights the device needs.
+
+Why six blocks (torch, SmolLM2-135M, three tragedies → 8,192 Macbeth tokens, 40 Adam steps of batch 4,
+seed 0; benchmarks/trial_output_side.py, docs/top-trial/): output bias + LoRA on the top block's MLP
+44.30 perplexity from 55.76; on the top six blocks' MLPs 40.44, level with backprop LoRA on q, v of
+all 30 layers (40.61).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from edgeft.manifest import BLOCK_ROLES, TopBlocks
+
+FIT_LAYERS = 6
+FITTED = ["gate", "up", "down"]
+WEIGHTS = "top_blocks.safetensors"
+MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+assert set(MODULES) == set(BLOCK_ROLES)
+
+
+def _rope_theta(config) -> float | None:
+    """The RoPE base, or None where the rotary embedding is scaled (the device recomputes only plain RoPE)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return None
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta) if theta else None
+
+
+def top_block_layers(model: nn.Module, architecture: str, adapter: str, count: int) -> list[int] | None:
+    """The top ``count`` layers' indices, or None where the device's blocks forward would not reproduce
+    the model (another architecture, activation, RoPE type, biases) or the adapter is not LoRA."""
+    config = model.config
+    if architecture != "llama" or adapter != "lora" or getattr(config, "hidden_act", None) != "silu":
+        return None
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False) or _rope_theta(config) is None:
+        return None
+    if getattr(config, "logit_scale", None) or getattr(config, "final_logit_softcapping", None):
+        return None
+    layers = int(config.num_hidden_layers)
+    return list(range(layers - min(count, layers), layers))
+
+
+def block_modules(layer: int) -> dict[str, str]:
+    return {role: f"model.layers.{layer}.{name}" for role, name in MODULES.items()}
+
+
+def fitted_modules(layers: list[int]) -> list[str]:
+    """The modules the exporter puts a LoRA on for the fit (besides the user's targets)."""
+    return [block_modules(i)[role] for i in layers for role in FITTED]
+
+
+def top_blocks_manifest(model: nn.Module, layers: list[int]) -> TopBlocks:
+    config = model.config
+    heads = int(config.num_attention_heads)
+    return TopBlocks(layers=list(layers), modules=[block_modules(i) for i in layers], fitted=list(FITTED),
+                     input=f"hidden.{layers[0]}", weights=WEIGHTS, norm_eps=float(config.rms_norm_eps),
+                     rope_theta=_rope_theta(config), heads=heads,
+                     kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                     head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads))
+
+
+def write_top_block_weights(model: nn.Module, layers: list[int], folder: Path) -> None:
+    """The frozen weights of the blocks, the final norm and the LM head, after adapter injection (a
+    wrapped module contributes its base: a PiSSA residual where the LoRA was initialised that way)."""
+    from safetensors.numpy import save_file
+
+    def array(t):
+        return np.ascontiguousarray(t.detach().float().numpy())
+
+    tensors = {"lm_head": array(model.get_output_embeddings().weight),
+               "final_norm": array(model.get_submodule("model.norm").weight)}
+    for i in layers:
+        block = model.get_submodule(f"model.layers.{i}")
+        tensors[f"{i}.input_norm"] = array(block.input_layernorm.weight)
+        tensors[f"{i}.post_norm"] = array(block.post_attention_layernorm.weight)
+        for role, name in block_modules(i).items():
+            module = model.get_submodule(name)
+            tensors[f"{i}.{role}"] = array(getattr(module, "base", module).weight)
+    save_file(tensors, str(Path(folder) / WEIGHTS))

@@ -1,0 +1,197 @@
+"""The exact loss gradient of a LoRA on the top decoder blocks of a Llama-family causal LM, in numpy.
+
+The graph returns the hidden state x entering the lowest of the top K blocks (``hidden.<ℓ>``) and the
+logits. From x this module recomputes the K blocks' forward, as the model runs them (pre-norm):
+
+    n = rms(x)·w₁;  q, k, v = n·W_qᵀ, n·W_kᵀ, n·W_vᵀ  (heads of head_dim; each KV head serves heads/kv_heads)
+    q, k ← q·cos + rot(q)·sin   (RoPE at positions 0…T−1; rot(z) = [−z₂, z₁] on the two halves)
+    P = softmax(q kᵀ/√d + causal mask);  x' = x + (P v)·W_oᵀ
+    m = rms(x')·w₂;  x'' = x' + (silu(m W_gᵀ) ⊙ m W_uᵀ)·W_dᵀ
+
+keeping what the backward pass reads, and then differentiates it by hand from the top down: the
+final residual's gradient is the output fit's (``top_fit.rms_norm_backward`` of (softmax − one-hot)·W_lm),
+each block adds its MLP's and attention's input gradients to the residual stream's, RoPE's adjoint
+is z·cos − rot(z·sin), and the softmax's is P ⊙ (dP − Σ dP⊙P). A LoRA y = z·Wᵀ + s·(z Aᵀ) Bᵀ runs
+without forming W + s·BA, and its factors' gradients are ``top_fit.lora_gradients``. Written by hand
+because the device has numpy only (no autograd); one sequence at a time, so the saved activations
+stay at K blocks × one sequence; tested against torch autograd (tests/test_top_blocks.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.errors import EdgeftError
+
+from .top_fit import lora_gradients, rms_norm_backward, scored_softmax_chunks, silu, silu_derivative
+
+ATTENTION = ("q", "k", "v", "o")
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = (x.astype(np.float64) ** 2).mean(-1, keepdims=True)
+    return (weight * (x / np.sqrt(variance + eps))).astype(np.float32)
+
+
+def _rotate_half(z: np.ndarray) -> np.ndarray:
+    half = z.shape[-1] // 2
+    return np.concatenate([-z[..., half:], z[..., :half]], axis=-1)
+
+
+class TopBlocksFit:
+    """The frozen weights and names the device's gradient of the top blocks' LoRA needs."""
+
+    def __init__(self, folder: Path, manifest):
+        from edgeft.tensor_file import read_tensors
+
+        top = manifest.top_blocks
+        path = Path(folder) / top.weights
+        try:
+            weights = read_tensors(path)  # one copy, read in place
+        except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
+            raise EdgeftError(f"{path}: cannot read the top blocks' weights ({str(err).splitlines()[0][:200]})") from None
+        keys = ["lm_head", "final_norm"] + [f"{i}.{k}" for i in top.layers
+                                            for k in ("input_norm", "post_norm", *top.modules[0])]
+        missing = [k for k in keys if k not in weights]
+        if missing:
+            raise EdgeftError(f"{path}: has no {missing[0]} (not this bundle's top blocks?)")
+        self.weights = weights
+        self.layers, self.fitted = list(top.layers), set(top.fitted)
+        self.eps, self.scale = float(top.norm_eps), manifest.adapter.scale
+        self.heads, self.kv_heads, self.head_dim = int(top.heads), int(top.kv_heads), int(top.head_dim)
+        hidden = weights["final_norm"].shape[0]
+        if weights[f"{self.layers[0]}.q"].shape != (self.heads * self.head_dim, hidden):
+            raise EdgeftError(f"{path}: q projection shape does not match the manifest's heads")
+        self.inv_freq = (1.0 / (float(top.rope_theta) ** (np.arange(0, self.head_dim, 2, dtype=np.float32)
+                                                         / self.head_dim))).astype(np.float32)
+        self.outputs = [top.input]
+        names = {t.name for t in manifest.adapter.tensors}
+        # per layer: role -> (A name, B name) for every role the graph runs with a LoRA
+        self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
+                     for modules in top.modules]
+
+    def tensor_names(self) -> list[str]:
+        """The fitted LoRA tensors, bottom block first."""
+        return [n for layer in self.lora for role, pair in layer.items() if role in self.fitted for n in pair]
+
+    # --- forward, one sequence [T, hidden] -------------------------------------------
+
+    def _linear(self, z, layer: int, role: str, adapters) -> np.ndarray:
+        y = z @ self.weights[f"{self.layers[layer]}.{role}"].T
+        pair = self.lora[layer].get(role)
+        if pair:
+            a, b = (adapters[n] for n in pair)
+            y += self.scale * ((z @ a.T) @ b.T)
+        return y
+
+    def _linear_backward(self, error, z, layer: int, role: str, adapters, into) -> np.ndarray:
+        """dL/dz of ``_linear`` given dL/dy; adds the LoRA's factor gradients to ``into`` where fitted."""
+        dz = error @ self.weights[f"{self.layers[layer]}.{role}"]
+        pair = self.lora[layer].get(role)
+        if pair:
+            a, b = (adapters[n] for n in pair)
+            dz += self.scale * ((error @ b) @ a)
+            if role in self.fitted:
+                dA, dB = lora_gradients(error, z, a, b, self.scale)
+                into[pair[0]] += dA
+                into[pair[1]] += dB
+        return dz
+
+    def _rope(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        freqs = np.arange(length, dtype=np.float32)[:, None] * self.inv_freq[None, :]
+        angles = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(angles), np.sin(angles)
+
+    def _block(self, x, layer: int, adapters, rope) -> tuple[np.ndarray, dict]:
+        i, (cos, sin) = self.layers[layer], rope
+        length, group = x.shape[0], self.heads // self.kv_heads
+        n1 = _rms_norm(x, self.weights[f"{i}.input_norm"], self.eps)
+
+        def heads(role, count):
+            return self._linear(n1, layer, role, adapters).reshape(length, count, self.head_dim).transpose(1, 0, 2)
+
+        q, k, v = heads("q", self.heads), heads("k", self.kv_heads), heads("v", self.kv_heads)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        kh, vh = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # KV head h // group serves head h
+        scores = (q @ kh.transpose(0, 2, 1)) / np.float32(np.sqrt(self.head_dim))
+        scores[:, np.triu(np.ones((length, length), dtype=bool), 1)] = -np.inf
+        scores -= scores.max(-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(-1, keepdims=True)
+        attended = (p @ vh).transpose(1, 0, 2).reshape(length, -1)
+        x2 = x + self._linear(attended, layer, "o", adapters)
+        n2 = _rms_norm(x2, self.weights[f"{i}.post_norm"], self.eps)
+        gate, up = self._linear(n2, layer, "gate", adapters), self._linear(n2, layer, "up", adapters)
+        mixed = silu(gate) * up
+        out = x2 + self._linear(mixed, layer, "down", adapters)
+        saved = dict(x=x, n1=n1, q=q, kh=kh, vh=vh, p=p, attended=attended, x2=x2, n2=n2, gate=gate, up=up, mixed=mixed)
+        return out, saved
+
+    # --- backward -------------------------------------------------------------------
+
+    def _block_backward(self, upstream, layer: int, s: dict, adapters, rope, into, below: bool):
+        """dL/dx of one block given dL/d(its output); ``below``: whether anything under it needs dL/dx
+        (else the attention half is differentiated only if it has a fitted LoRA)."""
+        i, (cos, sin) = self.layers[layer], rope
+        length, group = upstream.shape[0], self.heads // self.kv_heads
+        d_mixed = self._linear_backward(upstream, s["mixed"], layer, "down", adapters, into)
+        activated = silu(s["gate"])
+        d_up = d_mixed * activated
+        d_gate = d_mixed * s["up"] * silu_derivative(s["gate"])
+        d_n2 = (self._linear_backward(d_up, s["n2"], layer, "up", adapters, into)
+                + self._linear_backward(d_gate, s["n2"], layer, "gate", adapters, into))
+        d_x2 = upstream + rms_norm_backward(d_n2, s["x2"], self.weights[f"{i}.post_norm"], self.eps).astype(np.float32)
+        if not below and not any(r in self.fitted for r in self.lora[layer] if r in ATTENTION):
+            return None
+        d_attended = self._linear_backward(d_x2, s["attended"], layer, "o", adapters, into)
+        d_heads = d_attended.reshape(length, self.heads, self.head_dim).transpose(1, 0, 2)
+        p = s["p"]
+        d_p = d_heads @ s["vh"].transpose(0, 2, 1)
+        d_vh = p.transpose(0, 2, 1) @ d_heads
+        d_scores = p * (d_p - (d_p * p).sum(-1, keepdims=True)) / np.float32(np.sqrt(self.head_dim))
+        d_q, d_kh = d_scores @ s["kh"], d_scores.transpose(0, 2, 1) @ s["q"]
+
+        def merged(d, count, rotated):
+            if count != self.heads:  # the heads a KV head served add up
+                d = d.reshape(count, group, length, self.head_dim).sum(1)
+            if rotated:  # RoPE's adjoint
+                d = d * cos - _rotate_half(d * sin)
+            return d.transpose(1, 0, 2).reshape(length, -1)
+
+        d_n1 = (self._linear_backward(merged(d_q, self.heads, True), s["n1"], layer, "q", adapters, into)
+                + self._linear_backward(merged(d_kh, self.kv_heads, True), s["n1"], layer, "k", adapters, into)
+                + self._linear_backward(merged(d_vh, self.kv_heads, False), s["n1"], layer, "v", adapters, into))
+        return d_x2 + rms_norm_backward(d_n1, s["x"], self.weights[f"{i}.input_norm"], self.eps).astype(np.float32)
+
+    def accumulate(self, feeds: dict, logits: np.ndarray, outputs: list[np.ndarray], adapters: dict[str, np.ndarray],
+                   into: dict[str, np.ndarray]) -> tuple[float, int]:
+        """Add the summed gradients over this batch's scored tokens of the output bias (``into["bias"]``)
+        and the fitted LoRA tensors to ``into``; returns (summed NLL, scored tokens). ``logits`` and
+        ``outputs`` (``self.outputs``) are the graph's for ``feeds`` with these ``adapters``."""
+        (hidden,) = outputs
+        adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
+        lm_head, final_norm = self.weights["lm_head"], self.weights["final_norm"].astype(np.float64)
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        nll, tokens = 0.0, 0
+        for row in range(ids.shape[0]):
+            length = int(mask[row].sum())
+            if length < 2:
+                continue
+            if not mask[row, :length].all():
+                raise EdgeftError("top-block fit: expects right-padded rows (Bundle.feeds)")
+            rope = self._rope(length)
+            x, saved = np.asarray(hidden[row, :length], dtype=np.float32), []
+            for layer in range(len(self.layers)):
+                x, s = self._block(x, layer, adapters, rope)
+                saved.append(s)
+            upstream = np.zeros_like(x)
+            for _, cols, g, summed in scored_softmax_chunks(logits[row : row + 1], ids[row : row + 1], mask[row : row + 1]):
+                into["bias"] += g.sum(0, dtype=np.float64)
+                upstream[cols] = rms_norm_backward(g @ lm_head, x[cols], final_norm, self.eps)
+                nll, tokens = nll + summed, tokens + len(cols)
+            for layer in reversed(range(len(self.layers))):
+                upstream = self._block_backward(upstream, layer, saved[layer], adapters, rope, into, below=layer > 0)
+                saved[layer] = None  # freed as the backward goes down
+        return nll, tokens

@@ -1,0 +1,151 @@
+"""The top blocks' exact-gradient fit: the numpy forward and backward of a Llama's top decoder blocks
+against torch autograd, and the bundle's contract (manifest, weights file)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgeft.errors import EdgeftError
+from edgeft.manifest import Manifest
+from edgeft.runtime import Bundle
+from edgeft.runtime.top_blocks import TopBlocksFit
+from tests.models import torch_lm_reference
+
+
+def _feeds(rng, batch, length):
+    ids = rng.integers(5, 200, size=(batch, length)).astype(np.int64)
+    mask = np.ones((batch, length), dtype=np.int64)
+    mask[1:, length // 2 + 1 :] = 0  # right padding, as Bundle.feeds pads
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("batch, length", [(2, 7), (3, 11)])
+def test_top_blocks_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_folder, batch, length):
+    """Both layers of the tiny Llama are fitted blocks (the lowest one's input is the embeddings), its
+    q, v LoRA enter the forward; every adapter value non-zero (B ≠ 0, or dA would be trivially zero)."""
+    b = Bundle(llama_lm_bundle)
+    top = b.manifest.top_blocks
+    assert top is not None and b.manifest.top_mlp is None and top.layers == [0, 1] and top.input == "hidden.0"
+    fit = TopBlocksFit(b.folder, b.manifest)
+    assert len(fit.tensor_names()) == 2 * 3 * 2
+    rng = np.random.default_rng(batch)
+    feeds = _feeds(rng, batch, length)
+    theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
+    named = b.layout.unflatten(theta)
+    logits, *outputs = b.run(feeds, theta, ["logits", *fit.outputs])
+    got = {n: np.zeros(named[n].shape) for n in fit.tensor_names()}
+    got["bias"] = np.zeros(logits.shape[-1])
+    nll, tokens = fit.accumulate(feeds, logits, outputs, named, got)
+    assert tokens == int(feeds["attention_mask"][:, 1:].sum())
+    total, want = torch_lm_reference(llama_folder, b.manifest, feeds, {k: np.array(v) for k, v in named.items()})
+    np.testing.assert_allclose(nll, total, rtol=1e-4)
+    np.testing.assert_allclose(got["bias"], want["output.bias"], rtol=1e-3, atol=1e-5)
+    for name in fit.tensor_names():
+        scale = np.abs(want[name]).max()
+        assert scale > 1e-6, name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4 * scale, err_msg=name)
+
+
+def test_top_blocks_forward_reproduces_the_graphs_logits(llama_lm_bundle):
+    """The numpy blocks, the final norm and the LM head give the graph's logits (ORT), at a third shape."""
+    from edgeft.runtime.top_blocks import _rms_norm
+
+    b = Bundle(llama_lm_bundle)
+    fit = TopBlocksFit(b.folder, b.manifest)
+    rng = np.random.default_rng(5)
+    feeds = {"input_ids": rng.integers(5, 200, size=(1, 13)).astype(np.int64), "attention_mask": np.ones((1, 13), np.int64)}
+    theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
+    named = b.layout.unflatten(theta)
+    logits, hidden = b.run(feeds, theta, ["logits", *fit.outputs])
+    x, rope = hidden[0], fit._rope(13)
+    for layer in range(len(fit.layers)):
+        x, _ = fit._block(x, layer, named, rope)
+    mine = _rms_norm(x, fit.weights["final_norm"], fit.eps) @ fit.weights["lm_head"].T + named["output.bias"]
+    np.testing.assert_allclose(mine, logits[0], rtol=1e-4, atol=1e-4)
+
+
+def _copy(bundle, tmp_path):
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle, folder)
+    return folder
+
+
+def test_malformed_top_blocks_manifests_are_refused(llama_lm_bundle, tmp_path):
+    raw = json.loads((llama_lm_bundle / "edgeft.json").read_text())
+    good = raw["top_blocks"]
+    cases = [({"weights": "../top_blocks.safetensors"}, "inside the bundle"), ({"weights": "/etc/passwd"}, "inside the bundle"),
+             ({"layers": [0, 2]}, "contiguous"), ({"layers": "01"}, "malformed"), ({"fitted": ["gate", "attn"]}, "roles"),
+             ({"heads": 4, "kv_heads": 3}, "impossible sizes"), ({"input": "hidden.7"}, "does not match the graph"),
+             ({"modules": [{"q": "x"}, good["modules"][1]]}, "roles"), ({"heads": "four"}, "malformed")]
+    for change, message in cases:
+        raw["top_blocks"] = {**good, **change}
+        with pytest.raises(EdgeftError, match=message):
+            Manifest.from_dict(raw)
+    for bad in ("gate", ["gate"], {"layers": [1]}):
+        raw["top_blocks"] = bad
+        with pytest.raises(EdgeftError, match="malformed"):
+            Manifest.from_dict(raw)
+
+
+def test_corrupt_or_foreign_top_blocks_weights_get_a_one_line_error(llama_lm_bundle, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = _copy(llama_lm_bundle, tmp_path)
+    b = Bundle(folder)
+    (folder / "top_blocks.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(EdgeftError, match="cannot read the top blocks' weights"):
+        TopBlocksFit(b.folder, b.manifest)
+    save_file({"lm_head": np.zeros((3, 2), np.float32)}, str(folder / "top_blocks.safetensors"))
+    with pytest.raises(EdgeftError, match="has no final_norm"):
+        TopBlocksFit(b.folder, b.manifest)
+
+
+def test_the_fit_lowers_the_loss_and_the_search_leaves_its_tensors_alone(llama_lm_bundle):
+    from edgeft.adapters import searched_tensors
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+
+    b = Bundle(llama_lm_bundle)
+    fitted = set(TopBlocksFit(b.folder, b.manifest).tensor_names())
+    searched = set(searched_tensors(b.layout, b.manifest))
+    assert fitted and not fitted & searched and any("q_proj" in n for n in searched)
+    enc = b.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
+    start = b.layout.initial(0)
+    theta, losses, _ = fit_lm_output(b, enc, start, batch_size=2, config=OutputFitConfig(steps=6, lr=0.1, lora_lr=3e-2))
+    assert losses[-1] < losses[0]
+    before, after = b.layout.unflatten(start), b.layout.unflatten(theta)
+    assert all(not np.array_equal(before[n], after[n]) for n in fitted if n.endswith("lora_B"))
+    assert all(np.array_equal(before[n], after[n]) for n in searched)
+
+
+def test_int8_bundle_keeps_the_top_blocks_and_lord_drops_them(llama_lm_bundle, tmp_path):
+    from edgeft.export.compress import compress_bundle, quantize_bundle
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+
+    quantize_bundle(llama_lm_bundle, tmp_path / "int8")
+    b8 = Bundle(tmp_path / "int8")
+    assert b8.manifest.top_blocks is not None and (tmp_path / "int8" / "top_blocks.safetensors").is_file()
+    enc = b8.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
+    _, losses, _ = fit_lm_output(b8, enc, b8.layout.initial(0), batch_size=2, config=OutputFitConfig(steps=5, lr=0.1))
+    assert losses[-1] < losses[0]
+    compress_bundle(llama_lm_bundle, tmp_path / "lord", params_ratio=0.7)
+    lord = Bundle(tmp_path / "lord")
+    assert lord.manifest.top_blocks is None and not (tmp_path / "lord" / "top_blocks.safetensors").exists()
+
+
+def test_top_blocks_fit_on_a_bundle_cut_below_them_reads_the_cut(export_bundle_for, llama_folder):
+    """--layers top:1: one fitted block, whose input is the cut's boundary (no whole graph opened), and
+    the fit equals the whole graph's."""
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+
+    cut = Bundle(export_bundle_for("llama-lm-top1", llama_folder, task="causal-lm", layers="top:1"))
+    assert cut.chain is not None and cut.manifest.top_blocks.layers == [1]
+    assert cut.chain.provides(["logits", cut.manifest.top_blocks.input])
+    whole = Bundle(cut.folder, use_segments=False)
+    enc = cut.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
+    config = OutputFitConfig(steps=4, lr=0.1)
+    a, losses, _ = fit_lm_output(cut, enc, cut.layout.initial(0), 2, config=config)
+    b, _, _ = fit_lm_output(whole, enc, whole.layout.initial(0), 2, config=config)
+    assert cut._session is None and losses[-1] < losses[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
