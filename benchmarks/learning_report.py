@@ -11,9 +11,9 @@ from pathlib import Path
 TRAIN_PLAYS = ("tragedies/hamlet", "tragedies/othello", "tragedies/king-lear")
 DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
 LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng, rt: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
-LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last", "auto",
-                         "auto-heldback", "backprop", "auto-heldback-10m",
-                         "backprop-10m"),
+LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last",
+                         "mlp1-auto", "mlp1-auto-heldback", "mlp1-auto-heldback-10m", "auto", "auto-heldback", "backprop",
+                         "auto-heldback-10m", "backprop-10m"),
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
@@ -21,7 +21,9 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                 *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
          "speakers": ("probe", "mezo", "fzoo", "cma", "backprop")}
 CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the start is each seed's probe line
-HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last")  # rows kept from earlier code, not runnable now
+# rows kept from earlier code or bundles, not runnable now ("mlp1-": the top-MLP fit of bundles exported before
+# the top-blocks fit; fit-only and fit+mezo were measured with such a bundle too)
+HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last", "mlp1-auto", "mlp1-auto-heldback", "mlp1-auto-heldback-10m")
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 SPEAKERS_PLAY, SPEAKERS = "tragedies/othello", 2  # who speaks a line: Iago or Othello (the two with the most lines)
 SPEAKERS_MIN_WORDS = 4  # a line shorter than this ("My lord?") says nothing of its speaker

@@ -112,8 +112,8 @@ def export(source, out, task, gguf_file, labels, templates, template_data, verba
 @click.option("--device", help="Device profile name or .toml path.")
 @click.option("--init-adapter", type=click.Path(path_type=Path), help="Start from this adapter (e.g. saved by PEFT).")
 @click.option("--output-fit-steps", type=int,
-              help="Steps of the causal LM's output fit (output bias + top MLP LoRA, exact gradient) before the "
-                   "search; default: the whole --budget under --optimizer auto when the bundle has the top MLP "
+              help="Steps of the causal LM's output fit (output bias + the top blocks' MLP LoRA, exact gradient) before the "
+                   "search; default: the whole --budget under --optimizer auto when the bundle has that "
                    "LoRA, else 40; 0: no output adapter fit at all (nor a prompt bundle's label-word probe).")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--label-field", default="label", show_default=True)

@@ -76,6 +76,17 @@ def _run_record(req: TrainRequest, batch_size: int) -> dict:
 
 
 def run_training(req: TrainRequest, log: Callable[[str], None] = print) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    from edgeft.runtime import load_profile
+
+    # the profile's thread count holds for numpy's BLAS too (the exact fits' matmuls), not only for ORT:
+    # a one-core profile is one core
+    with threadpool_limits(limits=load_profile(req.device).intra_op_threads, user_api="blas"):
+        return _run_training(req, log)
+
+
+def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS, searched_tensors
     from edgeft.plots import learning_curve_in_child
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter

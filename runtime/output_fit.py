@@ -1,7 +1,8 @@
 """The output adapter, fitted in closed form from forward outputs before the search.
 
-Causal LM: the output bias and, where the bundle has it, a LoRA on the top layer's MLP, fitted with
-Adam from their exact gradient (``runtime/top_fit.py``). Prompt mode: a linear probe on the answer
+Causal LM: the output bias and, where the bundle has it, a LoRA on the MLPs of the top blocks
+(Llama, ``runtime/top_blocks.py``) or of the top layer (other gated-MLP decoders, ``runtime/top_fit.py``),
+fitted with Adam from their exact gradient. Prompt mode: a linear probe on the answer
 position's hidden state over the label words (``fit_label_probe``). Either is kept only if it
 improves held-out data when there is some (``fit_output_adapter``).
 
@@ -18,7 +19,7 @@ as much as LoRA on the LM head (47.55); every zeroth-order optimizer at 160 pass
 Measured with this code (docs/LEARNING.md, 40 steps of batch 4, test perplexity on 8,750 Macbeth
 tokens): the bias alone 55.76 → 52.06 (−6.6%, median of 3 seeds); 200 steps over-fit (−5.5%). With
 the top MLP's LoRA (torch, same data, seed 0, ``export/top_mlp.py``): 44.30 (−20.6%); its lr 3e-3 is
-that trial's.
+that trial's; on the top six blocks' MLPs (``export/top_blocks.py``): 40.44.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def output_bias_slice(bundle: Bundle) -> slice | None:
 def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int, seed: int = 0,
                   config: OutputFitConfig = OutputFitConfig(), held_out: Encoded | None = None, eval_every: int = 50,
                   out_of_time=lambda: False, on_step=None) -> tuple[np.ndarray, list[float], dict]:
-    """Adam on the output bias (and the top MLP's LoRA where the bundle has one) over ``config.steps``
+    """Adam on the output bias (and the top blocks' or top MLP's LoRA where the bundle has one) over ``config.steps``
     batches of ``train`` (fewer if ``out_of_time()`` says so); the rest of ``theta`` is unchanged.
 
     With ``held_out`` data the fit is scored on it at the start, every ``eval_every`` steps and at the
