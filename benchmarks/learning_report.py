@@ -66,7 +66,9 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
     for main_line in (("mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-heldback", "auto-heldback-10m")):
-        for other in ("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "backprop", "backprop-10m"):
+        others = (("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "backprop", "backprop-10m") if not lm
+                  else ("mezo", f"mlp1-{main_line}", "backprop", "backprop-10m"))  # the LM: each default line vs its old bundle
+        for other in others:
             if main_line not in by_line or other not in by_line or other == main_line:
                 continue
             for seed in sorted(set(by_line[main_line]) & set(by_line[other])):
@@ -100,11 +102,13 @@ the kept adapter is chosen on 16 windows of {DEV_PLAY}; **test perplexity on {st
 Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO (N = 8) on LoRA; `fit-only` =
 the output fit alone — the output bias and LoRA r=8 on the top layer's MLP (gate, up, down) by Adam on their exact
 gradient (40 steps, one pass each); `fit+mezo` = that fit, then MeZO on the body for the rest of the budget; `auto` =
-edgeft's default recipe now: the output fit for the whole budget, its best point on the dev windows kept (scored
+edgeft's default recipe now: the output fit for the whole budget — the output bias and LoRA r=8 on the MLPs of the
+top 6 blocks (a bundle exported since session 17: `export/top_blocks.py`) —, its best point on the dev windows kept (scored
 every 25 steps); `auto-heldback` = the same run without `--eval-data`, as a user without a dev text runs it: the
 run ranks its adapters on 16 windows it holds back from the training plays (every 10th); `auto-heldback-10m`,
 `backprop-10m` = auto-heldback and backprop given 10 minutes of one core each (the whole run's time, evaluations
-included) instead of a pass count; `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
+included) instead of a pass count; `mlp1-auto`, `mlp1-auto-heldback`, `mlp1-auto-heldback-10m` = those three lines
+with the previous bundle, whose fit was the top layer's MLP only (sessions 13–16, kept, not re-run); `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
 point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
 alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""

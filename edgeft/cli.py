@@ -53,6 +53,8 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 @click.option("--targets", help="Comma-separated module names to adapt (default: per architecture).")
 @click.option("--layers", help="top:N: adapters on the top N layers only; the graph is cut below them so training "
                                "runs the frozen layers once per batch (default: all).")
+@click.option("--fit-layers", type=int, help="Causal LM (Llama): the top blocks whose MLP LoRA the device fits from "
+                                             "its exact gradient (default: 6, or N of --layers top:N; 0: the output bias only).")
 @click.option("--pooling", type=click.Choice(["mean", "mean-normalized", "cls", "cls-pooler", "last-token"]),
               help="Classification pooling (default: what the model was trained with).")
 @click.option("--max-length", default=128, show_default=True)
@@ -60,7 +62,7 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
               help="Also write BUNDLE-int8 (or -int4): frozen weights quantised, adapters fp32.")
 def export(source, out, task, gguf_file, labels, templates, template_data, verbalizer, adapter, rank, alpha, init, tt_cores, targets,
-           layers, pooling, max_length, verify, quantize):
+           layers, fit_layers, pooling, max_length, verify, quantize):
     """Export SOURCE (Hugging Face folder or id, GGUF) to a bundle."""
     from edgeft.export import ExportOptions, export_bundle
 
@@ -69,7 +71,7 @@ def export(source, out, task, gguf_file, labels, templates, template_data, verba
     options = ExportOptions(task=task, labels=split_list(labels), template=templates[0] if templates else None,
                             templates=list(templates), template_data=template_data, verbalizer=_verbalizer(verbalizer),
                             adapter=adapter, rank=rank, alpha=alpha, init=init, tt_cores=tt_cores,
-                            targets=split_list(targets) or None, layers=layers, max_length=max_length,
+                            targets=split_list(targets) or None, layers=layers, fit_layers=fit_layers, max_length=max_length,
                             pooling=pooling, gguf_file=gguf_file)
     report = export_bundle(source, out, options, verify=verify, log=lambda m: click.echo(m, err=True))
     for name, diff in report.items():

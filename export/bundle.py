@@ -37,6 +37,7 @@ class ExportOptions:
     tt_cores: int = 3
     targets: list[str] | None = None
     layers: str | None = None  # "top:N": adapters on the top N layers only, the graph split below them
+    fit_layers: int | None = None  # causal LM: top blocks fitted from exact gradients (None: 6, or N of top:N)
     max_length: int = 128
     pooling: str | None = None
     gguf_file: str | None = None
@@ -54,8 +55,9 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
 
         load_dataset(options.template_data, options.labels)
     if source.endswith(".onnx"):
-        if options.layers:
-            raise EdgeftError("--layers: ONNX sources are adapted on every matching layer (export from the model instead)")
+        if options.layers or options.fit_layers is not None:
+            raise EdgeftError(f"--{'layers' if options.layers else 'fit-layers'}: ONNX sources are adapted on every "
+                              "matching layer, without an exact fit (export from the model instead)")
         from .onnx_source import export_from_onnx
 
         return export_from_onnx(Path(source), out, options, verify=verify)
@@ -70,8 +72,11 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     # whose input is then the cut's boundary; top_blocks.py), or of the top layer only (other gated-MLP
     # architectures: top_mlp.py), fitted on the device from its exact gradient
     blocks = top_mlp = None
-    if options.task == "causal-lm":
-        blocks = top_block_layers(src.model, src.architecture, options.adapter, top or FIT_LAYERS)
+    fit_count = options.fit_layers if options.fit_layers is not None else (top or min(FIT_LAYERS, layer_count))
+    if not 0 <= fit_count <= (top or layer_count):
+        raise EdgeftError(f"--fit-layers {fit_count}: expected 0 to {top or layer_count} (the adapted layers)")
+    if options.task == "causal-lm" and fit_count:
+        blocks = top_block_layers(src.model, src.architecture, options.adapter, fit_count)
         top_mlp = None if blocks else top_mlp_modules(src.model, src.architecture, options.adapter)
     fitted = fitted_modules(blocks) if blocks else list(top_mlp.values()) if top_mlp else []
     targets = list(targets) + [m for m in fitted if m not in targets]

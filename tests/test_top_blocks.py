@@ -149,3 +149,18 @@ def test_top_blocks_fit_on_a_bundle_cut_below_them_reads_the_cut(export_bundle_f
     b, _, _ = fit_lm_output(whole, enc, whole.layout.initial(0), 2, config=config)
     assert cut._session is None and losses[-1] < losses[0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_layers_chooses_the_fitted_blocks(export_bundle_for, llama_folder, tmp_path):
+    from edgeft.export import ExportOptions, export_bundle
+
+    one = Manifest.load(export_bundle_for("llama-lm-fit1", llama_folder, task="causal-lm", fit_layers=1))
+    assert one.top_blocks.layers == [1] and one.top_blocks.input == "hidden.1"
+    assert one.exact_fit_tensors() == {f"model.layers.1.mlp.{r}_proj.lora_{ab}" for r in ("gate", "up", "down") for ab in "AB"}
+    none = Manifest.load(export_bundle_for("llama-lm-fit0", llama_folder, task="causal-lm", fit_layers=0))
+    assert none.top_blocks is None and none.top_mlp is None and not none.exact_fit_tensors()
+    for bad, options in ((3, {}), (2, {"layers": "top:1"}), (-1, {})):
+        with pytest.raises(EdgeftError, match="--fit-layers"):
+            export_bundle(str(llama_folder), tmp_path / f"bad{bad}", ExportOptions(task="causal-lm", fit_layers=bad, **options),
+                          verify=False, log=lambda m: None)
+        assert not (tmp_path / f"bad{bad}").exists()
