@@ -21,15 +21,18 @@ def _feeds(rng, batch, length):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("batch, length", [(2, 7), (3, 11)])
-def test_top_blocks_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_folder, batch, length):
+@pytest.mark.parametrize("batch, length, fitted", [(2, 7, None), (3, 11, None), (3, 9, ["q", "v", "gate", "up", "down"])])
+def test_top_blocks_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, llama_folder, batch, length, fitted):
     """Both layers of the tiny Llama are fitted blocks (the lowest one's input is the embeddings), its
-    q, v LoRA enter the forward; every adapter value non-zero (B ≠ 0, or dA would be trivially zero)."""
+    q, v LoRA enter the forward (and are fitted too in the third case: the attention's backward through
+    RoPE and the grouped KV heads); every adapter value non-zero (B ≠ 0, or dA would be trivially zero)."""
     b = Bundle(llama_lm_bundle)
     top = b.manifest.top_blocks
     assert top is not None and b.manifest.top_mlp is None and top.layers == [0, 1] and top.input == "hidden.0"
+    if fitted:
+        top.fitted = fitted
     fit = TopBlocksFit(b.folder, b.manifest)
-    assert len(fit.tensor_names()) == 2 * 3 * 2
+    assert len(fit.tensor_names()) == 2 * len(top.fitted) * 2
     rng = np.random.default_rng(batch)
     feeds = _feeds(rng, batch, length)
     theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
