@@ -126,7 +126,7 @@ def test_merged_causal_lm_returns_next_token_logits(llama_lm_bundle, tmp_path):
     from edgeft.runtime import Bundle
 
     manifest = Manifest.load(llama_lm_bundle)
-    assert manifest.outputs[:3] == ["loss", "token_count", "logits"] and manifest.top_mlp is not None
+    assert manifest.outputs[:3] == ["loss", "token_count", "logits"] and manifest.top_blocks is not None
     layout = AdapterLayout(manifest.adapter)
     vector = (np.random.default_rng(0).standard_normal(layout.size) * 0.1).astype(np.float32)
     save_adapter(tmp_path / "adapter", layout, vector, "tiny", "CAUSAL_LM")

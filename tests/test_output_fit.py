@@ -107,11 +107,11 @@ def test_auto_fits_the_bias_then_searches_the_body_only(llama_lm_bundle, lm_data
     # the search moved the body but never the bias: the checkpoint's bias is the fitted one
     theta = load_file(str(tmp_path / "run" / "checkpoint" / "arrays.safetensors"))["optimizer.frozen.full"]
     np.testing.assert_array_equal(theta[output_bias_slice(b)], saved)
-    # the saved adapter loads back with its bias and the top MLP's LoRA, which the search never moved either
+    # the saved adapter loads back with its bias and the top blocks' MLP LoRA, which the search never moved either
     vector = load_adapter(tmp_path / "run" / "adapter", b.layout)
     np.testing.assert_array_equal(vector[output_bias_slice(b)], saved)
     top = [n for n in b.layout.names() if ".mlp." in n]
-    assert len(top) == 6
+    assert len(top) == 2 * 6 and set(top) == b.manifest.exact_fit_tensors()  # both tiny blocks: gate, up, down A and B
     for name in top:
         part = b.layout.slice_of(name)
         np.testing.assert_array_equal(theta[part], vector[part])
