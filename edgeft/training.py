@@ -91,8 +91,8 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     from edgeft.plots import learning_curve_in_child
     from edgeft.runtime import Bundle, TrainConfig, Trainer, layer_input_std, load_profile, make_optimizer, starting_adapter
     from edgeft.runtime.optimizers import POPULATION, REGISTRY, needs_input_bases
-    from edgeft.runtime.output_fit import (OutputFitConfig, describe_fit, fit_output_adapter, label_probe_tensors,
-                                           output_bias_slice)
+    from edgeft.runtime.output_fit import (OutputFitConfig, describe_fit, fit_kind, fit_output_adapter,
+                                           label_probe_tensors, output_bias_slice)
     from edgeft.runtime.recipes import auto_recipe
     from edgeft.runtime.budget import parse_budget
     from edgeft.runtime.memory import budget_warning
@@ -148,8 +148,8 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         log(f"no --eval-data: {held_back} of the {len(train_enc.ids) + held_back} training windows held back to rank the adapters")
     has_bias = output_bias_slice(bundle) is not None
     has_label_probe = label_probe_tensors(bundle)
-    has_top_mlp = bundle.manifest.top_mlp is not None or bundle.manifest.top_blocks is not None
-    recipe = auto_recipe(bundle.task, has_bias, has_label_probe, has_top_mlp) if req.optimizer == "auto" else None
+    exact = fit_kind(bundle.manifest) if bundle.manifest.exact_fit_tensors() else None
+    recipe = auto_recipe(bundle.task, has_bias, has_label_probe, exact) if req.optimizer == "auto" else None
     name = recipe.optimizer if recipe else req.optimizer
     if recipe:
         log(f"optimizer auto: {recipe.why}")

@@ -2,11 +2,13 @@
 
 The rule follows what was measured here (README "Choosing a recipe", docs/LEARNING.md):
 
-* causal LM with the top MLP LoRA (Llama family, ``export/top_mlp.py``): the output bias and that LoRA
-  fitted from their exact gradient for the whole budget, keeping the best point on held-out text;
-  MeZO on the body gets what is left (SmolLM2/Shakespeare, 200 passes, 3 seeds, medians: the 40-pass
-  fit alone −19.4% perplexity; the fit for 200 passes −20.6%; the 40-pass fit + 160 MeZO passes
-  −19.8%, paired −1.0/+0.3/−1.2% against the longer fit: an exact step is worth at least a MeZO step);
+* causal LM with LoRA fitted exactly (a Llama bundle's top 6 blocks' MLPs, ``export/top_blocks.py``;
+  Mistral / Qwen2: the top layer's MLP, ``export/top_mlp.py``): the output bias and that LoRA fitted
+  from their exact gradient for the whole budget, keeping the best point on held-out text; MeZO on
+  the body gets what is left (SmolLM2/Shakespeare, 200 passes, 3 seeds, medians, held-back windows:
+  the top-6-block fit −30.8% perplexity, the top-MLP fit −23.4%, backprop's 40 steps −27.0%; with the
+  top MLP, the 40-pass fit + 160 MeZO passes was paired −1.0/+0.3/−1.2% against the 200-pass fit:
+  an exact step is worth at least a MeZO step);
 * causal LM with an output bias only (other architectures, older bundles): fit the bias first, then
   MeZO on the body with the bias held fixed (MeZO alone −0.9%, the 40-pass fit −6.6%, fit + MeZO −7.2%);
 * classification: the linear-probe head (``start.py``; from 100 examples on its logits scaled by the
@@ -34,9 +36,10 @@ class Recipe:
     fit_whole_budget: bool = False
 
 
-def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False, has_top_mlp: bool = False) -> Recipe:
-    if task == "causal-lm" and has_top_mlp:
-        return Recipe("mezo", "causal LM: output bias + top MLP LoRA fitted from their exact gradient for the budget "
+def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False, exact_fit: str | None = None) -> Recipe:
+    """``exact_fit``: what the bundle fits from its exact gradient beyond the bias (``output_fit.fit_kind``), if anything."""
+    if task == "causal-lm" and exact_fit:
+        return Recipe("mezo", f"causal LM: {exact_fit} fitted from their exact gradient for the budget "
                               "(best held-out point kept), then MeZO on the body with what is left", True)
     if task == "causal-lm" and has_output_bias:
         return Recipe("mezo", "causal LM: output bias fitted from its exact gradient, then MeZO on the body")

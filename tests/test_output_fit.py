@@ -148,7 +148,7 @@ def test_fit_keeps_its_best_held_out_point(llama_lm_bundle):
 def test_auto_spends_a_forward_pass_budget_on_the_output_fit(llama_lm_bundle, lm_data, tmp_path):
     summary = _train(llama_lm_bundle, lm_data, tmp_path / "run", "--budget", "12fwd", "--eval-data", str(lm_data))
     fit = summary["output_fit"]
-    assert "top MLP" in summary["recipe"] and fit["steps"] == 12 and summary["forward_passes"] == 12
+    assert "top 2 blocks' MLPs" in summary["recipe"] and fit["steps"] == 12 and summary["forward_passes"] == 12
     assert summary["steps"] == 0 and summary["stopped_by"] == "budget"
     assert fit["best_step"] == min(fit["evals"], key=lambda e: e["loss"])["step"]
 
