@@ -18,7 +18,7 @@ from .loading import Source, load_source
 from .onnx_graph import export_onnx, verify_against_torch
 from .tasks import CausalLM, Classification, Prompt, head_tensors, label_head_tensors, output_bias_tensor
 from .top_mlp import OUTPUTS as TOP_OUTPUTS
-from .top_blocks import FIT_LAYERS, fitted_modules, top_block_layers, top_blocks_manifest, write_top_block_weights
+from .top_blocks import default_fit_layers, fitted_modules, top_block_layers, top_blocks_manifest, write_top_block_weights
 from .top_mlp import Capture, top_mlp_manifest, top_mlp_modules, write_top_mlp_weights
 
 
@@ -37,7 +37,7 @@ class ExportOptions:
     tt_cores: int = 3
     targets: list[str] | None = None
     layers: str | None = None  # "top:N": adapters on the top N layers only, the graph split below them
-    fit_layers: int | None = None  # causal LM: top blocks fitted from exact gradients (None: 6, or N of top:N)
+    fit_layers: int | None = None  # causal LM: top blocks fitted from exact gradients (None: 80% of the layers, or N of top:N)
     max_length: int = 128
     pooling: str | None = None
     gguf_file: str | None = None
@@ -68,11 +68,11 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     layer_count = _layer_count(src.model)
     top = _top_layers(options.layers, layer_count)
     adapted = set(range(layer_count - top, layer_count)) if top else None
-    # causal LM: LoRA on the MLPs of the top blocks too (Llama: FIT_LAYERS of them, or the adapted top N,
+    # causal LM: LoRA on the MLPs of the top blocks too (Llama: the top 80% of them, or the adapted top N,
     # whose input is then the cut's boundary; top_blocks.py), or of the top layer only (other gated-MLP
     # architectures: top_mlp.py), fitted on the device from its exact gradient
     blocks = top_mlp = None
-    fit_count = options.fit_layers if options.fit_layers is not None else (top or min(FIT_LAYERS, layer_count))
+    fit_count = options.fit_layers if options.fit_layers is not None else (top or default_fit_layers(layer_count))
     if not 0 <= fit_count <= (top or layer_count):
         raise EdgeftError(f"--fit-layers {fit_count}: expected 0 to {top or layer_count} (the adapted layers)")
     if options.task == "causal-lm" and fit_count:

@@ -69,8 +69,10 @@ def exact_fit(bundle: Bundle) -> TopBlocksFit | TopMLPFit | None:
 
 
 def fit_kind(manifest) -> str:
-    if manifest.top_blocks is not None:
-        return f"output bias + LoRA on the top {len(manifest.top_blocks.layers)} blocks' MLPs"
+    top = manifest.top_blocks
+    if top is not None:
+        roles = "MLPs" if sorted(top.fitted) == ["down", "gate", "up"] else ", ".join(top.fitted)
+        return f"output bias + LoRA on the top {len(top.layers)} blocks' {roles}"
     return "output bias + top MLP LoRA" if manifest.top_mlp is not None else "output bias"
 
 

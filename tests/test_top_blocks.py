@@ -167,3 +167,10 @@ def test_fit_layers_chooses_the_fitted_blocks(export_bundle_for, llama_folder, t
             export_bundle(str(llama_folder), tmp_path / f"bad{bad}", ExportOptions(task="causal-lm", fit_layers=bad, **options),
                           verify=False, log=lambda m: None)
         assert not (tmp_path / f"bad{bad}").exists()
+
+
+def test_the_default_fits_the_top_80_percent_of_the_blocks():
+    """The measured plateau (export/top_blocks.py): SmolLM2's 30 layers -> 24 fitted; a tiny model fits all."""
+    from edgeft.export.top_blocks import default_fit_layers
+
+    assert [default_fit_layers(n) for n in (1, 2, 16, 30)] == [1, 2, 13, 24]
