@@ -20,22 +20,36 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int
 MAX_HEADER = 100 * 2**20
 
 
+def _header(f, size: int) -> tuple[dict, int]:
+    """The file's JSON header and where its tensor bytes begin."""
+    length = int.from_bytes(f.read(8), "little")
+    if size < 8 or not 0 < length <= min(MAX_HEADER, size - 8):
+        raise ValueError("not a safetensors file (bad header length)")
+    try:
+        header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (header is not an object)")
+    return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + length
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from the header alone (nothing else is read)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header, _ = _header(f, path.stat().st_size)
+    return {name: [int(d) for d in info["shape"]] for name, info in header.items()}
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of the safetensors file ``path``; ValueError names what is wrong with a malformed one."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if size < 8 or not 0 < length <= min(MAX_HEADER, size - 8):
-            raise ValueError("not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("not a safetensors file (header is not JSON)") from None
-        base, out = 8 + length, {}
+        header, base = _header(f, size)
+        out = {}
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             dtype = DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
             if dtype is None:
                 raise ValueError(f"tensor {name!r}: unsupported or missing dtype")

@@ -88,7 +88,7 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
             probes.append({"path": path, "rows": rows, "length": probe_length, "peak_rss_mb": round(peak, 1)})
             points.append((_run_rows(rows, rows_per_run) * probe_length, peak))
         fits_of[path] = _line(points)
-    return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest, output_fit), profile.memory_budget_mb,
+    return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest, output_fit, length), profile.memory_budget_mb,
                    batch_size, length, probes, rows_per_run)
 
 
@@ -121,18 +121,36 @@ def predict(train: tuple[float, float], held_out: tuple[float, float], extra: fl
     return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes or [])
 
 
-def _extra_mb(folder: Path, manifest, output_fit: bool) -> float:
-    """Memory the probes do not see: the optimizer's vectors and the top-MLP fit's weights."""
+def _extra_mb(folder: Path, manifest, output_fit: bool, length: int) -> float:
+    """Memory the probes do not see: the optimizer's vectors and the exact fit's weights and saved values."""
     from edgeft.adapters import bundle_layout
 
     size = bundle_layout(folder, manifest).size
     extra = OPTIMIZER_VECTORS * size * 4 / 2**20
-    top = manifest.top_blocks or manifest.top_mlp
-    if top is not None and output_fit:
-        # one copy, read in place (edgeft/tensor_file.py), + one sequence's saved activations (top blocks)
-        # or the down projection in float64 (top MLP) and a softmax chunk
-        extra += TOP_FIT_OVERHEAD * (folder / top.weights).stat().st_size / 2**20
+    if manifest.top_blocks is not None and output_fit:
+        # one copy of the weights, read in place (edgeft/tensor_file.py), + what the backward keeps of one
+        # sequence (runtime/top_blocks.py: one sequence at a time)
+        extra += (folder / manifest.top_blocks.weights).stat().st_size / 2**20 + _saved_activations_mb(folder, manifest, length)
+    elif manifest.top_mlp is not None and output_fit:
+        # its weights + the down projection in float64 and a softmax chunk
+        extra += TOP_FIT_OVERHEAD * (folder / manifest.top_mlp.weights).stat().st_size / 2**20
     return extra
+
+
+def _saved_activations_mb(folder: Path, manifest, length: int) -> float:
+    """The top blocks' forward values the backward reads, for one sequence of max_length tokens: per block
+    the residual, both norms' outputs, the attention output (hidden each), gate, up and their product
+    (intermediate each), q and the repeated k, v (heads x head_dim each) and the attention weights."""
+    from edgeft.tensor_file import tensor_shapes
+
+    top = manifest.top_blocks
+    try:
+        shapes = tensor_shapes(folder / top.weights)
+        intermediate, hidden = shapes[f"{top.layers[0]}.gate"]
+    except (OSError, ValueError, KeyError, TypeError):  # the fit itself reports what is wrong with the file
+        return 0.0
+    per_block = length * (4 * hidden + 3 * intermediate + 3 * top.heads * top.head_dim) + top.heads * length**2
+    return len(top.layers) * per_block * 4 / 2**20
 
 
 def describe(plan: Plan, device: str) -> str:

@@ -174,3 +174,22 @@ def test_the_default_fits_the_top_80_percent_of_the_blocks():
     from edgeft.export.top_blocks import default_fit_layers
 
     assert [default_fit_layers(n) for n in (1, 2, 16, 30)] == [1, 2, 13, 24]
+
+
+def test_the_plan_counts_the_fit_weights_and_one_sequence_of_saved_activations(llama_lm_bundle, tmp_path):
+    """runtime/plan.py reads the blocks' sizes from the weights file's header alone, at the planned length."""
+    from edgeft.runtime.plan import _saved_activations_mb
+    from edgeft.tensor_file import read_tensors, tensor_shapes
+
+    b = Bundle(llama_lm_bundle)
+    path = b.folder / b.manifest.top_blocks.weights
+    assert tensor_shapes(path) == {k: list(v.shape) for k, v in read_tensors(path).items()}
+    top = b.manifest.top_blocks
+    hidden, intermediate = 32, 64  # tests/models.py tiny_llama
+    want = len(top.layers) * (16 * (4 * hidden + 3 * intermediate + 3 * top.heads * top.head_dim) + top.heads * 16**2) * 4 / 2**20
+    assert _saved_activations_mb(b.folder, b.manifest, 16) == pytest.approx(want)
+    assert _saved_activations_mb(b.folder, b.manifest, 32) > 2 * want  # the attention weights grow with length squared
+    folder = _copy(llama_lm_bundle, tmp_path)
+    (folder / "top_blocks.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="safetensors"):
+        tensor_shapes(folder / "top_blocks.safetensors")
