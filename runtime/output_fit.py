@@ -19,7 +19,8 @@ as much as LoRA on the LM head (47.55); every zeroth-order optimizer at 160 pass
 Measured with this code (docs/LEARNING.md, 40 steps of batch 4, test perplexity on 8,750 Macbeth
 tokens): the bias alone 55.76 → 52.06 (−6.6%, median of 3 seeds); 200 steps over-fit (−5.5%). With
 the top MLP's LoRA (torch, same data, seed 0, ``export/top_mlp.py``): 44.30 (−20.6%); its lr 3e-3 is
-that trial's; on the top six blocks' MLPs (``export/top_blocks.py``): 40.44.
+that trial's; on the top six blocks' MLPs (``export/top_blocks.py``): 40.44. With this code on the top 24 of
+30 blocks (the default, 80%) for 10 minutes of one core: 31.80 (docs/FIT-DEPTH.md, seed 0).
 """
 
 from __future__ import annotations
