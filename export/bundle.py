@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ def write_bundle(out: Path, write) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=".edgeft-export-", dir=out.parent))
     try:
         report = write(tmp)
+        _usual_modes(tmp)
         if out.exists():
             out.rmdir()
         shutil.move(str(tmp), str(out))
@@ -183,6 +185,16 @@ def write_bundle(out: Path, write) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _usual_modes(folder: Path) -> None:
+    """mkdtemp makes the folder owner-only (0700) and safetensors writes 0600 files: give the bundle the
+    modes the user's umask gives any new file, so a bundle copied to a device or shared reads like one."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _check_options(o: ExportOptions) -> None:

@@ -134,3 +134,27 @@ def test_template_choice_needs_data_and_good_labels(llama_folder, tmp_path):
         result = CliRunner().invoke(main, base + ["-o", str(out)] + extra)
         assert result.exit_code != 0 and message in result.output and len(result.output.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_a_bundle_gets_the_umask_modes_not_the_temp_folder_owner_only_ones(tmp_path):
+    """mkdtemp's 0700 folder and safetensors' 0600 files must not leak into the bundle (a copy to a device or
+    another user would not read it)."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    from edgeft.export.bundle import write_bundle
+
+    def write(folder):
+        (folder / "model.onnx").write_bytes(b"graph")
+        save_file({"w": np.zeros(2, np.float32)}, str(folder / "top_blocks.safetensors"))
+        return {}
+
+    old = os.umask(0o022)
+    try:
+        write_bundle(tmp_path / "bundle", write)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "bundle").iterdir()} == {
+        "model.onnx": 0o644, "top_blocks.safetensors": 0o644}
