@@ -20,12 +20,13 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TRIAL = DOCS / "fit-depth-trial"
-RUNS = {"6": DOCS / "learning-runs" / "shakespeare-blocks6-auto-heldback-10m-seed{seed}.json",
-        "6, q and v too": TRIAL / "qv-auto-heldback-10m-seed{seed}.json",
-        "12": TRIAL / "k12-auto-heldback-10m-seed{seed}.json",
-        "18": TRIAL / "k18-auto-heldback-10m-seed{seed}.json",
-        "24 (default)": DOCS / "learning-runs" / "shakespeare-auto-heldback-10m-seed{seed}.json",
-        "30 (all)": TRIAL / "k30-auto-heldback-10m-seed{seed}.json"}
+RUNS = (  # (row label, K for the plot — None: off the K axis —, the run's JSON)
+    ("6", 6, DOCS / "learning-runs" / "shakespeare-blocks6-auto-heldback-10m-seed{seed}.json"),
+    ("6, q and v too", None, TRIAL / "qv-auto-heldback-10m-seed{seed}.json"),
+    ("12", 12, TRIAL / "k12-auto-heldback-10m-seed{seed}.json"),
+    ("18", 18, TRIAL / "k18-auto-heldback-10m-seed{seed}.json"),
+    ("24 (default)", 24, DOCS / "learning-runs" / "shakespeare-auto-heldback-10m-seed{seed}.json"),
+    ("30 (all)", 30, TRIAL / "k30-auto-heldback-10m-seed{seed}.json"))
 BACKPROP = DOCS / "learning-runs" / "shakespeare-backprop-10m-seed{seed}.json"
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     start = json.loads((DOCS / "learning-runs" / "shakespeare-start.json").read_text())["test"]["perplexity"]
     backprop = json.loads(Path(str(BACKPROP).format(seed=seed)).read_text())["test"]["perplexity"]
     rows, points = [], []
-    for label, pattern in RUNS.items():
+    for label, k, pattern in RUNS:
         path = Path(str(pattern).format(seed=seed))
         if not path.exists():
             continue
@@ -43,8 +44,8 @@ def main() -> None:
         gain = (start - ppl) / (start - backprop)
         rows.append(f"| {label} | {ppl:.2f} | {100 * (ppl / start - 1):+.1f}% | {100 * gain:.0f}% | "
                     f"{train['forward_passes']} | {train['elapsed_s'] / train['forward_passes']:.2f} | {train['peak_rss_mb']:.0f} |")
-        if "q and v" not in label:
-            points.append((int(label.split()[0]), ppl, train["peak_rss_mb"]))
+        if k is not None:
+            points.append((k, ppl, train["peak_rss_mb"]))
     table = "\n".join(["| fitted blocks | test perplexity | vs start | of backprop-10m's gain | steps | s / step | train peak RSS MB |",
                        "|---|---|---|---|---|---|---|", *rows])
     text = f"""# How deep the causal LM's exact fit goes (session 17)
