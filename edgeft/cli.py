@@ -312,15 +312,17 @@ def info(bundle):
 @click.option("--device", help="Device profile (its memory_budget_mb is the budget).")
 @click.option("--batch-size", type=int, help="Training batch (default: the profile's).")
 @click.option("--max-length", type=int, help="Sequence length (default: the bundle's).")
+@click.option("--search", is_flag=True, help="A search on the whole graph follows a causal LM's output fit "
+              "(train with --steps or a named --optimizer); default: the default recipe with a budget.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(bundle, device, batch_size, max_length, as_json):
+def plan(bundle, device, batch_size, max_length, search, as_json):
     """Predict the peak memory of train and eval from short probes, and the largest batch that fits."""
     from edgeft.runtime.devices import load_profile
     from edgeft.runtime.plan import describe, plan_memory
 
     if (batch_size is not None and batch_size < 1) or (max_length is not None and max_length < 2):
         raise EdgeftError("--batch-size must be at least 1 and --max-length at least 2")
-    result = plan_memory(bundle, device, batch_size, max_length)
+    result = plan_memory(bundle, device, batch_size, max_length, search=search)
     click.echo(json.dumps(result.to_dict(), sort_keys=True) if as_json else describe(result, load_profile(device).name))
 
 

@@ -96,7 +96,12 @@ class TopBlocks:
     (the graph output ``input``) and differentiates it by hand (``runtime/top_blocks.py``).
     ``weights`` (a safetensors file in the bundle) holds their frozen weights: ``lm_head``
     [vocab, hidden], ``final_norm`` [hidden] and per layer ℓ ``ℓ.input_norm``, ``ℓ.post_norm`` and
-    ``ℓ.<role>`` [out, in] for every role (the bases under any LoRA). Supersedes ``TopMLP`` (one
+    ``ℓ.<role>`` [out, in] for every role (the bases under any LoRA), and the token embedding table
+    under the name ``embedding`` (``lm_head`` where the two are tied). ``below`` (an ONNX file in the
+    bundle) is the graph of the layers under the blocks, from the embeddings (its input ``hidden.0``)
+    to ``input``: with it the fit never opens the whole graph, so the device holds each weight once
+    (None where the blocks start at layer 0: the embeddings are their input). Bundles exported before
+    session 18 have neither; their fit reads ``input`` from the whole graph. Supersedes ``TopMLP`` (one
     block's MLP) for Llama exports; RoPE without scaling, no attention or MLP biases."""
 
     layers: list[int]
@@ -109,11 +114,18 @@ class TopBlocks:
     heads: int
     kv_heads: int
     head_dim: int
+    embedding: str | None = None  # the embedding table's name in ``weights`` (None: a bundle from before session 18)
+    below: str | None = None  # the graph under the blocks
+
+    def standalone(self) -> bool:
+        """Whether the fit runs without the whole graph: numpy embeds the tokens, ``below`` (if any) runs the
+        layers under the blocks, numpy the blocks and the LM head."""
+        return self.embedding is not None and (self.below is not None or self.input == "hidden.0")
 
 
-def _weights_name(kind: str, name) -> None:
+def _file_name(what: str, name) -> None:
     if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-        raise EdgeftError(f"manifest: {kind} weights {name!r} must be a file name inside the bundle")
+        raise EdgeftError(f"manifest: {what} {name!r} must be a file name inside the bundle")
 
 
 @dataclass
@@ -188,7 +200,7 @@ class Manifest:
             missing = [f"{m}.{ab}" for m in top.modules.values() for ab in ("lora_A", "lora_B") if f"{m}.{ab}" not in names]
             if missing or top.activation != "silu" or not all(o in self.outputs for o in top.outputs.values()):
                 raise EdgeftError(f"manifest: top_mlp does not match the graph ({missing[0] if missing else 'outputs'})")
-            _weights_name("top_mlp", top.weights)
+            _file_name("top_mlp weights", top.weights)
         if self.top_blocks is not None:
             self._validate_top_blocks(names)
         if self.segments and (sorted(n for group in self.segments.adapters for n in group) != sorted(names)
@@ -215,7 +227,11 @@ class Manifest:
         missing = sorted(n for n in self.exact_fit_tensors() if n not in names)
         if missing or top.input not in self.hidden_states:
             raise EdgeftError(f"manifest: top_blocks does not match the graph ({missing[0] if missing else top.input})")
-        _weights_name("top_blocks", top.weights)
+        _file_name("top_blocks weights", top.weights)
+        if top.embedding is not None and not isinstance(top.embedding, str):
+            raise EdgeftError("manifest: top_blocks.embedding must name a tensor of its weights file")
+        if top.below is not None:
+            _file_name("top_blocks below graph", top.below)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

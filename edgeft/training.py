@@ -110,7 +110,11 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         raise EdgeftError("--output-fit-steps must be 0 (no fit) or more")
     if budget and budget.seconds and steps is None and req.settings.get("schedule") == "linear":
         raise EdgeftError("--schedule linear decays over --steps: give --steps or a forward-pass budget with a time budget")
-    bundle = Bundle(req.bundle, profile)
+    bundle = Bundle(req.bundle, profile, open_graph=False)
+    if _fit_alone(bundle, req, budget):
+        bundle.below_session  # opened and checked now: bad files must not cost a saved run
+    else:
+        bundle.session
     # Read and check all input before touching the run folder: bad data must not cost a saved run.
     train_set = load_dataset(req.data, bundle.labels, req.text_field, req.label_field)
     if req.k_shot:
@@ -120,7 +124,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         # (and a split bundle then runs its frozen lower layers once per run)
         batch_size = len(train_set)
     if profile.memory_budget_mb is not None or req.fit_memory:
-        batch_size = _planned_batch(req, profile, batch_size, log)
+        batch_size = _planned_batch(req, profile, bundle, budget, batch_size, log)
     eval_set = None
     if req.eval_data:
         eval_set = load_dataset(req.eval_data, bundle.labels, req.text_field, req.label_field)
@@ -174,6 +178,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
                     out_of_time=lambda: time.perf_counter() - started_fit >= deadline, on_step=bar)
             finally:
                 bar.close()
+            bundle.close_below()  # a search that follows runs the whole graph
             if output_fit:
                 how += what
                 fit_cost = (output_fit["forward_passes"], time.perf_counter() - started_fit)
@@ -195,6 +200,10 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     config = TrainConfig(steps=steps, batch_size=batch_size, eval_every=req.eval_every, seed=req.seed, budget=budget)
     trainer = Trainer(bundle, train_enc, optimizer, config, eval_set=eval_enc, run_dir=run_dir)
     trainer.evaluator.forward_passes, trainer.elapsed_s = fit_cost  # the fit spends the same budget
+    if output_fit and "eval_after" in output_fit:
+        # the fit scored the vector it returns on the run's held-out data: the trainer ranks from that score
+        # (a fit that never opened the whole graph must not open it for this when no search follows)
+        trainer.adopt_start(output_fit["eval_after"] if output_fit["kept"] else output_fit["eval_before"])
     if req.resume:
         trainer.resume()
         log(f"resuming at step {optimizer.step}, {trainer.evaluator.forward_passes} forward passes, "
@@ -227,7 +236,19 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     return summary
 
 
-def _planned_batch(req: TrainRequest, profile, batch_size: int, log) -> int:
+def _fit_alone(bundle, req: TrainRequest, budget) -> bool:
+    """Whether this run is the top-blocks fit alone, which never opens the whole graph (``TopBlocks.standalone``):
+    the default recipe on a causal LM with a budget the fit takes whole, not resumed."""
+    from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS
+    from edgeft.runtime.output_fit import output_bias_slice
+
+    top = bundle.manifest.top_blocks
+    return (top is not None and top.standalone() and req.optimizer == "auto" and budget is not None and not req.resume
+            and req.output_fit_steps is None and output_bias_slice(bundle) is not None
+            and not (req.init_adapter and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()))
+
+
+def _planned_batch(req: TrainRequest, profile, bundle, budget, batch_size: int, log) -> int:
     """Before any work: the memory plan (runtime/plan.py) for this batch; a one-line error naming the batch that
     fits when it does not; with --batch-size auto, the largest batch that fits (at most the planned one)."""
     from edgeft.runtime.plan import describe, plan_memory
@@ -235,7 +256,8 @@ def _planned_batch(req: TrainRequest, profile, batch_size: int, log) -> int:
     if profile.memory_budget_mb is None:
         raise EdgeftError(f"--batch-size auto fits the device's memory budget: profile '{profile.name}' sets no "
                           "memory_budget_mb (pass --device)")
-    plan = plan_memory(req.bundle, req.device, batch_size, output_fit=req.output_fit_steps != 0)
+    plan = plan_memory(req.bundle, req.device, batch_size, output_fit=req.output_fit_steps != 0,
+                       search=not _fit_alone(bundle, req, budget))
     if plan.fits:
         return batch_size
     if not plan.largest_batch_size:

@@ -19,7 +19,8 @@ from .loading import Source, load_source
 from .onnx_graph import export_onnx, verify_against_torch
 from .tasks import CausalLM, Classification, Prompt, head_tensors, label_head_tensors, output_bias_tensor
 from .top_mlp import OUTPUTS as TOP_OUTPUTS
-from .top_blocks import default_fit_layers, fitted_modules, top_block_layers, top_blocks_manifest, write_top_block_weights
+from .top_blocks import (default_fit_layers, fitted_modules, top_block_layers, top_blocks_manifest, write_below_graph,
+                         write_top_block_weights)
 from .top_mlp import Capture, top_mlp_manifest, top_mlp_modules, write_top_mlp_weights
 
 
@@ -147,6 +148,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
             write_top_mlp_weights(src.model, top_mlp, tmp)
         if blocks:
             write_top_block_weights(src.model, blocks, tmp)
+            if manifest.top_blocks.below:
+                write_below_graph(tmp, manifest)
         if stored:
             from safetensors.numpy import save_file
 

@@ -79,7 +79,8 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
     """The tokenizer, the adapters' stored start values and the source's manifest without its graph
     segments (they hold the source's weights). The exact fit of the top blocks or top MLP
     (``export/top_blocks.py``, ``export/top_mlp.py``) stays for int8/int4 weights (its gradient then
-    uses the fp32 originals: off by the rounding) and is dropped for LoRD, whose low-rank factors
+    uses the fp32 originals of the fitted blocks: off by the rounding; its input comes from the compressed
+    graph) and is dropped for LoRD, whose low-rank factors
     replace the weights the gradient needs; that bundle's fitted LoRA is then searched like the rest
     of the body."""
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
@@ -91,5 +92,9 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
             shutil.copy(source / top.weights, folder / top.weights)
         elif top is not None:
             setattr(manifest, kind, None)
+    if manifest.top_blocks is not None:
+        # the graph below the blocks holds the source's fp32 weights: the fit reads its input from the
+        # compressed whole graph instead, as it runs on the device
+        manifest.top_blocks.below = manifest.top_blocks.embedding = None
     manifest.segments = None
     manifest.save(folder)

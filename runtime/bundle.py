@@ -60,7 +60,12 @@ class Bundle:
     ``use_segments=False`` (to compare the two).
     """
 
-    def __init__(self, folder: str | Path, profile: DeviceProfile | None = None, use_segments: bool = True):
+    def __init__(self, folder: str | Path, profile: DeviceProfile | None = None, use_segments: bool = True,
+                 open_graph: bool = True):
+        """``open_graph=False``: do not open (nor check) the whole graph yet; it opens on first use.
+        Training passes it when the bundle's exact fit runs without the whole graph
+        (``TopBlocks.standalone``), so the fit does not hold the weights twice; it then checks the
+        graph it runs instead (``below_session``)."""
         self.folder = Path(folder)
         self.profile = profile or DeviceProfile()
         self.manifest = Manifest.load(self.folder)
@@ -84,7 +89,10 @@ class Bundle:
             from .split import SegmentChain
 
             self.chain = SegmentChain(self)
-        self._check_graph()
+        self._below = None
+        self._checked = False
+        if open_graph or self.chain is not None:
+            self._check_graph()
         tok_path = self.folder / TOKENIZER_NAME
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
@@ -99,15 +107,49 @@ class Bundle:
 
     @property
     def session(self) -> ort.InferenceSession:
-        """The whole graph's session, opened on first use."""
+        """The whole graph's session, opened (and checked against the manifest) on first use."""
         if self._session is None:
-            try:
-                self._session = ort.InferenceSession(str(self.model_path), session_options(self.profile),
-                                                     providers=self.providers)
-            except Exception as err:  # ORT raises its own exception types for corrupt or foreign graphs
-                first = str(err).strip().splitlines()[0][:300]
-                raise EdgeftError(f"{self.model_path}: cannot load ONNX graph ({first})") from None
+            self._session = self._open(self.model_path)
+            if not self._checked:
+                self._check_graph()
         return self._session
+
+    @property
+    def graph_open(self) -> bool:
+        return self._session is not None or self.chain is not None
+
+    def _open(self, path: Path) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), session_options(self.profile), providers=self.providers)
+        except Exception as err:  # ORT raises its own exception types for corrupt or foreign graphs
+            first = str(err).strip().splitlines()[0][:300]
+            raise EdgeftError(f"{path}: cannot load ONNX graph ({first})") from None
+
+    @property
+    def below_session(self) -> ort.InferenceSession | None:
+        """The graph under a causal LM's top blocks (``TopBlocks.below``), opened and checked on first
+        use; None where the bundle has none."""
+        top = self.manifest.top_blocks
+        if top is None or top.below is None:
+            return None
+        if self._below is None:
+            path = self.folder / top.below
+            if not path.is_file():
+                raise EdgeftError(f"{self.folder}: manifest lists {top.below}, which is missing")
+            session = self._open(path)
+            shapes = {t.name: t.shape for t in self.manifest.adapter.tensors}
+            inputs = {i.name: i.shape for i in session.get_inputs()}
+            wrong = [n for n, shape in inputs.items() if n not in ("hidden.0", "attention_mask")
+                     and [d if isinstance(d, int) else -1 for d in shape] != list(shapes.get(n, ()))]
+            if wrong or "hidden.0" not in inputs or top.input not in [o.name for o in session.get_outputs()]:
+                raise EdgeftError(f"{path}: does not match the manifest (" + (f"input {wrong[0]}" if wrong else
+                                  f"needs input hidden.0 and output {top.input}") + ")")
+            self._below = session
+        return self._below
+
+    def close_below(self) -> None:
+        """Release the graph under the top blocks (the fit is done; a search that follows runs the whole graph)."""
+        self._below = None
 
     @property
     def task(self) -> str:
@@ -126,6 +168,7 @@ class Bundle:
             if main:
                 raise EdgeftError(f"{self.folder}: manifest does not match the graph segments (no output {main[0]})")
         else:
+            self._checked = True  # the session property checks a graph it opens only once
             graph_inputs = {i.name: i for i in self.session.get_inputs()}
             graph_outputs = [o.name for o in self.session.get_outputs()]
             if graph_outputs[: len(self.manifest.graph_outputs)] != self.manifest.graph_outputs:

@@ -25,6 +25,7 @@ that trial's; on the top six blocks' MLPs (``export/top_blocks.py``): 40.44. Wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +64,8 @@ def exact_fit(bundle: Bundle) -> TopBlocksFit | TopMLPFit | None:
     """What differentiates the bundle's LoRA above the output bias: its top blocks (Llama exports), its
     top MLP (other gated-MLP architectures, older Llama bundles) or nothing (the bias alone)."""
     if bundle.manifest.top_blocks is not None:
-        return TopBlocksFit(bundle.folder, bundle.manifest)
+        # where the whole graph is open already (a search follows), the fit reads its input from it
+        return TopBlocksFit(bundle.folder, bundle.manifest, None if bundle.graph_open else bundle.below_session)
     if bundle.manifest.top_mlp is not None:
         return TopMLPFit(bundle.folder, bundle.manifest)
     return None
@@ -105,6 +107,8 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
     if where is None:
         raise ValueError("this bundle has no output bias (exported before edgeft had one?)")
     top = exact_fit(bundle)
+    blocks = top if isinstance(top, TopBlocksFit) else None
+    standalone = blocks is not None and blocks.standalone  # never opens the whole graph
     theta = np.array(theta, dtype=np.float32, copy=True)
     named = bundle.layout.unflatten(theta)  # views: updating them updates theta
     groups = {"bias": (theta[where], config.lr)}
@@ -112,14 +116,15 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
         groups[name] = (named[name], config.lora_lr)
     adam = Adam()
     states = {k: adam.init(v.size) for k, (v, _) in groups.items()}
-    outputs = ["logits", *(top.outputs if top else [])]
-    rows_per_run = causal_lm_rows(bundle, batch_size)
+    outputs = ([] if blocks else ["logits"]) + (top.outputs if top else [])
+    # the whole graph's runs hold [rows, length, vocab] logits: in row chunks (a standalone fit's runs end below the blocks)
+    rows_per_run = batch_size if standalone else causal_lm_rows(bundle, batch_size)
     n, losses, evals = len(train), [], []
     best = None  # (held-out loss, step, vector)
 
     def consider(step):
         nonlocal best
-        metrics = evaluate(bundle, theta, held_out, 32)
+        metrics = held_out_score(bundle, blocks, named, held_out) if standalone else evaluate(bundle, theta, held_out, 32)
         evals.append((step, metrics))
         if best is None or metrics["loss"] < best[0]:
             best = (metrics["loss"], step, theta.copy())
@@ -134,14 +139,20 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
         nll, tokens = 0.0, 0
         for start in range(0, len(batch), rows_per_run):
             feeds = bundle.feeds(train, batch[start : start + rows_per_run])
-            logits, *top_outputs = bundle.run(feeds, theta, outputs)
-            if top:
-                summed, count = top.accumulate(feeds, logits, top_outputs, named, gradients)
+            if standalone:
+                summed, count = blocks.accumulate(feeds, blocks.entering(feeds, named), named, gradients)
+            elif blocks:
+                (hidden,) = bundle.run(feeds, theta, outputs)
+                summed, count = blocks.accumulate(feeds, hidden, named, gradients)
             else:
-                g, summed, count = bias_gradient(logits, feeds["input_ids"], feeds["attention_mask"])
-                gradients["bias"] += g
+                logits, *top_outputs = bundle.run(feeds, theta, outputs)
+                if top:
+                    summed, count = top.accumulate(feeds, logits, top_outputs, named, gradients)
+                else:
+                    g, summed, count = bias_gradient(logits, feeds["input_ids"], feeds["attention_mask"])
+                    gradients["bias"] += g
+                del logits, top_outputs
             nll, tokens = nll + summed, tokens + count
-            del logits, top_outputs
         if tokens == 0:
             continue
         losses.append(nll / tokens)
@@ -157,6 +168,23 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
     if not evals or evals[-1][0] != len(losses):
         consider(len(losses))
     return best[2], losses, {"best_step": best[1], "evals": evals}
+
+
+HELD_OUT_ROWS = 8  # sequences per run of the graph below the blocks when scoring held-out text
+
+
+def held_out_score(bundle: Bundle, blocks: TopBlocksFit, named: dict[str, np.ndarray], encoded: Encoded) -> dict[str, float]:
+    """``evaluate``'s causal-LM metrics, computed by the standalone top-blocks fit (the graph below the
+    blocks, then numpy) instead of the whole graph: the same loss, without a second copy of the weights."""
+    from .evaluate import length_sorted_batches
+
+    nll, tokens = 0.0, 0
+    for index in length_sorted_batches(encoded, HELD_OUT_ROWS):
+        feeds = bundle.feeds(encoded, index)
+        summed, count = blocks.score(feeds, blocks.entering(feeds, named), named)
+        nll, tokens = nll + summed, tokens + count
+    mean = nll / max(tokens, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": float(tokens)}
 
 
 def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:

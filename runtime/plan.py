@@ -69,9 +69,12 @@ def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def plan_memory(folder: Path, device: str | None = None, batch_size: int | None = None,
-                max_length: int | None = None, output_fit: bool = True) -> Plan:
+                max_length: int | None = None, output_fit: bool = True, search: bool = False) -> Plan:
     """``output_fit``: whether training fits a causal LM's output side first (the default recipe; False
-    for ``--output-fit-steps 0``), which holds the top MLP's weights in numpy beside the session."""
+    for ``--output-fit-steps 0``), which holds the fit's weights in numpy. ``search``: whether a search on
+    the whole graph follows the fit (``--steps``, a named optimizer); without one, a bundle whose top-blocks
+    fit runs without the whole graph (``TopBlocks.standalone``) trains at the fit's own peak, which a
+    third probe measures (its weights, the graph below the blocks, one sequence's saved values)."""
     from edgeft.manifest import Manifest
 
     from .devices import load_profile
@@ -80,14 +83,19 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
     manifest = Manifest.load(folder)
     batch_size = batch_size or profile.batch_size
     length = min(max_length or manifest.max_length, manifest.max_length)
+    alone = output_fit and not search and manifest.top_blocks is not None and manifest.top_blocks.standalone()
     probes, fits_of, rows_per_run = [], {}, None
-    for path in ("train", "eval"):
+    for path in ("fit" if alone else "train", "eval"):
         points = []
         for rows, probe_length in _probe_shapes(length):
             peak, rows_per_run = _probe(Path(folder), device, path, rows, probe_length)
             probes.append({"path": path, "rows": rows, "length": probe_length, "peak_rss_mb": round(peak, 1)})
-            points.append((_run_rows(rows, rows_per_run) * probe_length, peak))
+            # the fit runs its batch whole (the graph below the blocks returns no logits)
+            points.append(((rows if path == "fit" else _run_rows(rows, rows_per_run)) * probe_length, peak))
         fits_of[path] = _line(points)
+    if alone:
+        return predict_fit(fits_of["fit"], fits_of["eval"], _extra_mb(Path(folder), manifest, False, length),
+                           profile.memory_budget_mb, batch_size, length, probes, rows_per_run)
     return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest, output_fit, length), profile.memory_budget_mb,
                    batch_size, length, probes, rows_per_run)
 
@@ -121,6 +129,21 @@ def predict(train: tuple[float, float], held_out: tuple[float, float], extra: fl
     return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes or [])
 
 
+def predict_fit(fit: tuple[float, float], held_out: tuple[float, float], extra: float, budget: float | None,
+                batch_size: int, length: int, probes: list[dict], rows_per_run: int | None) -> Plan:
+    """The plan of a run that is the standalone top-blocks fit alone: its peak is the fit probe's line at the
+    batch (it never opens the whole graph; its held-out scoring runs the same code one sequence at a time)."""
+    a, b = fit
+    train_peak = a + b * batch_size * length + extra
+    eval_peak = held_out[0] + held_out[1] * _run_rows(EVAL_BATCH, rows_per_run) * length
+    largest = None
+    if budget is not None:
+        room = budget - extra - a
+        largest = max(0, min(MAX_BATCH, math.floor(room / (b * length)))) if b > 0 else MAX_BATCH
+    fits = budget is None or (train_peak <= budget and eval_peak <= budget)
+    return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes)
+
+
 def _extra_mb(folder: Path, manifest, output_fit: bool, length: int) -> float:
     """Memory the probes do not see: the optimizer's vectors and the exact fit's weights and saved values."""
     from edgeft.adapters import bundle_layout
@@ -139,8 +162,8 @@ def _extra_mb(folder: Path, manifest, output_fit: bool, length: int) -> float:
 
 def _saved_activations_mb(folder: Path, manifest, length: int) -> float:
     """The top blocks' forward values the backward reads, for one sequence of max_length tokens: per block
-    the residual, both norms' outputs, the attention output (hidden each), gate, up and their product
-    (intermediate each), q and the repeated k, v (heads x head_dim each) and the attention weights."""
+    the residual before and after attention and the attention output (hidden each), gate and up
+    (intermediate each), q (heads x head_dim), k and v (kv_heads x head_dim each) and the attention weights."""
     from edgeft.tensor_file import tensor_shapes
 
     top = manifest.top_blocks
@@ -149,7 +172,7 @@ def _saved_activations_mb(folder: Path, manifest, length: int) -> float:
         intermediate, hidden = shapes[f"{top.layers[0]}.gate"]
     except (OSError, ValueError, KeyError, TypeError):  # the fit itself reports what is wrong with the file
         return 0.0
-    per_block = length * (4 * hidden + 3 * intermediate + 3 * top.heads * top.head_dim) + top.heads * length**2
+    per_block = length * (3 * hidden + 2 * intermediate + (top.heads + 2 * top.kv_heads) * top.head_dim) + top.heads * length**2
     return len(top.layers) * per_block * 4 / 2**20
 
 
@@ -170,7 +193,7 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
     from .evaluate import CandidateEvaluator, causal_lm_rows, evaluate
     from .memory import peak_rss_mb
 
-    bundle = Bundle(folder, load_profile(device))
+    bundle = Bundle(folder, load_profile(device), open_graph=path != "fit")
     # real token ids (a random id could lie outside a model's embedding table)
     sentence = np.asarray(bundle.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 8).ids, dtype=np.int64)
     row = np.resize(sentence, length)
@@ -178,12 +201,29 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
     labels = None if bundle.task == "causal-lm" else np.zeros(rows, dtype=np.int64)
     encoded = Encoded(ids, labels)
     theta = bundle.layout.initial(0)
-    if path == "train":
+    if path == "fit":
+        fit_step(bundle, encoded, theta)
+    elif path == "train":
         CandidateEvaluator(bundle).losses(bundle.feeds(encoded, np.arange(rows)), [theta, theta.copy()])
     else:
         evaluate(bundle, theta, encoded, rows)
     chunk = causal_lm_rows(bundle, MAX_BATCH) if bundle.task == "causal-lm" else None
     return {"peak_rss_mb": peak_rss_mb(), "rows_per_run": chunk}
+
+
+def fit_step(bundle, encoded, theta) -> None:
+    """One step of the standalone top-blocks fit, as ``output_fit.fit_lm_output`` takes it (the whole graph
+    never opened): what the plan's fit probe measures."""
+    import numpy as np
+
+    from .top_blocks import TopBlocksFit
+
+    fit = TopBlocksFit(bundle.folder, bundle.manifest, bundle.below_session)
+    named = bundle.layout.unflatten(theta)
+    into = {n: np.zeros(named[n].shape) for n in [*fit.tensor_names(), fit.bias]}
+    into["bias"] = into.pop(fit.bias)
+    feeds = bundle.feeds(encoded, np.arange(len(encoded)))
+    fit.accumulate(feeds, fit.entering(feeds, named), named, into)
 
 
 if __name__ == "__main__":

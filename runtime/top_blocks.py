@@ -8,13 +8,19 @@ logits. From x this module recomputes the K blocks' forward, as the model runs t
     P = softmax(q kᵀ/√d + causal mask);  x' = x + (P v)·W_oᵀ
     m = rms(x')·w₂;  x'' = x' + (silu(m W_gᵀ) ⊙ m W_uᵀ)·W_dᵀ
 
-keeping what the backward pass reads, and then differentiates it by hand from the top down: the
+keeping what the backward pass reads, then the logits W_lm·rms(x)·w + b (b the output bias), and
+differentiates it all by hand from the top down: the
 final residual's gradient is the output fit's (``top_fit.rms_norm_backward`` of (softmax − one-hot)·W_lm),
 each block adds its MLP's and attention's input gradients to the residual stream's, RoPE's adjoint
 is z·cos − rot(z·sin), and the softmax's is P ⊙ (dP − Σ dP⊙P). A LoRA y = z·Wᵀ + s·(z Aᵀ) Bᵀ runs
 without forming W + s·BA, and its factors' gradients are ``top_fit.lora_gradients``. Written by hand
 because the device has numpy only (no autograd); one sequence at a time, so the saved activations
 stay at K blocks × one sequence; tested against torch autograd (tests/test_top_blocks.py).
+
+x itself comes, in a bundle exported since session 18, from the embedding table (numpy) and the graph
+of the layers below the blocks (``TopBlocks.below``; nothing where the blocks start at layer 0): the
+fit and its held-out scoring then never open the whole graph, so each weight is in memory once.
+Older bundles read x from the whole graph.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ def _rotate_half(z: np.ndarray) -> np.ndarray:
 class TopBlocksFit:
     """The frozen weights and names the device's gradient of the top blocks' LoRA needs."""
 
-    def __init__(self, folder: Path, manifest):
+    def __init__(self, folder: Path, manifest, below=None):
+        """``below``: the session of ``manifest.top_blocks.below`` (``Bundle.below_session``), if the fit is to use it."""
         from edgeft.tensor_file import read_tensors
 
         top = manifest.top_blocks
@@ -54,6 +61,8 @@ class TopBlocksFit:
             raise EdgeftError(f"{path}: cannot read the top blocks' weights ({str(err).splitlines()[0][:200]})") from None
         keys = ["lm_head", "final_norm"] + [f"{i}.{k}" for i in top.layers
                                             for k in ("input_norm", "post_norm", *top.modules[0])]
+        if top.embedding is not None:
+            keys.append(top.embedding)
         missing = [k for k in keys if k not in weights]
         if missing:
             raise EdgeftError(f"{path}: has no {missing[0]} (not this bundle's top blocks?)")
@@ -67,7 +76,12 @@ class TopBlocksFit:
         self.inv_freq = (1.0 / (float(top.rope_theta) ** (np.arange(0, self.head_dim, 2, dtype=np.float32)
                                                          / self.head_dim))).astype(np.float32)
         self.outputs = [top.input]
+        self.embedding = weights[top.embedding] if top.embedding is not None else None
+        # without the graph below (not given: the whole graph is open anyway), x comes from the whole graph
+        self.standalone = top.standalone() and (top.below is None or below is not None)
+        self.below = below
         names = {t.name for t in manifest.adapter.tensors}
+        self.bias = next(t.name for t in manifest.adapter.tensors if t.role == "output_bias")
         # per layer: role -> (A name, B name) for every role the graph runs with a LoRA
         self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
                      for modules in top.modules]
@@ -126,7 +140,9 @@ class TopBlocksFit:
         gate, up = self._linear(n2, layer, "gate", adapters), self._linear(n2, layer, "up", adapters)
         mixed = silu(gate) * up
         out = x2 + self._linear(mixed, layer, "down", adapters)
-        saved = dict(x=x, n1=n1, q=q, kh=kh, vh=vh, p=p, attended=attended, x2=x2, n2=n2, gate=gate, up=up, mixed=mixed)
+        # what the backward reads, less what it recomputes cheaply (both norms' outputs, silu(gate)·up, the
+        # KV heads' repeats): 40% less to hold for the K blocks of a sequence
+        saved = dict(x=x, q=q, k=k, v=v, p=p, attended=attended, x2=x2, gate=gate, up=up)
         return out, saved
 
     # --- backward -------------------------------------------------------------------
@@ -136,22 +152,23 @@ class TopBlocksFit:
         (else the attention half is differentiated only if it has a fitted LoRA)."""
         i, (cos, sin) = self.layers[layer], rope
         length, group = upstream.shape[0], self.heads // self.kv_heads
-        d_mixed = self._linear_backward(upstream, s["mixed"], layer, "down", adapters, into)
         activated = silu(s["gate"])
+        d_mixed = self._linear_backward(upstream, activated * s["up"], layer, "down", adapters, into)
         d_up = d_mixed * activated
         d_gate = d_mixed * s["up"] * silu_derivative(s["gate"])
-        d_n2 = (self._linear_backward(d_up, s["n2"], layer, "up", adapters, into)
-                + self._linear_backward(d_gate, s["n2"], layer, "gate", adapters, into))
+        n2 = _rms_norm(s["x2"], self.weights[f"{i}.post_norm"], self.eps)
+        d_n2 = (self._linear_backward(d_up, n2, layer, "up", adapters, into)
+                + self._linear_backward(d_gate, n2, layer, "gate", adapters, into))
         d_x2 = upstream + rms_norm_backward(d_n2, s["x2"], self.weights[f"{i}.post_norm"], self.eps).astype(np.float32)
         if not below and not any(r in self.fitted for r in self.lora[layer] if r in ATTENTION):
             return None
         d_attended = self._linear_backward(d_x2, s["attended"], layer, "o", adapters, into)
         d_heads = d_attended.reshape(length, self.heads, self.head_dim).transpose(1, 0, 2)
-        p = s["p"]
-        d_p = d_heads @ s["vh"].transpose(0, 2, 1)
+        p, kh, vh = s["p"], np.repeat(s["k"], group, axis=0), np.repeat(s["v"], group, axis=0)
+        d_p = d_heads @ vh.transpose(0, 2, 1)
         d_vh = p.transpose(0, 2, 1) @ d_heads
         d_scores = p * (d_p - (d_p * p).sum(-1, keepdims=True)) / np.float32(np.sqrt(self.head_dim))
-        d_q, d_kh = d_scores @ s["kh"], d_scores.transpose(0, 2, 1) @ s["q"]
+        d_q, d_kh = d_scores @ kh, d_scores.transpose(0, 2, 1) @ s["q"]
 
         def merged(d, count, rotated):
             if count != self.heads:  # the heads a KV head served add up
@@ -160,22 +177,32 @@ class TopBlocksFit:
                 d = d * cos - _rotate_half(d * sin)
             return d.transpose(1, 0, 2).reshape(length, -1)
 
-        d_n1 = (self._linear_backward(merged(d_q, self.heads, True), s["n1"], layer, "q", adapters, into)
-                + self._linear_backward(merged(d_kh, self.kv_heads, True), s["n1"], layer, "k", adapters, into)
-                + self._linear_backward(merged(d_vh, self.kv_heads, False), s["n1"], layer, "v", adapters, into))
+        n1 = _rms_norm(s["x"], self.weights[f"{i}.input_norm"], self.eps)
+        d_n1 = (self._linear_backward(merged(d_q, self.heads, True), n1, layer, "q", adapters, into)
+                + self._linear_backward(merged(d_kh, self.kv_heads, True), n1, layer, "k", adapters, into)
+                + self._linear_backward(merged(d_vh, self.kv_heads, False), n1, layer, "v", adapters, into))
         return d_x2 + rms_norm_backward(d_n1, s["x"], self.weights[f"{i}.input_norm"], self.eps).astype(np.float32)
 
-    def accumulate(self, feeds: dict, logits: np.ndarray, outputs: list[np.ndarray], adapters: dict[str, np.ndarray],
-                   into: dict[str, np.ndarray]) -> tuple[float, int]:
-        """Add the summed gradients over this batch's scored tokens of the output bias (``into["bias"]``)
-        and the fitted LoRA tensors to ``into``; returns (summed NLL, scored tokens). ``logits`` and
-        ``outputs`` (``self.outputs``) are the graph's for ``feeds`` with these ``adapters``."""
-        (hidden,) = outputs
-        adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
-        lm_head, final_norm = self.weights["lm_head"], self.weights["final_norm"].astype(np.float64)
-        ids, mask = feeds["input_ids"], feeds["attention_mask"]
-        nll, tokens = 0.0, 0
-        for row in range(ids.shape[0]):
+    def entering(self, feeds: dict, adapters: dict[str, np.ndarray]) -> np.ndarray:
+        """x [B, T, hidden] for these inputs without the whole graph (``self.standalone``): the
+        token embeddings, through the graph of the layers below the blocks where there are any."""
+        x = self.embedding[feeds["input_ids"]]
+        if self.below is None:
+            return x
+        values = {**adapters, **feeds, "hidden.0": x}
+        return self.below.run(self.outputs, {i.name: values[i.name] for i in self.below.get_inputs()})[0]
+
+    def _logits(self, x: np.ndarray, adapters) -> np.ndarray:
+        """One sequence's logits [T, vocab] from the top block's output (the final norm, the LM head, the bias)."""
+        logits = _rms_norm(x, self.weights["final_norm"], self.eps) @ self.weights["lm_head"].T
+        logits += adapters[self.bias]
+        return logits
+
+    def _rows(self, feeds: dict, hidden: np.ndarray, adapters, keep: bool):
+        """Per sequence of two or more tokens: (row, its length, RoPE tables, the top block's output,
+        the blocks' saved values if ``keep``)."""
+        mask = feeds["attention_mask"]
+        for row in range(mask.shape[0]):
             length = int(mask[row].sum())
             if length < 2:
                 continue
@@ -185,12 +212,36 @@ class TopBlocksFit:
             x, saved = np.asarray(hidden[row, :length], dtype=np.float32), []
             for layer in range(len(self.layers)):
                 x, s = self._block(x, layer, adapters, rope)
-                saved.append(s)
+                saved.append(s if keep else None)
+            yield row, length, rope, x, saved
+
+    def score(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(summed next-token NLL, scored tokens) of the batch: the graph's loss, computed here."""
+        adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
+        ids, mask, nll, tokens = feeds["input_ids"], feeds["attention_mask"], 0.0, 0
+        for row, length, _, x, _ in self._rows(feeds, hidden, adapters, keep=False):
+            logits = self._logits(x, adapters)[None]
+            for _, cols, _, summed in scored_softmax_chunks(logits, ids[row : row + 1, :length], mask[row : row + 1, :length]):
+                nll, tokens = nll + summed, tokens + len(cols)
+        return nll, tokens
+
+    def accumulate(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray],
+                   into: dict[str, np.ndarray]) -> tuple[float, int]:
+        """Add the summed gradients over this batch's scored tokens of the output bias (``into["bias"]``)
+        and the fitted LoRA tensors to ``into``; returns (summed NLL, scored tokens). ``hidden`` is
+        ``self.outputs``' value for ``feeds`` with these ``adapters`` (``entering``, or the whole graph's)."""
+        adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
+        lm_head, final_norm = self.weights["lm_head"], self.weights["final_norm"].astype(np.float64)
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        nll, tokens = 0.0, 0
+        for row, length, rope, x, saved in self._rows(feeds, hidden, adapters, keep=True):
+            logits = self._logits(x, adapters)[None]
             upstream = np.zeros_like(x)
-            for _, cols, g, summed in scored_softmax_chunks(logits[row : row + 1], ids[row : row + 1], mask[row : row + 1]):
+            for _, cols, g, summed in scored_softmax_chunks(logits, ids[row : row + 1, :length], mask[row : row + 1, :length]):
                 into["bias"] += g.sum(0, dtype=np.float64)
                 upstream[cols] = rms_norm_backward(g @ lm_head, x[cols], final_norm, self.eps)
                 nll, tokens = nll + summed, tokens + len(cols)
+            del logits
             for layer in reversed(range(len(self.layers))):
                 upstream = self._block_backward(upstream, layer, saved[layer], adapters, rope, into, below=layer > 0)
                 saved[layer] = None  # freed as the backward goes down

@@ -58,7 +58,7 @@ def tiny_bert(folder: Path, masked_lm: bool = False, layers: int = 2) -> Path:
     return Path(folder)
 
 
-def tiny_llama(folder: Path) -> Path:
+def tiny_llama(folder: Path, tied: bool = True) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -66,7 +66,7 @@ def tiny_llama(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=tied)
     LlamaForCausalLM(config).save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>").save_pretrained(folder)
     return Path(folder)

@@ -3,6 +3,7 @@ against torch autograd, and the bundle's contract (manifest, weights file)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,10 +38,10 @@ def test_top_blocks_and_bias_gradients_equal_torch_autograd(llama_lm_bundle, lla
     feeds = _feeds(rng, batch, length)
     theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
     named = b.layout.unflatten(theta)
-    logits, *outputs = b.run(feeds, theta, ["logits", *fit.outputs])
+    (hidden,) = b.run(feeds, theta, fit.outputs)
     got = {n: np.zeros(named[n].shape) for n in fit.tensor_names()}
-    got["bias"] = np.zeros(logits.shape[-1])
-    nll, tokens = fit.accumulate(feeds, logits, outputs, named, got)
+    got["bias"] = np.zeros(named["output.bias"].shape)
+    nll, tokens = fit.accumulate(feeds, hidden, named, got)
     assert tokens == int(feeds["attention_mask"][:, 1:].sum())
     total, want = torch_lm_reference(llama_folder, b.manifest, feeds, {k: np.array(v) for k, v in named.items()})
     np.testing.assert_allclose(nll, total, rtol=1e-4)
@@ -65,8 +66,94 @@ def test_top_blocks_forward_reproduces_the_graphs_logits(llama_lm_bundle):
     x, rope = hidden[0], fit._rope(13)
     for layer in range(len(fit.layers)):
         x, _ = fit._block(x, layer, named, rope)
-    mine = _rms_norm(x, fit.weights["final_norm"], fit.eps) @ fit.weights["lm_head"].T + named["output.bias"]
-    np.testing.assert_allclose(mine, logits[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fit._logits(x, named), logits[0], rtol=1e-4, atol=1e-4)
+    # the blocks start at layer 0: the fit's own input is the embedding table's rows (no graph at all)
+    assert fit.standalone and fit.below is None
+    np.testing.assert_allclose(fit.entering(feeds, named), hidden, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def below_bundle(export_bundle_for, workdir):
+    """The top 1 of 2 blocks fitted, untied embeddings: the bundle has a graph below the blocks and the
+    embedding table in its weights file."""
+    from tests.models import tiny_llama
+
+    folder = workdir / "tiny-llama-untied"
+    return export_bundle_for("llama-lm-untied-fit1", folder if folder.exists() else tiny_llama(folder, tied=False),
+                             task="causal-lm", fit_layers=1)
+
+
+@pytest.mark.parametrize("batch, length", [(2, 7), (3, 12)])
+def test_the_graph_below_the_blocks_and_the_numpy_loss_equal_the_whole_graph(below_bundle, batch, length):
+    """ORT on the cut graph (fed numpy's embeddings) against ORT on the whole graph, at two shapes with
+    right padding; then the fit's own loss against the graph's in-graph loss."""
+    alone, whole = Bundle(below_bundle, open_graph=False), Bundle(below_bundle)
+    top = alone.manifest.top_blocks
+    assert top.below == "below_top_blocks.onnx" and top.embedding == "embed" and top.input == "hidden.1"
+    fit = TopBlocksFit(alone.folder, alone.manifest, alone.below_session)
+    assert fit.standalone and not np.array_equal(fit.embedding, fit.weights["lm_head"])
+    rng = np.random.default_rng(length)
+    feeds = _feeds(rng, batch, length)
+    theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)  # the layer-0 LoRA under the cut too
+    named = alone.layout.unflatten(theta)
+    want, loss, count = whole.run(feeds, theta, [top.input, "loss", "token_count"])
+    got = fit.entering(feeds, named)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    nll, tokens = fit.score(feeds, got, named)
+    assert tokens == int(count.sum())
+    np.testing.assert_allclose(nll, float((loss.astype(np.float64) * count).sum()), rtol=1e-4)
+    assert alone._session is None and not alone.graph_open
+
+
+@pytest.fixture
+def lm_data(tmp_path):
+    from tests.test_output_fit import LM_TEXTS
+
+    path = tmp_path / "lm.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in LM_TEXTS))
+    return path
+
+
+def test_the_default_run_of_a_standalone_fit_never_opens_the_whole_graph(below_bundle, lm_data, tmp_path, monkeypatch):
+    """edgeft train's default recipe with a budget: the fit, its held-out scoring and the trainer's ranking run
+    without model.onnx; the kept adapter scores on the whole graph as the fit said."""
+    import onnxruntime as ort
+
+    from edgeft.runtime import evaluate
+    from edgeft.training import TrainRequest, run_training
+
+    opened, real = [], ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    summary = run_training(TrainRequest(below_bundle, lm_data, tmp_path / "run", eval_data=lm_data, budget="8fwd",
+                                        eval_every=4, progress=False), log=lambda m: None)
+    assert opened == ["below_top_blocks.onnx"], opened
+    fit = summary["output_fit"]
+    assert fit["steps"] == 8 and fit["train_loss_last"] < fit["train_loss_first"] and summary["steps"] == 0
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    from edgeft.adapters import load_adapter
+
+    b = Bundle(below_bundle)
+    kept = load_adapter(tmp_path / "run" / "adapter", b.layout, base=b.layout.initial(0))
+    eval_set = b.encode([json.loads(r)["text"] for r in lm_data.read_text().splitlines()])
+    np.testing.assert_allclose(evaluate(b, kept, eval_set, 32)["loss"], summary["best"]["loss"], rtol=1e-4)
+
+
+def test_a_missing_or_foreign_graph_below_the_blocks_gets_a_one_line_error(below_bundle, tmp_path):
+    folder = _copy(below_bundle, tmp_path)
+    (folder / "below_top_blocks.onnx").unlink()
+    with pytest.raises(EdgeftError, match="below_top_blocks.onnx, which is missing"):
+        Bundle(folder, open_graph=False).below_session
+    shutil.copy(folder / "model.onnx", folder / "below_top_blocks.onnx")  # a graph, but not the one below the blocks
+    with pytest.raises(EdgeftError, match="does not match the manifest"):
+        Bundle(folder, open_graph=False).below_session
+    (folder / "below_top_blocks.onnx").write_bytes(b"not onnx")
+    with pytest.raises(EdgeftError, match="cannot load ONNX graph"):
+        Bundle(folder, open_graph=False).below_session
 
 
 def _copy(bundle, tmp_path):
@@ -186,10 +273,30 @@ def test_the_plan_counts_the_fit_weights_and_one_sequence_of_saved_activations(l
     assert tensor_shapes(path) == {k: list(v.shape) for k, v in read_tensors(path).items()}
     top = b.manifest.top_blocks
     hidden, intermediate = 32, 64  # tests/models.py tiny_llama
-    want = len(top.layers) * (16 * (4 * hidden + 3 * intermediate + 3 * top.heads * top.head_dim) + top.heads * 16**2) * 4 / 2**20
+    want = len(top.layers) * (16 * (3 * hidden + 2 * intermediate + (top.heads + 2 * top.kv_heads) * top.head_dim)
+                              + top.heads * 16**2) * 4 / 2**20
     assert _saved_activations_mb(b.folder, b.manifest, 16) == pytest.approx(want)
     assert _saved_activations_mb(b.folder, b.manifest, 32) > 2 * want  # the attention weights grow with length squared
     folder = _copy(llama_lm_bundle, tmp_path)
     (folder / "top_blocks.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="safetensors"):
         tensor_shapes(folder / "top_blocks.safetensors")
+
+
+def test_the_plan_of_a_standalone_fit_probes_the_fit_itself(below_bundle, lm_data, tmp_path):
+    """edgeft plan (default recipe): the train prediction is the fit probe's line, within 15% of a budgeted run's peak;
+    --search (a search on the whole graph follows) probes the search instead."""
+    import subprocess
+    import sys
+
+    from edgeft.runtime.plan import plan_memory
+
+    result = subprocess.run([sys.executable, "-m", "edgeft.cli", "train", str(below_bundle), "--data", str(lm_data), "-o",
+                             str(tmp_path / "run"), "--budget", "6fwd", "--batch-size", "4", "--eval-data", str(lm_data),
+                             "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    plan = plan_memory(below_bundle, None, 4)
+    assert {p["path"] for p in plan.probes} == {"fit", "eval"}
+    assert abs(plan.predicted_train_peak_rss_mb - measured) <= 0.15 * measured, (plan.predicted_train_peak_rss_mb, measured)
+    assert {p["path"] for p in plan_memory(below_bundle, None, 4, search=True).probes} == {"train", "eval"}
