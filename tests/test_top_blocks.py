@@ -300,3 +300,21 @@ def test_the_plan_of_a_standalone_fit_probes_the_fit_itself(below_bundle, lm_dat
     assert {p["path"] for p in plan.probes} == {"fit", "eval"}
     assert abs(plan.predicted_train_peak_rss_mb - measured) <= 0.15 * measured, (plan.predicted_train_peak_rss_mb, measured)
     assert {p["path"] for p in plan_memory(below_bundle, None, 4, search=True).probes} == {"train", "eval"}
+
+
+def test_an_int8_bundle_fits_from_its_own_graph_not_the_fp32_cut(below_bundle, tmp_path):
+    """compress keeps the blocks' weights but not the fp32 graph below them: the int8 bundle's fit reads its
+    input from the int8 whole graph, as the device runs it."""
+    from edgeft.export.compress import quantize_bundle
+    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+
+    quantize_bundle(below_bundle, tmp_path / "int8")
+    top = Manifest.load(tmp_path / "int8").top_blocks
+    assert top is not None and top.below is None and top.embedding is None and not top.standalone()
+    assert not (tmp_path / "int8" / "below_top_blocks.onnx").exists()
+    b8 = Bundle(tmp_path / "int8")
+    fit = TopBlocksFit(b8.folder, b8.manifest, b8.below_session)
+    assert not fit.standalone
+    enc = b8.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
+    _, losses, _ = fit_lm_output(b8, enc, b8.layout.initial(0), batch_size=2, config=OutputFitConfig(steps=5, lr=0.1))
+    assert losses[-1] < losses[0]
