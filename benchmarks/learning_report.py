@@ -13,7 +13,8 @@ DEV_PLAY, TEST_PLAY = "tragedies/romeo-and-juliet", "tragedies/macbeth"
 LR_GRID = ("1e-3", "1e-2", "1e-1")  # 20ng, rt: lines "OPTIMIZER@LR" run with that explicit lr (MonteCLoRA's robustness claim)
 LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "fit-only", "fit+mezo", "fit-all-last",
                          "mlp1-auto", "mlp1-auto-heldback", "mlp1-auto-heldback-10m", "blocks6-auto-heldback",
-                         "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m", "auto",
+                         "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
+                         "constant-lr-auto-heldback-10m", "auto",
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
@@ -25,9 +26,11 @@ CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the 
 # rows kept from earlier code or bundles, not runnable now ("mlp1-": the top-MLP fit of bundles exported before
 # the top-blocks fit; fit-only and fit+mezo were measured with such a bundle too; "blocks6-": a bundle fitting
 # the top 6 blocks, export --fit-layers 6; "wholegraph-": the default top-24-block fit of session 17's bundle, whose
-# fit read its input from the whole graph, beside a second copy of the blocks' weights)
+# fit read its input from the whole graph, beside a second copy of the blocks' weights; "constant-lr-": the fit at a
+# constant lr, before its lr fell linearly to zero over the budget)
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last", "mlp1-auto", "mlp1-auto-heldback", "mlp1-auto-heldback-10m",
-              "blocks6-auto-heldback", "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m")
+              "blocks6-auto-heldback", "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
+              "constant-lr-auto-heldback-10m")
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 SPEAKERS_PLAY, SPEAKERS = "tragedies/othello", 2  # who speaks a line: Iago or Othello (the two with the most lines)
 SPEAKERS_MIN_WORDS = 4  # a line shorter than this ("My lord?") says nothing of its speaker
@@ -71,8 +74,8 @@ def _section(task: str, docs: Path) -> str | None:
     paired = []
     for main_line in (("mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-heldback", "auto-heldback-10m")):
         others = (("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "backprop", "backprop-10m") if not lm
-                  else ("mezo", f"mlp1-{main_line}", f"blocks6-{main_line}", f"wholegraph-{main_line}", "backprop",
-                        "backprop-10m"))  # the LM: vs older bundles too
+                  else ("mezo", f"mlp1-{main_line}", f"blocks6-{main_line}", f"wholegraph-{main_line}",
+                        f"constant-lr-{main_line}", "backprop", "backprop-10m"))  # the LM: vs older bundles too
         for other in others:
             if main_line not in by_line or other not in by_line or other == main_line:
                 continue
@@ -108,7 +111,8 @@ Lines: `mezo` = MeZO at edgeft's defaults on LoRA (no output fit); `fzoo` = FZOO
 the output fit alone — the output bias and LoRA r=8 on the top layer's MLP (gate, up, down) by Adam on their exact
 gradient (40 steps, one pass each); `fit+mezo` = that fit, then MeZO on the body for the rest of the budget; `auto` =
 edgeft's default recipe now: the output fit for the whole budget — the output bias and LoRA r=8 on the MLPs of the
-top 24 of the 30 blocks (80%, the default of a bundle exported since session 17: `export/top_blocks.py`) —, its best point on the dev windows kept (scored
+top 24 of the 30 blocks (80%, the default of a bundle exported since session 17: `export/top_blocks.py`), its lr falling
+linearly to zero over the budget (since session 18) —, its best point on the dev windows kept (scored
 every 25 steps); `auto-heldback` = the same run without `--eval-data`, as a user without a dev text runs it: the
 run ranks its adapters on 16 windows it holds back from the training plays (every 10th); `auto-heldback-10m`,
 `backprop-10m` = auto-heldback and backprop given 10 minutes of one core each (the whole run's time, evaluations
@@ -117,7 +121,9 @@ with the previous bundle, whose fit was the top layer's MLP only (sessions 13–
 `blocks6-auto-heldback-10m` = the two held-back lines with the top 6 blocks fitted (`--fit-layers 6`, session 17);
 `wholegraph-auto-heldback`, `wholegraph-auto-heldback-10m` = the two held-back lines with session 17's bundle of the same
 fit, which read the blocks' input from the whole graph and so held their weights twice (kept, not re-run; since session
-18 the fit embeds the tokens in numpy and runs only the graph of the 6 layers below the blocks); `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
+18 the fit embeds the tokens in numpy and runs only the graph of the 6 layers below the blocks);
+`constant-lr-auto-heldback-10m` = auto-heldback-10m with that bundle at the fit's constant lr (session 18, before the
+decay); `fit-all-last` = a 200-step fit returning its last step (one seed, before the fit kept its best
 point); `bias-only`, `bias-all`, `bias+mezo` = fit-only, a 200-step fit and fit+mezo when the output fit was the bias
 alone (session 7's code and bundle, kept, not re-run); `backprop` = peft LoRA + AdamW lr 3e-4 in torch (one forward and one backward per step; its "fwd" column counts
 steps; kept on dev every 10 steps like the others)."""

@@ -164,7 +164,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
         fit_steps = OutputFitConfig.steps if req.output_fit_steps is None else req.output_fit_steps
         if budget and recipe and recipe.fit_whole_budget and req.output_fit_steps is None:
-            fit_steps = budget.forward_passes or 10**9  # a time budget stops it (out_of_time)
+            fit_steps = budget.forward_passes or 10**9  # a time budget stops it (time_share)
         if budget and budget.forward_passes is not None:
             fit_steps = min(fit_steps, budget.forward_passes)  # the fit's passes count in the budget
         brought = req.init_adapter is not None and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()
@@ -175,7 +175,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
             try:
                 theta, output_fit, what = fit_output_adapter(
                     bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,
-                    out_of_time=lambda: time.perf_counter() - started_fit >= deadline, on_step=bar)
+                    time_share=lambda: (time.perf_counter() - started_fit) / deadline, on_step=bar)
             finally:
                 bar.close()
             bundle.close_below()  # a search that follows runs the whole graph

@@ -20,7 +20,8 @@ Measured with this code (docs/LEARNING.md, 40 steps of batch 4, test perplexity 
 tokens): the bias alone 55.76 → 52.06 (−6.6%, median of 3 seeds); 200 steps over-fit (−5.5%). With
 the top MLP's LoRA (torch, same data, seed 0, ``export/top_mlp.py``): 44.30 (−20.6%); its lr 3e-3 is
 that trial's; on the top six blocks' MLPs (``export/top_blocks.py``): 40.44. With this code on the top 24 of
-30 blocks (the default, 80%) for 10 minutes of one core: 31.80 (docs/FIT-DEPTH.md, seed 0).
+30 blocks (the default, 80%) for 10 minutes of one core: 31.80 (docs/FIT-DEPTH.md, seed 0), and 29.64 with
+the lr falling linearly to zero over the budget (``OutputFitConfig.decay``; docs/learning-notes.md, session 18).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class OutputFitConfig:
     steps: int = 40  # one forward pass (one batch) per step
     lr: float = 3e-2  # the bias's Adam lr (the zeroth-order optimizers' rule, fed the exact gradient)
     lora_lr: float = 3e-3  # the top MLP LoRA's
+    # both lrs fall linearly to zero over the budget (its steps or its time, whichever runs out first): see
+    # docs/learning-notes.md, session 18 — at a constant lr the fit kept lowering the held-back loss past the
+    # point where the test play's perplexity rose
+    decay: bool = True
 
 
 def bias_gradient(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, float, int]:
@@ -91,9 +96,10 @@ def output_bias_slice(bundle: Bundle) -> slice | None:
 
 def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int, seed: int = 0,
                   config: OutputFitConfig = OutputFitConfig(), held_out: Encoded | None = None, eval_every: int = 50,
-                  out_of_time=lambda: False, on_step=None) -> tuple[np.ndarray, list[float], dict]:
+                  time_share=lambda: 0.0, on_step=None) -> tuple[np.ndarray, list[float], dict]:
     """Adam on the output bias (and the top blocks' or top MLP's LoRA where the bundle has one) over ``config.steps``
-    batches of ``train`` (fewer if ``out_of_time()`` says so); the rest of ``theta`` is unchanged.
+    batches of ``train`` (fewer if ``time_share()``, the share of a time budget spent, reaches 1); the rest of
+    ``theta`` is unchanged.
 
     With ``held_out`` data the fit is scored on it at the start, every ``eval_every`` steps and at the
     end, and the best-scoring vector is returned (early stopping: a long fit can over-fit the training
@@ -132,8 +138,10 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
     if held_out is not None:
         consider(0)
     for step in range(config.steps):
-        if out_of_time():
+        share = time_share()
+        if share >= 1.0:
             break
+        scale = 1.0 - max(step / config.steps, share) if config.decay else 1.0
         batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
         gradients = {k: np.zeros(v.shape, dtype=np.float64) for k, (v, _) in groups.items()}
         nll, tokens = 0.0, 0
@@ -157,7 +165,7 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
             continue
         losses.append(nll / tokens)
         for key, (value, lr) in groups.items():
-            step_size = adam.apply((gradients[key] / tokens).astype(np.float32).ravel(), states[key], lr, len(losses) - 1)
+            step_size = adam.apply((gradients[key] / tokens).astype(np.float32).ravel(), states[key], lr * scale, len(losses) - 1)
             value -= step_size.reshape(value.shape)
         if on_step:
             on_step(len(losses), losses[-1])
@@ -226,7 +234,7 @@ def label_probe_tensors(bundle: Bundle) -> bool:
 
 
 def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None, theta: np.ndarray, batch_size: int,
-                       seed: int, steps: int, eval_every: int = 50, out_of_time=lambda: False, on_step=None
+                       seed: int, steps: int, eval_every: int = 50, time_share=lambda: 0.0, on_step=None
                        ) -> tuple[np.ndarray, dict | None, str]:
     """Fit the bundle's output adapter, if it has one; keep the fit only if it improves ``held_out``
     (ranked as the trainer ranks adapters), or always without held-out data (on the training data
@@ -237,7 +245,7 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
 
     if output_bias_slice(bundle) is not None:
         fitted, losses, info = fit_lm_output(bundle, train, theta, batch_size, seed, OutputFitConfig(steps=steps),
-                                             held_out, eval_every, out_of_time, on_step)
+                                             held_out, eval_every, time_share, on_step)
         if not losses:
             raise EdgeftError("output fit: the training data has no window of two or more tokens")
         kind = fit_kind(bundle.manifest)

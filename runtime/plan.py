@@ -207,7 +207,8 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
         CandidateEvaluator(bundle).losses(bundle.feeds(encoded, np.arange(rows)), [theta, theta.copy()])
     else:
         evaluate(bundle, theta, encoded, rows)
-    chunk = causal_lm_rows(bundle, MAX_BATCH) if bundle.task == "causal-lm" else None
+    # (the fit's probe must not open the whole graph just to read the logits' shape)
+    chunk = causal_lm_rows(bundle, MAX_BATCH) if bundle.task == "causal-lm" and path != "fit" else None
     return {"peak_rss_mb": peak_rss_mb(), "rows_per_run": chunk}
 
 

@@ -4,10 +4,11 @@ The rule follows what was measured here (README "Choosing a recipe", docs/LEARNI
 
 * causal LM with LoRA fitted exactly (a Llama bundle's top 80% of blocks' MLPs, ``export/top_blocks.py``;
   Mistral / Qwen2: the top layer's MLP, ``export/top_mlp.py``): the output bias and that LoRA fitted
-  from their exact gradient for the whole budget, keeping the best point on held-out text; MeZO on
-  the body gets what is left (SmolLM2/Shakespeare, 3 seeds, medians, held-back windows: 200 passes,
-  the top-24-block fit −41.0% perplexity, top 6 −30.8%, the top-MLP fit −23.4%, backprop's 40 steps −27.0%;
-  10 minutes of one core, the fit −42.6% against backprop's −41.5%; with the
+  from their exact gradient for the whole budget, the lr falling linearly to zero over it, keeping the
+  best point on held-out text; MeZO on the body gets what is left (SmolLM2/Shakespeare, 3 seeds, medians,
+  held-back windows: 200 passes at a constant lr, the top-24-block fit −41.0% perplexity, top 6 −30.8%, the
+  top-MLP fit −23.4%, backprop's 40 steps −27.0%; 10 minutes of one core, the fit with the decay −46.4%
+  (−42.6% at a constant lr) against backprop's −41.5%; with the
   top MLP, the 40-pass fit + 160 MeZO passes was paired −1.0/+0.3/−1.2% against the 200-pass fit:
   an exact step is worth at least a MeZO step);
 * causal LM with an output bias only (other architectures, older bundles): fit the bias first, then

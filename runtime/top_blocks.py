@@ -1,7 +1,7 @@
 """The exact loss gradient of a LoRA on the top decoder blocks of a Llama-family causal LM, in numpy.
 
-The graph returns the hidden state x entering the lowest of the top K blocks (``hidden.<ℓ>``) and the
-logits. From x this module recomputes the K blocks' forward, as the model runs them (pre-norm):
+The input is the hidden state x entering the lowest of the top K blocks (``hidden.<ℓ>``, see below).
+From x this module recomputes the K blocks' forward, as the model runs them (pre-norm):
 
     n = rms(x)·w₁;  q, k, v = n·W_qᵀ, n·W_kᵀ, n·W_vᵀ  (heads of head_dim; each KV head serves heads/kv_heads)
     q, k ← q·cos + rot(q)·sin   (RoPE at positions 0…T−1; rot(z) = [−z₂, z₁] on the two halves)

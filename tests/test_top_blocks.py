@@ -168,7 +168,9 @@ def test_malformed_top_blocks_manifests_are_refused(llama_lm_bundle, tmp_path):
     cases = [({"weights": "../top_blocks.safetensors"}, "inside the bundle"), ({"weights": "/etc/passwd"}, "inside the bundle"),
              ({"layers": [0, 2]}, "contiguous"), ({"layers": "01"}, "malformed"), ({"fitted": ["gate", "attn"]}, "roles"),
              ({"heads": 4, "kv_heads": 3}, "impossible sizes"), ({"input": "hidden.7"}, "does not match the graph"),
-             ({"modules": [{"q": "x"}, good["modules"][1]]}, "roles"), ({"heads": "four"}, "malformed")]
+             ({"modules": [{"q": "x"}, good["modules"][1]]}, "roles"), ({"heads": "four"}, "malformed"),
+             ({"below": "../below.onnx"}, "below graph .* inside the bundle"), ({"below": "/tmp/x.onnx"}, "inside the bundle"),
+             ({"embedding": 3}, "embedding must name")]
     for change, message in cases:
         raw["top_blocks"] = {**good, **change}
         with pytest.raises(EdgeftError, match=message):
