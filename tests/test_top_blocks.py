@@ -143,6 +143,27 @@ def test_the_default_run_of_a_standalone_fit_never_opens_the_whole_graph(below_b
     np.testing.assert_allclose(evaluate(b, kept, eval_set, 32)["loss"], summary["best"]["loss"], rtol=1e-4)
 
 
+def test_a_run_with_a_search_after_the_fit_reads_the_blocks_input_from_the_whole_graph(below_bundle, lm_data, tmp_path,
+                                                                                       monkeypatch):
+    """--steps (a search follows): the whole graph opens first and the fit reads its input from it, so the graph
+    below the blocks is never opened beside it."""
+    import onnxruntime as ort
+
+    from edgeft.training import TrainRequest, run_training
+
+    opened, real = [], ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    summary = run_training(TrainRequest(below_bundle, lm_data, tmp_path / "run", eval_data=lm_data, steps=2,
+                                        output_fit_steps=3, progress=False), log=lambda m: None)
+    assert opened == ["model.onnx"], opened
+    assert summary["output_fit"]["steps"] == 3 and summary["steps"] == 2
+
+
 def test_a_missing_or_foreign_graph_below_the_blocks_gets_a_one_line_error(below_bundle, tmp_path):
     folder = _copy(below_bundle, tmp_path)
     (folder / "below_top_blocks.onnx").unlink()
