@@ -63,9 +63,9 @@ class Bundle:
     def __init__(self, folder: str | Path, profile: DeviceProfile | None = None, use_segments: bool = True,
                  open_graph: bool = True):
         """``open_graph=False``: do not open (nor check) the whole graph yet; it opens on first use.
-        Training passes it when the bundle's exact fit runs without the whole graph
-        (``TopBlocks.standalone``), so the fit does not hold the weights twice; it then checks the
-        graph it runs instead (``below_session``)."""
+        Training passes it, then opens the graph its run needs: only the graph below the top blocks
+        (``below_session``) when the run is a causal LM's exact fit alone (``TopBlocks.standalone``),
+        so that the fit does not hold the weights twice; else the whole graph, before any work."""
         self.folder = Path(folder)
         self.profile = profile or DeviceProfile()
         self.manifest = Manifest.load(self.folder)
