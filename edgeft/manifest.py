@@ -123,6 +123,14 @@ class TopBlocks:
         return self.embedding is not None and (self.below is not None or self.input == "hidden.0")
 
 
+def bundle_file(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file the manifest names; a symlink that leads outside the bundle is refused."""
+    path = Path(folder) / name
+    if path.is_symlink() and not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise EdgeftError(f"{path}: links outside the bundle folder; refusing to read it")
+    return path
+
+
 def _file_name(what: str, name) -> None:
     if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
         raise EdgeftError(f"manifest: {what} {name!r} must be a file name inside the bundle")

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from edgeft.adapters import bundle_layout
 from edgeft.errors import EdgeftError
-from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest
+from edgeft.manifest import MODEL_NAME, TOKENIZER_NAME, Manifest, bundle_file
 
 from .devices import DeviceProfile
 from .memory import return_large_frees_to_the_os
@@ -133,7 +133,7 @@ class Bundle:
         if top is None or top.below is None:
             return None
         if self._below is None:
-            path = self.folder / top.below
+            path = bundle_file(self.folder, top.below)
             if not path.is_file():
                 raise EdgeftError(f"{self.folder}: manifest lists {top.below}, which is missing")
             session = self._open(path)

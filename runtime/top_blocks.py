@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError
+from edgeft.manifest import bundle_file
 
 from .top_fit import lora_gradients, rms_norm_backward, scored_softmax_chunks, silu, silu_derivative
 
@@ -54,7 +55,7 @@ class TopBlocksFit:
         from edgeft.tensor_file import read_tensors
 
         top = manifest.top_blocks
-        path = Path(folder) / top.weights
+        path = bundle_file(folder, top.weights)
         try:
             weights = read_tensors(path)  # one copy, read in place
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file

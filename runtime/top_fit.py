@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeft.errors import EdgeftError
+from edgeft.manifest import bundle_file
 
 ROWS_PER_CHUNK = 64  # scored positions whose softmax is formed at once (64 x 49k vocab = 12.6 MB in fp32)
 
@@ -80,7 +81,7 @@ class TopMLPFit:
         from edgeft.tensor_file import read_tensors
 
         top = manifest.top_mlp
-        path = Path(folder) / top.weights
+        path = bundle_file(folder, top.weights)
         try:
             weights = read_tensors(path)  # one copy of the 113 MB head (safetensors' loader peaked at two)
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file

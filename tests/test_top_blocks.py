@@ -175,6 +175,17 @@ def test_a_missing_or_foreign_graph_below_the_blocks_gets_a_one_line_error(below
     (folder / "below_top_blocks.onnx").write_bytes(b"not onnx")
     with pytest.raises(EdgeftError, match="cannot load ONNX graph"):
         Bundle(folder, open_graph=False).below_session
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for name in ("below_top_blocks.onnx", "top_blocks.safetensors"):  # a symlink out of the bundle is never followed
+        (outside / name).write_bytes((folder / name).read_bytes())
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside / name)
+    b = Bundle(folder, open_graph=False)
+    with pytest.raises(EdgeftError, match="links outside the bundle folder"):
+        b.below_session
+    with pytest.raises(EdgeftError, match="links outside the bundle folder"):
+        TopBlocksFit(b.folder, b.manifest)
 
 
 def _copy(bundle, tmp_path):
