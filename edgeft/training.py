@@ -111,7 +111,8 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     if budget and budget.seconds and steps is None and req.settings.get("schedule") == "linear":
         raise EdgeftError("--schedule linear decays over --steps: give --steps or a forward-pass budget with a time budget")
     bundle = Bundle(req.bundle, profile, open_graph=False)
-    if _fit_alone(bundle, req, budget):
+    fit_alone = _fit_alone(bundle, req, budget)
+    if fit_alone:
         bundle.below_session  # opened and checked now: bad files must not cost a saved run
     else:
         bundle.session
@@ -124,7 +125,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         # (and a split bundle then runs its frozen lower layers once per run)
         batch_size = len(train_set)
     if profile.memory_budget_mb is not None or req.fit_memory:
-        batch_size = _planned_batch(req, profile, bundle, budget, batch_size, log)
+        batch_size = _planned_batch(req, profile, fit_alone, batch_size, log)
     eval_set = None
     if req.eval_data:
         eval_set = load_dataset(req.eval_data, bundle.labels, req.text_field, req.label_field)
@@ -248,7 +249,7 @@ def _fit_alone(bundle, req: TrainRequest, budget) -> bool:
             and not (req.init_adapter and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()))
 
 
-def _planned_batch(req: TrainRequest, profile, bundle, budget, batch_size: int, log) -> int:
+def _planned_batch(req: TrainRequest, profile, fit_alone: bool, batch_size: int, log) -> int:
     """Before any work: the memory plan (runtime/plan.py) for this batch; a one-line error naming the batch that
     fits when it does not; with --batch-size auto, the largest batch that fits (at most the planned one)."""
     from edgeft.runtime.plan import describe, plan_memory
@@ -257,7 +258,7 @@ def _planned_batch(req: TrainRequest, profile, bundle, budget, batch_size: int, 
         raise EdgeftError(f"--batch-size auto fits the device's memory budget: profile '{profile.name}' sets no "
                           "memory_budget_mb (pass --device)")
     plan = plan_memory(req.bundle, req.device, batch_size, output_fit=req.output_fit_steps != 0,
-                       search=not _fit_alone(bundle, req, budget))
+                       search=not fit_alone)
     if plan.fits:
         return batch_size
     if not plan.largest_batch_size:

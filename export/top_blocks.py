@@ -131,10 +131,10 @@ def write_below_graph(folder: Path, manifest) -> None:
     del model
     known = {i.name for i in part.graph.input} | {i.name for i in part.graph.initializer}
     known |= {o for n in part.graph.node for o in n.output}
-    unfed = sorted({x for n in part.graph.node for x in n.input if x and x not in known})
+    read = {x for n in part.graph.node for x in n.input if x}
+    unfed = sorted(read - known)
     if unfed:  # the layers below read something besides the embeddings and the mask (e.g. the token ids)
         raise EdgeftError(f"cannot cut the graph below the top blocks: it reads {unfed[0]}")
-    read = {x for n in part.graph.node for x in n.input}
     kept = [i for i in part.graph.input if i.name in read or i.name == "hidden.0"]
     del part.graph.input[:]
     part.graph.input.extend(kept)

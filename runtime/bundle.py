@@ -35,6 +35,11 @@ class Encoded:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
 
 
+def _declared(shape) -> list[int]:
+    """An ORT input's shape as the manifest writes it (a named, dynamic dimension is -1)."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
 def session_options(profile: DeviceProfile) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = profile.intra_op_threads
@@ -90,9 +95,10 @@ class Bundle:
 
             self.chain = SegmentChain(self)
         self._below = None
-        self._checked = False
-        if open_graph or self.chain is not None:
+        if self.chain is not None:
             self._check_graph()
+        elif open_graph:
+            self.session  # opened and checked against the manifest
         tok_path = self.folder / TOKENIZER_NAME
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
@@ -110,7 +116,7 @@ class Bundle:
         """The whole graph's session, opened (and checked against the manifest) on first use."""
         if self._session is None:
             self._session = self._open(self.model_path)
-            if not self._checked:
+            if self.chain is None:  # a split bundle was checked against its segments when it opened
                 self._check_graph()
         return self._session
 
@@ -140,7 +146,7 @@ class Bundle:
             shapes = {t.name: t.shape for t in self.manifest.adapter.tensors}
             inputs = {i.name: i.shape for i in session.get_inputs()}
             wrong = [n for n, shape in inputs.items() if n not in ("hidden.0", "attention_mask")
-                     and [d if isinstance(d, int) else -1 for d in shape] != list(shapes.get(n, ()))]
+                     and _declared(shape) != list(shapes.get(n, ()))]
             if wrong or "hidden.0" not in inputs or top.input not in [o.name for o in session.get_outputs()]:
                 raise EdgeftError(f"{path}: does not match the manifest (" + (f"input {wrong[0]}" if wrong else
                                   f"needs input hidden.0 and output {top.input}") + ")")
@@ -168,9 +174,8 @@ class Bundle:
             if main:
                 raise EdgeftError(f"{self.folder}: manifest does not match the graph segments (no output {main[0]})")
         else:
-            self._checked = True  # the session property checks a graph it opens only once
-            graph_inputs = {i.name: i for i in self.session.get_inputs()}
-            graph_outputs = [o.name for o in self.session.get_outputs()]
+            graph_inputs = {i.name: i for i in self._session.get_inputs()}
+            graph_outputs = [o.name for o in self._session.get_outputs()]
             if graph_outputs[: len(self.manifest.graph_outputs)] != self.manifest.graph_outputs:
                 raise EdgeftError(f"{self.folder}: manifest does not match the graph (outputs {graph_outputs})")
         if sorted(graph_inputs) != sorted(self.manifest.inputs):
@@ -178,7 +183,7 @@ class Bundle:
             raise EdgeftError(f"{self.folder}: manifest does not match the graph (inputs differ: {', '.join(extra)})")
         for t in self.manifest.adapter.tensors:
             shape = graph_inputs[t.name].shape
-            if [d if isinstance(d, int) else -1 for d in shape] != list(t.shape):
+            if _declared(shape) != list(t.shape):
                 raise EdgeftError(f"{self.folder}: manifest shape {t.shape} of {t.name} does not match the graph's {shape}")
 
     # --- text → ids ---------------------------------------------------------

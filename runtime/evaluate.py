@@ -91,8 +91,7 @@ def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: 
             loss, count = bundle.run(bundle.feeds(encoded, index), adapter, ["loss", "token_count"])
             nll += float((loss.astype(np.float64) * count).sum())
             tokens += float(count.sum())
-        mean = nll / max(tokens, 1.0)
-        return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": tokens}
+        return lm_metrics(nll, tokens)
     total_loss, correct = 0.0, 0
     probs = np.empty((len(encoded), len(bundle.labels)), dtype=np.float64)
     for index in length_sorted_batches(encoded, batch_size):
@@ -103,6 +102,12 @@ def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: 
     n = len(encoded)
     return {"loss": total_loss / n, "accuracy": correct / n, "examples": n,
             "ece": calibration_error(probs, encoded.labels)}
+
+
+def lm_metrics(nll: float, tokens: float) -> dict[str, float]:
+    """A causal LM's held-out metrics from its summed next-token NLL over ``tokens`` scored tokens."""
+    mean = nll / max(tokens, 1.0)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": float(tokens)}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -26,7 +26,6 @@ the lr falling linearly to zero over the budget (``OutputFitConfig.decay``; docs
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,15 +183,14 @@ HELD_OUT_ROWS = 8  # sequences per run of the graph below the blocks when scorin
 def held_out_score(bundle: Bundle, blocks: TopBlocksFit, named: dict[str, np.ndarray], encoded: Encoded) -> dict[str, float]:
     """``evaluate``'s causal-LM metrics, computed by the standalone top-blocks fit (the graph below the
     blocks, then numpy) instead of the whole graph: the same loss, without a second copy of the weights."""
-    from .evaluate import length_sorted_batches
+    from .evaluate import length_sorted_batches, lm_metrics
 
     nll, tokens = 0.0, 0
     for index in length_sorted_batches(encoded, HELD_OUT_ROWS):
         feeds = bundle.feeds(encoded, index)
         summed, count = blocks.score(feeds, blocks.entering(feeds, named), named)
         nll, tokens = nll + summed, tokens + count
-    mean = nll / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": float(tokens)}
+    return lm_metrics(nll, tokens)
 
 
 def fit_label_probe(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:

@@ -93,11 +93,10 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
             # the fit runs its batch whole (the graph below the blocks returns no logits)
             points.append(((rows if path == "fit" else _run_rows(rows, rows_per_run)) * probe_length, peak))
         fits_of[path] = _line(points)
-    if alone:
-        return predict_fit(fits_of["fit"], fits_of["eval"], _extra_mb(Path(folder), manifest, False, length),
-                           profile.memory_budget_mb, batch_size, length, probes, rows_per_run)
-    return predict(fits_of["train"], fits_of["eval"], _extra_mb(Path(folder), manifest, output_fit, length), profile.memory_budget_mb,
-                   batch_size, length, probes, rows_per_run)
+    # the standalone fit's probe already holds its weights: only the optimizer's vectors are extra
+    extra = _extra_mb(Path(folder), manifest, output_fit and not alone, length)
+    return predict(fits_of["fit" if alone else "train"], fits_of["eval"], extra, profile.memory_budget_mb,
+                   batch_size, length, probes, rows_per_run, fit_alone=alone)
 
 
 def _probe_shapes(length: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -110,38 +109,27 @@ def _run_rows(rows: int, rows_per_run: int | None) -> int:
 
 
 def predict(train: tuple[float, float], held_out: tuple[float, float], extra: float, budget: float | None,
-            batch_size: int, length: int, probes: list[dict] | None = None, rows_per_run: int | None = None) -> Plan:
+            batch_size: int, length: int, probes: list[dict] | None = None, rows_per_run: int | None = None,
+            fit_alone: bool = False) -> Plan:
     """The plan from the two paths' lines (a, b), the memory the probes do not see and the budget.
-    ``rows_per_run``: the most rows one session run takes (a causal LM's chunk; None: the whole batch)."""
+    ``rows_per_run``: the most rows one session run takes (a causal LM's chunk; None: the whole batch).
+    ``fit_alone``: the train line is the standalone top-blocks fit's, which runs its batch whole and never
+    opens the whole graph (its held-out scoring is part of that line, not the eval path's)."""
     a_train, b_train = train
     a_eval, b_eval = held_out
     eval_peak = a_eval + b_eval * _run_rows(EVAL_BATCH, rows_per_run) * length
-    train_peak = max(a_train + b_train * _run_rows(batch_size, rows_per_run) * length, eval_peak) + extra
+    train_peak = a_train + b_train * (batch_size if fit_alone else _run_rows(batch_size, rows_per_run)) * length
+    train_peak = (train_peak if fit_alone else max(train_peak, eval_peak)) + extra
     largest = None
     if budget is not None:
         room = budget - extra - a_train
         largest = max(0, min(MAX_BATCH, math.floor(room / (b_train * length)))) if b_train > 0 else MAX_BATCH
-        if rows_per_run is not None and largest >= rows_per_run:
+        if not fit_alone and rows_per_run is not None and largest >= rows_per_run:
             largest = MAX_BATCH  # a bigger batch only adds chunks, not memory
-        if eval_peak + extra > budget or room < 0:
+        if not fit_alone and (eval_peak + extra > budget or room < 0):
             largest = 0  # the held-out evaluation, or the bundle itself, does not fit
     fits = budget is None or (train_peak <= budget and eval_peak <= budget)
     return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes or [])
-
-
-def predict_fit(fit: tuple[float, float], held_out: tuple[float, float], extra: float, budget: float | None,
-                batch_size: int, length: int, probes: list[dict], rows_per_run: int | None) -> Plan:
-    """The plan of a run that is the standalone top-blocks fit alone: its peak is the fit probe's line at the
-    batch (it never opens the whole graph; its held-out scoring runs the same code one sequence at a time)."""
-    a, b = fit
-    train_peak = a + b * batch_size * length + extra
-    eval_peak = held_out[0] + held_out[1] * _run_rows(EVAL_BATCH, rows_per_run) * length
-    largest = None
-    if budget is not None:
-        room = budget - extra - a
-        largest = max(0, min(MAX_BATCH, math.floor(room / (b * length)))) if b > 0 else MAX_BATCH
-    fits = budget is None or (train_peak <= budget and eval_peak <= budget)
-    return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes)
 
 
 def _extra_mb(folder: Path, manifest, output_fit: bool, length: int) -> float:
@@ -221,8 +209,8 @@ def fit_step(bundle, encoded, theta) -> None:
 
     fit = TopBlocksFit(bundle.folder, bundle.manifest, bundle.below_session)
     named = bundle.layout.unflatten(theta)
-    into = {n: np.zeros(named[n].shape) for n in [*fit.tensor_names(), fit.bias]}
-    into["bias"] = into.pop(fit.bias)
+    into = {n: np.zeros(named[n].shape) for n in fit.tensor_names()}
+    into["bias"] = np.zeros(named[fit.bias].shape)
     feeds = bundle.feeds(encoded, np.arange(len(encoded)))
     fit.accumulate(feeds, fit.entering(feeds, named), named, into)
 
