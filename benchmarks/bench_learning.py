@@ -207,8 +207,9 @@ def run_one(args, files, line: str, seed: int) -> dict:
         return _probe_run(args, files, seed, out, run_dir, body=args.work / f"{args.task}-mezo-seed{seed}" / "adapter")
     if args.task in CLASSIFICATION:  # 20ng: 320 examples in batches of 32; rt, speakers: the whole set per step
         common += ["--k-shot", 16, "--batch-size", CLASSIFICATION_BATCH[args.task]]
-        name, _, lr = line.partition("@")
-        settings = ["--optimizer", name, "--budget", f"{args.budget}fwd", *(["--lr", lr] if lr else [])]
+        name, _, lr = line.removesuffix("-10m").partition("@")
+        budget = f"{TIME_BUDGET_S}s" if line.endswith("-10m") else f"{args.budget}fwd"
+        settings = ["--optimizer", name, "--budget", budget, *(["--lr", lr] if lr else [])]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     common += ["--batch-size", args.batch_size]
     settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],

@@ -18,10 +18,10 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
-                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
+                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "auto", "auto-10m"),
          "rt": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "monteclora",
-                *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop"),
-         "speakers": ("probe", "mezo", "fzoo", "cma", "backprop")}
+                *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "auto", "auto-10m"),
+         "speakers": ("probe", "mezo", "fzoo", "cma", "backprop", "auto", "auto-10m")}
 CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the start is each seed's probe line
 # rows kept from earlier code or bundles, not runnable now ("mlp1-": the top-MLP fit of bundles exported before
 # the top-blocks fit; fit-only and fit+mezo were measured with such a bundle too; "blocks6-": a bundle fitting
@@ -72,7 +72,7 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-heldback", "auto-heldback-10m")):
+    for main_line in (("auto", "auto-10m", "mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-heldback", "auto-heldback-10m")):
         others = (("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "backprop", "backprop-10m") if not lm
                   else ("mezo", f"mlp1-{main_line}", f"blocks6-{main_line}", f"wholegraph-{main_line}",
                         f"constant-lr-{main_line}", "backprop", "backprop-10m"))  # the LM: vs older bundles too

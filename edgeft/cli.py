@@ -53,8 +53,9 @@ def _verbalizer(value: str | None) -> dict[str, str]:
 @click.option("--targets", help="Comma-separated module names to adapt (default: per architecture).")
 @click.option("--layers", help="top:N: adapters on the top N layers only; the graph is cut below them so training "
                                "runs the frozen layers once per batch (default: all).")
-@click.option("--fit-layers", type=int, help="Causal LM (Llama): the top blocks whose MLP LoRA the device fits from "
-                                             "its exact gradient (default: the top 80% of the layers, or N of --layers top:N; 0: the output bias only).")
+@click.option("--fit-layers", type=int, help="The top layers the device fits from their exact gradient: causal LM (Llama) "
+                                             "their MLP LoRA (default: the top 80% of the layers, or N of --layers top:N; 0: the output bias only); "
+                                             "classification (BERT) their LoRA with the head (default: all adapted layers; 0: none).")
 @click.option("--pooling", type=click.Choice(["mean", "mean-normalized", "cls", "cls-pooler", "last-token"]),
               help="Classification pooling (default: what the model was trained with).")
 @click.option("--max-length", default=128, show_default=True)

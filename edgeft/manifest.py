@@ -123,6 +123,35 @@ class TopBlocks:
         return self.embedding is not None and (self.below is not None or self.input == "hidden.0")
 
 
+ENCODER_ROLES = ("q", "k", "v", "o", "up", "down")
+ENCODER_POOLING = ("mean", "mean-normalized", "cls")
+
+
+@dataclass
+class EncoderBlocks:
+    """A BERT-family classifier's encoder layers (``layers``, contiguous up to the last), whose LoRA and
+    linear head the device fits from their exact gradient: it recomputes these layers' forward in numpy
+    (post-norm: LayerNorm after each residual; biases; erf GELU), the pooling and the head from the
+    hidden state entering the lowest of them (the graph output ``input``, computed once per example: the
+    layers below are frozen meanwhile) and differentiates it all by hand (``runtime/encoder_blocks.py``).
+    ``weights`` (a safetensors file in the bundle) holds per layer ℓ ``ℓ.<role>`` [out, in] and
+    ``ℓ.<role>.bias`` for every role (the bases under any LoRA) and ``ℓ.attention_norm``,
+    ``ℓ.output_norm`` (with ``.bias``). The fitted tensors are the bundle's own LoRA on these layers and
+    its head, which the search may still change afterwards (so they are not ``exact_fit_tensors``)."""
+
+    layers: list[int]
+    modules: list[dict[str, str]]  # per layer: role (ENCODER_ROLES) -> module name
+    input: str
+    weights: str
+    norm_eps: float
+    heads: int
+    head_dim: int
+    activation: str = "gelu"
+    # the prefix in ``weights`` of the embedding tables (``.word`` [vocab, hidden], ``.position`` [positions, hidden],
+    # ``.type`` [hidden]: type 0) and their LayerNorm (``.norm``, ``.norm.bias``), where ``input`` is ``hidden.0``
+    embedding: str | None = None
+
+
 def bundle_file(folder: Path, name: str) -> Path:
     """``folder / name`` for a file the manifest names; a symlink that leads outside the bundle is refused."""
     path = Path(folder) / name
@@ -164,6 +193,8 @@ class Manifest:
     top_mlp: TopMLP | None = None
     # causal LM (Llama family): the top blocks whose MLP LoRA the device fits from exact gradients
     top_blocks: TopBlocks | None = None
+    # classification (BERT family): the encoder layers whose LoRA and head the device fits exactly
+    encoder_blocks: EncoderBlocks | None = None
 
     def exact_fit_tensors(self) -> set[str]:
         """Adapter tensors fitted from their exact gradient before the search (which leaves them alone)."""
@@ -211,6 +242,8 @@ class Manifest:
             _file_name("top_mlp weights", top.weights)
         if self.top_blocks is not None:
             self._validate_top_blocks(names)
+        if self.encoder_blocks is not None:
+            self._validate_encoder_blocks(names)
         if self.segments and (sorted(n for group in self.segments.adapters for n in group) != sorted(names)
                               or len(self.segments.files) != len(self.segments.adapters)):
             raise EdgeftError("manifest: segments do not cover the adapter tensors exactly once")
@@ -241,6 +274,29 @@ class Manifest:
         if top.below is not None:
             _file_name("top_blocks below graph", top.below)
 
+    def _validate_encoder_blocks(self, names: list[str]) -> None:
+        top = self.encoder_blocks
+        if not isinstance(top.layers, list) or not isinstance(top.modules, list) or not isinstance(top.input, str):
+            raise EdgeftError("manifest: malformed encoder_blocks (layers and modules are lists)")
+        try:
+            layers, modules = [int(i) for i in top.layers], [dict(m) for m in top.modules]
+            sizes, eps = [int(top.heads), int(top.head_dim)], float(top.norm_eps)
+        except (TypeError, ValueError):
+            raise EdgeftError("manifest: malformed encoder_blocks") from None
+        if not layers or layers != list(range(layers[0], layers[0] + len(layers))) or len(modules) != len(layers):
+            raise EdgeftError("manifest: encoder_blocks needs contiguous layers, one module map each")
+        if any(set(m) != set(ENCODER_ROLES) for m in modules):
+            raise EdgeftError(f"manifest: encoder_blocks must map the roles {', '.join(ENCODER_ROLES)}")
+        if min(sizes) <= 0 or eps <= 0 or top.activation != "gelu" or self.task != "classification":
+            raise EdgeftError("manifest: encoder_blocks has impossible sizes, activation or task")
+        if self.pooling not in ENCODER_POOLING or not {"head.weight", "head.bias"} <= set(names):
+            raise EdgeftError(f"manifest: encoder_blocks needs a linear head and pooling {' or '.join(ENCODER_POOLING)}")
+        if top.input not in self.hidden_states:
+            raise EdgeftError(f"manifest: encoder_blocks does not match the graph ({top.input})")
+        _file_name("encoder_blocks weights", top.weights)
+        if top.embedding is not None and (not isinstance(top.embedding, str) or top.input != "hidden.0"):
+            raise EdgeftError("manifest: encoder_blocks.embedding names tables only for a fit from hidden.0")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -255,12 +311,13 @@ class Manifest:
             tensors = [_known(AdapterTensor, t) for t in adapter_raw.pop("tensors", [])]
             adapter = _known(AdapterSpec, adapter_raw)
             adapter.tensors = tensors
-            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments", "top_mlp", "top_blocks")}
+            body = {k: v for k, v in raw.items() if k not in ("adapter", "segments", "top_mlp", "top_blocks", "encoder_blocks")}
             segments = _known(Segments, raw["segments"]) if raw.get("segments") else None
             top_mlp = _known(TopMLP, raw["top_mlp"]) if raw.get("top_mlp") else None
             top_blocks = _known(TopBlocks, raw["top_blocks"]) if raw.get("top_blocks") else None
+            encoder_blocks = _known(EncoderBlocks, raw["encoder_blocks"]) if raw.get("encoder_blocks") else None
             manifest = _known(cls, {**body, "adapter": adapter, "segments": segments, "top_mlp": top_mlp,
-                                    "top_blocks": top_blocks})
+                                    "top_blocks": top_blocks, "encoder_blocks": encoder_blocks})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise EdgeftError(f"manifest: malformed ({err})") from None
         if manifest.format_version > FORMAT_VERSION:

@@ -116,6 +116,10 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         bundle.below_session  # opened and checked now: bad files must not cost a saved run
     else:
         bundle.session
+    if bundle.manifest.encoder_blocks is not None and bundle.task == "classification":
+        from edgeft.runtime.encoder_blocks import EncoderBlocksFit
+
+        EncoderBlocksFit(bundle.folder, bundle.manifest)  # its weights file read and checked now, for the same reason
     # Read and check all input before touching the run folder: bad data must not cost a saved run.
     train_set = load_dataset(req.data, bundle.labels, req.text_field, req.label_field)
     if req.k_shot:
@@ -153,7 +157,8 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         log(f"no --eval-data: {held_back} of the {len(train_enc.ids) + held_back} training windows held back to rank the adapters")
     has_bias = output_bias_slice(bundle) is not None
     has_label_probe = label_probe_tensors(bundle)
-    exact = fit_kind(bundle.manifest) if bundle.manifest.exact_fit_tensors() else None
+    encoder = bundle.manifest.encoder_blocks is not None and bundle.task == "classification"
+    exact = fit_kind(bundle.manifest) if bundle.manifest.exact_fit_tensors() or encoder else None
     recipe = auto_recipe(bundle.task, has_bias, has_label_probe, exact) if req.optimizer == "auto" else None
     name = recipe.optimizer if recipe else req.optimizer
     if recipe:
@@ -169,10 +174,12 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         if budget and budget.forward_passes is not None:
             fit_steps = min(fit_steps, budget.forward_passes)  # the fit's passes count in the budget
         brought = req.init_adapter is not None and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()
+        if encoder and recipe is None and req.output_fit_steps is None:
+            fit_steps = 0  # a named optimizer searches from the probe as it always did; --output-fit-steps N fits first
         if fit_steps and not brought:
             started_fit = time.perf_counter()
             deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
-            bar = _fit_progress(req, fit_steps, budget) if has_bias else _FitBar()  # the probes take one pass
+            bar = _fit_progress(req, fit_steps, budget) if has_bias or encoder else _FitBar()  # the probes take one pass
             try:
                 theta, output_fit, what = fit_output_adapter(
                     bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,

@@ -22,6 +22,7 @@ from .top_mlp import OUTPUTS as TOP_OUTPUTS
 from .top_blocks import (default_fit_layers, fitted_modules, top_block_layers, top_blocks_manifest, write_below_graph,
                          write_top_block_weights)
 from .top_mlp import Capture, top_mlp_manifest, top_mlp_modules, write_top_mlp_weights
+from .encoder_blocks import encoder_block_layers, encoder_blocks_manifest, write_encoder_block_weights
 
 
 @dataclass
@@ -74,7 +75,9 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     # whose input is then the cut's boundary; top_blocks.py), or of the top layer only (other gated-MLP
     # architectures: top_mlp.py), fitted on the device from its exact gradient
     blocks = top_mlp = None
-    fit_count = options.fit_layers if options.fit_layers is not None else (top or default_fit_layers(layer_count))
+    # (a classifier's: all adapted layers, whose input the device computes once per example)
+    default_fit = top or (layer_count if options.task == "classification" else default_fit_layers(layer_count))
+    fit_count = options.fit_layers if options.fit_layers is not None else default_fit
     if not 0 <= fit_count <= (top or layer_count):
         raise EdgeftError(f"--fit-layers {fit_count}: expected 0 to {top or layer_count} (the adapted layers)")
     if options.task == "causal-lm" and fit_count:
@@ -96,6 +99,12 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         wrapper = Classification(src.model, slots, [t.name for t in tensors], pooling)
         outputs = ["loss", "logits", "pooled"]
         manifest_extra["pooling"] = pooling
+        # BERT family: the adapted layers' LoRA and the head, fitted on the device from their exact gradient
+        # (encoder_blocks.py): by default all adapted layers, or the top --fit-layers of them
+        encoder = encoder_block_layers(src.model, src.architecture, options.adapter, pooling,
+                                       list(range(layer_count - fit_count, layer_count)) if fit_count else [])
+        if encoder:
+            manifest_extra["encoder_blocks"] = encoder_blocks_manifest(src.model, encoder)
     elif options.task == "prompt":
         mask_id = tokenizer.mask_token_id if src.auto_class == "AutoModelForMaskedLM" else None
         manifest_extra["template"] = _prompt_template(options.template, tokenizer, mask_id)
@@ -146,6 +155,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_NAME))
         if top_mlp:
             write_top_mlp_weights(src.model, top_mlp, tmp)
+        if "encoder_blocks" in manifest_extra:
+            write_encoder_block_weights(src.model, manifest.encoder_blocks.layers, tmp)
         if blocks:
             write_top_block_weights(src.model, blocks, tmp)
             if manifest.top_blocks.below:

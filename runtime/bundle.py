@@ -153,6 +153,11 @@ class Bundle:
             self._below = session
         return self._below
 
+    def close_graph(self) -> None:
+        """Release the whole graph's session (and ORT's arena with it) until something runs it again: an exact
+        fit that has read what it needs from it holds its own weights meanwhile."""
+        self._session = None
+
     def close_below(self) -> None:
         """Release the graph under the top blocks (the fit is done; a search that follows runs the whole graph)."""
         self._below = None

@@ -36,6 +36,7 @@ from edgeft.errors import EdgeftError
 from .bundle import Bundle, Encoded
 from .evaluate import causal_lm_rows
 from .optimizers.updates import Adam
+from .encoder_blocks import EncoderBlocksFit
 from .top_blocks import TopBlocksFit
 from .top_fit import TopMLPFit, scored_softmax_chunks
 
@@ -76,6 +77,8 @@ def exact_fit(bundle: Bundle) -> TopBlocksFit | TopMLPFit | None:
 
 
 def fit_kind(manifest) -> str:
+    if manifest.encoder_blocks is not None:
+        return f"head + LoRA on the {len(manifest.encoder_blocks.layers)} encoder layers"
     top = manifest.top_blocks
     if top is not None:
         roles = "MLPs" if sorted(top.fitted) == ["down", "gate", "up"] else ", ".join(top.fitted)
@@ -177,6 +180,96 @@ def fit_lm_output(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size:
     return best[2], losses, {"best_step": best[1], "evals": evals}
 
 
+@dataclass(frozen=True)
+class EncoderFitConfig:
+    steps: int = 40  # forward passes: the one over the training set that caches the layers' input, then a batch per step
+    lr: float = 1e-3  # Adam, the LoRA's and the head's: the backprop reference's (benchmarks/trial_top_ffn.py)
+    decay: bool = True  # the lr falls linearly to zero over the budget, as the causal LM's fit's
+
+
+def _cached_inputs(bundle: Bundle, fit: EncoderBlocksFit, encoded: Encoded, theta: np.ndarray, batch_size: int):
+    """Each example's hidden state entering the fitted layers, trimmed to its tokens: from the embedding tables,
+    or one pass of the graph over the set. Returns (them, the graph passes run)."""
+    from .evaluate import length_sorted_batches
+
+    if fit.embedding is not None:
+        return [fit.embed(ids) for ids in encoded.ids], 0
+    cached, passes = [None] * len(encoded), 0
+    for index in length_sorted_batches(encoded, batch_size):
+        feeds = bundle.feeds(encoded, index)
+        (hidden,) = bundle.run(feeds, theta, [fit.input])
+        passes += 1
+        for row, i in enumerate(index):
+            cached[i] = np.array(hidden[row, : int(feeds["attention_mask"][row].sum())])
+    return cached, passes
+
+
+def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int, seed: int = 0,
+                config: EncoderFitConfig = EncoderFitConfig(), held_out: Encoded | None = None, eval_every: int = 50,
+                time_share=lambda: 0.0, on_step=None) -> tuple[np.ndarray, list[float], dict]:
+    """Adam on a BERT-family classifier's LoRA of its encoder layers and its head (``runtime/encoder_blocks.py``)
+    over ``config.steps`` batches of ``train`` (fewer if ``time_share()`` reaches 1), from their exact gradient.
+    The layers' input comes from the embedding tables (or one graph pass over ``train`` and ``held_out``); the steps
+    are numpy alone.
+    With ``held_out`` the fit is scored on it at the start, every ``eval_every`` steps and at the end, and the best
+    point (accuracy, then loss: the trainer's rank) is returned. Returns (vector, each step's mean training loss
+    before its update, {"best_step", "evals", "forward_passes"})."""
+    from .evaluate import calibration_error, softmax
+    from .trainer import rank_key
+
+    fit = EncoderBlocksFit(bundle.folder, bundle.manifest)
+    theta = np.array(theta, dtype=np.float32, copy=True)
+    named = bundle.layout.unflatten(theta)  # views: updating them updates theta
+    names = fit.tensor_names()
+    adam = Adam()
+    states = {k: adam.init(named[k].size) for k in names}
+    if fit.embedding is not None and bundle.chain is None:
+        # numpy alone from here: the session and ORT's arena are released while the fit holds its own weights (a
+        # search that follows opens it again). 20NG, batch 32: peak 839 MB with the session held, eval's 455
+        bundle.close_graph()
+    hidden, passes = _cached_inputs(bundle, fit, train, theta, batch_size)
+    scored = _cached_inputs(bundle, fit, held_out, theta, batch_size)[0] if held_out is not None else None
+    n, losses, evals, best = len(train), [], [], None
+
+    def consider(step):
+        nonlocal best
+        logits = fit.logits(scored, np.arange(len(held_out)), named)
+        probs, labels = softmax(logits), held_out.labels
+        loss = float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-300)).mean())
+        metrics = {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "examples": len(labels),
+                   "ece": calibration_error(probs, labels)}
+        evals.append((step, metrics))
+        if best is None or rank_key(bundle.task, metrics, True) > best[0]:
+            best = (rank_key(bundle.task, metrics, True), step, theta.copy())
+
+    if held_out is not None:
+        consider(0)
+    steps = max(0, config.steps - passes)  # the budget's passes include the one over the training set
+    for step in range(steps):
+        share = time_share()
+        if share >= 1.0:
+            break
+        scale = 1.0 - max(step / steps, share) if config.decay else 1.0
+        batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
+        gradients = {k: np.zeros(named[k].shape, dtype=np.float64) for k in names}
+        summed, _ = fit.accumulate(hidden, train.labels, batch, named, gradients)
+        losses.append(summed / len(batch))
+        for key in names:
+            update = adam.apply((gradients[key] / len(batch)).astype(np.float32).ravel(), states[key], config.lr * scale,
+                                len(losses) - 1)
+            named[key] -= update.reshape(named[key].shape)
+        if on_step:
+            on_step(len(losses), losses[-1])
+        if held_out is not None and len(losses) % eval_every == 0:
+            consider(len(losses))
+    info = {"forward_passes": passes + len(losses), "cache_passes": passes}
+    if held_out is None:
+        return theta, losses, {**info, "best_step": len(losses), "evals": evals}
+    if evals[-1][0] != len(losses):
+        consider(len(losses))
+    return best[2], losses, {**info, "best_step": best[1], "evals": evals}
+
+
 HELD_OUT_ROWS = 8  # sequences per run of the graph below the blocks when scoring held-out text
 
 
@@ -255,6 +348,19 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
             record.update(eval_before=before, eval_after=after, kept=info["best_step"] > 0,
                           evals=[{"step": k, "loss": m["loss"]} for k, m in info["evals"]])
             what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
+    elif bundle.manifest.encoder_blocks is not None and bundle.task == "classification":
+        fitted, losses, info = fit_encoder(bundle, train, theta, batch_size, seed, EncoderFitConfig(steps=steps), held_out,
+                                           eval_every, time_share, on_step)
+        kind = fit_kind(bundle.manifest)
+        record = {"kind": kind, "steps": len(losses), "forward_passes": info["forward_passes"], "best_step": info["best_step"],
+                  "forward_passes_to_best": info["cache_passes"] + info["best_step"], "kept": True,
+                  "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None}
+        what = f" + {kind} fitted in {len(losses)} steps"
+        if held_out is not None:
+            (_, before), after = info["evals"][0], dict(info["evals"])[info["best_step"]]
+            record.update(eval_before=before, eval_after=after, kept=info["best_step"] > 0,
+                          evals=[{"step": k, "loss": m["loss"], "accuracy": m["accuracy"]} for k, m in info["evals"]])
+            what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
     elif label_probe_tensors(bundle):
         fitted, record = fit_label_probe(bundle, train, theta)
         record["kind"] = "label-word probe"
@@ -274,7 +380,7 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
 def describe_fit(record: dict) -> str:
     first = record.get("train_loss_first", record.get("train_loss_before"))
     last = record.get("train_loss_last", record.get("train_loss_after"))
-    text = f"{record['kind']}: train loss {first:.4f} -> {last:.4f}"
+    text = f"{record['kind']}: " + (f"train loss {first:.4f} -> {last:.4f}" if first is not None else "no step in the budget")
     if "eval_before" in record:
         text += f", held-out loss {record['eval_before']['loss']:.4f} -> {record['eval_after']['loss']:.4f}"
         text += "" if record["kept"] else " (not kept)"

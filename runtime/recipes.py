@@ -47,6 +47,9 @@ def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False,
         return Recipe("mezo", "causal LM: output bias fitted from its exact gradient, then MeZO on the body")
     if task == "causal-lm":
         return Recipe("mezo", "causal LM exported without an output bias: MeZO on the body")
+    if task == "classification" and exact_fit:
+        return Recipe("mezo", f"classification: linear-probe head, then the {exact_fit} fitted from their exact "
+                              "gradient for the budget (best held-out point kept), then MeZO with what is left", True)
     if task == "classification":
         return Recipe("mezo", "classification: linear-probe head (temperature-scaled from 100 examples), then MeZO on LoRA + head")
     if has_label_probe:
