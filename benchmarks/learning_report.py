@@ -151,7 +151,11 @@ MonteCLoRA (a diagonal Gaussian by natural evolution strategies, 2 antithetic pa
 `OPTIMIZER@LR` = that optimizer with an explicit --lr (the spread of the score over learning rates); `fzoo` = FZOO
 (N one-sided directions per step); `backprop` = the reference: peft LoRA r=8 on q, v of every layer + the probe head, AdamW
 lr 1e-3, batch 32, the same k-shot draw, kept on dev every 20 steps (`trial_top_ffn.py head+qvall`; its "fwd" column
-counts steps, each a forward and a backward).
+counts steps, each a forward and a backward); `auto`, `auto-10m` = edgeft's default since session 19: from the probe start,
+the same tensors (LoRA on q, v of every layer + the head) by Adam lr 1e-3 on their exact gradient, computed in numpy
+(`runtime/encoder_blocks.py`: the tokens embedded and the 6 layers, pooling and head run forward and backward by hand;
+no graph pass), the lr falling linearly to zero over the budget, kept on dev every 25 steps; a step is one batch, counted as
+one pass; `auto-10m`: 10 minutes of one core instead of a pass count (the whole run's time).
 ECE: expected calibration error (15 bins) of the kept adapter on the test set.""" + (
             "\n\nSession 15 re-ran 20NG's probe, mezo, lozo and zo-activations rows from the temperature-scaled probe; the "
             "earlier rows (cma, lora-pro, monteclora, the lr grid, mezo+refit, from the plain C = 1 probe) are kept in "

@@ -77,8 +77,8 @@ def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None,
 
 def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact_fit: bool = True) -> None:
     """The tokenizer, the adapters' stored start values and the source's manifest without its graph
-    segments (they hold the source's weights). The exact fit of the top blocks or top MLP
-    (``export/top_blocks.py``, ``export/top_mlp.py``) stays for int8/int4 weights (its gradient then
+    segments (they hold the source's weights). The exact fit of the top blocks, top MLP or encoder layers
+    (``export/top_blocks.py``, ``export/top_mlp.py``, ``export/encoder_blocks.py``) stays for int8/int4 weights (its gradient then
     uses the fp32 originals of the fitted blocks: off by the rounding; its input comes from the compressed
     graph) and is dropped for LoRD, whose low-rank factors
     replace the weights the gradient needs; that bundle's fitted LoRA is then searched like the rest
@@ -86,7 +86,7 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
     if manifest.adapter.init_file:
         shutil.copy(source / manifest.adapter.init_file, folder / manifest.adapter.init_file)
-    for kind in ("top_mlp", "top_blocks"):
+    for kind in ("top_mlp", "top_blocks", "encoder_blocks"):
         top = getattr(manifest, kind)
         if top is not None and keep_exact_fit:
             shutil.copy(source / top.weights, folder / top.weights)
@@ -96,5 +96,7 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         # the graph below the blocks holds the source's fp32 weights: the fit reads its input from the
         # compressed whole graph instead, as it runs on the device
         manifest.top_blocks.below = manifest.top_blocks.embedding = None
+    if manifest.encoder_blocks is not None:  # likewise: the encoder fit's input from the compressed graph
+        manifest.encoder_blocks.embedding = None
     manifest.segments = None
     manifest.save(folder)

@@ -14,8 +14,10 @@ from edgeft.runtime.trainer import rank_key
 
 
 def _train(bundle, data, run_dir, *extra):
+    # MeZO by name: a classification bundle's default (auto) spends a budget on its exact fit, not on steps
+    # (tests/test_encoder_blocks.py); these tests are about the search's budget
     args = ["train", str(bundle), "--data", str(data), "-o", str(run_dir), "--json", "--batch-size", "4",
-            "--eval-every", "5", "--lr", "1e-2", "--eps", "1e-2", *extra]
+            "--eval-every", "5", "--lr", "1e-2", "--eps", "1e-2", "--optimizer", "mezo", *extra]
     return CliRunner().invoke(main, args)
 
 
