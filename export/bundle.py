@@ -40,7 +40,7 @@ class ExportOptions:
     tt_cores: int = 3
     targets: list[str] | None = None
     layers: str | None = None  # "top:N": adapters on the top N layers only, the graph split below them
-    fit_layers: int | None = None  # causal LM: top blocks fitted from exact gradients (None: 80% of the layers, or N of top:N)
+    fit_layers: int | None = None  # top layers fitted from exact gradients (None: causal LM 80% of the layers, classification all; or N of top:N)
     max_length: int = 128
     pooling: str | None = None
     gguf_file: str | None = None
