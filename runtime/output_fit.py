@@ -239,8 +239,9 @@ def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: i
         metrics = {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "examples": len(labels),
                    "ece": calibration_error(probs, labels)}
         evals.append((step, metrics))
-        if best is None or rank_key(bundle.task, metrics, True) > best[0]:
-            best = (rank_key(bundle.task, metrics, True), step, theta.copy())
+        key = rank_key(bundle.task, metrics, True)
+        if best is None or key > best[0]:
+            best = (key, step, theta.copy())
 
     if held_out is not None:
         consider(0)
