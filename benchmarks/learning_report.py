@@ -18,7 +18,8 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
-                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "auto", "auto-10m"),
+                  *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "tempered-auto-10m", "auto",
+                  "auto-10m"),
          "rt": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "monteclora",
                 *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "auto", "auto-10m"),
          "speakers": ("probe", "mezo", "fzoo", "cma", "backprop", "auto", "auto-10m")}
@@ -27,10 +28,11 @@ CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the 
 # the top-blocks fit; fit-only and fit+mezo were measured with such a bundle too; "blocks6-": a bundle fitting
 # the top 6 blocks, export --fit-layers 6; "wholegraph-": the default top-24-block fit of session 17's bundle, whose
 # fit read its input from the whole graph, beside a second copy of the blocks' weights; "constant-lr-": the fit at a
-# constant lr, before its lr fell linearly to zero over the budget)
+# constant lr, before its lr fell linearly to zero over the budget; "tempered-": session 19's encoder fit, from the
+# temperature-scaled probe, uncalibrated after)
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last", "mlp1-auto", "mlp1-auto-heldback", "mlp1-auto-heldback-10m",
               "blocks6-auto-heldback", "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
-              "constant-lr-auto-heldback-10m")
+              "constant-lr-auto-heldback-10m", "tempered-auto-10m")
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 SPEAKERS_PLAY, SPEAKERS = "tragedies/othello", 2  # who speaks a line: Iago or Othello (the two with the most lines)
 SPEAKERS_MIN_WORDS = 4  # a line shorter than this ("My lord?") says nothing of its speaker
@@ -155,7 +157,10 @@ counts steps, each a forward and a backward); `auto`, `auto-10m` = edgeft's defa
 the same tensors (LoRA on q, v of every layer + the head) by Adam lr 1e-3 on their exact gradient, computed in numpy
 (`runtime/encoder_blocks.py`: the tokens embedded and the 6 layers, pooling and head run forward and backward by hand;
 no graph pass), the lr falling linearly to zero over the budget, kept on dev every 25 steps; a step is one batch, counted as
-one pass; `auto-10m`: 10 minutes of one core instead of a pass count (the whole run's time).
+one pass; `auto-10m`: 10 minutes of one core instead of a pass count (the whole run's time). Since session 20 the
+fit starts from the probe at C = 1's own scale (no temperature) and, with held-out data, the kept point's head is
+scaled by the temperature with the least dev loss (no prediction changes); `tempered-auto-10m` = session 19's fit
+from the temperature-scaled probe (20NG only: under 100 examples, RT and speakers never had a temperature).
 ECE: expected calibration error (15 bins) of the kept adapter on the test set.""" + (
             "\n\nSession 15 re-ran 20NG's probe, mezo, lozo and zo-activations rows from the temperature-scaled probe; the "
             "earlier rows (cma, lora-pro, monteclora, the lr grid, mezo+refit, from the plain C = 1 probe) are kept in "

@@ -42,6 +42,31 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
     return {name: [int(d) for d in info["shape"]] for name, info in header.items()}
 
 
+def _layout(header: dict, base: int, size: int) -> dict[str, tuple[type, list[int], int]]:
+    """Each tensor's (dtype, shape, first byte in the file), checked against the file's size."""
+    out = {}
+    for name, info in header.items():
+        dtype = DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unsupported or missing dtype")
+        shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != nbytes or begin < 0 or base + end > size:
+            raise ValueError(f"tensor {name!r}: its byte range does not match its shape or the file")
+        out[name] = (dtype, shape, base + begin)
+    return out
+
+
+def check_tensors(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, after checking every tensor's dtype and byte range against the file (none is read):
+    what ``read_tensors`` would refuse is refused here without the memory it takes."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, base = _header(f, size)
+    return {name: shape for name, (_, shape, _) in _layout(header, base, size).items()}
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of the safetensors file ``path``; ValueError names what is wrong with a malformed one."""
     path = Path(path)
@@ -49,15 +74,9 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         header, base = _header(f, size)
         out = {}
-        for name, info in header.items():
-            dtype = DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-            if dtype is None:
-                raise ValueError(f"tensor {name!r}: unsupported or missing dtype")
-            shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        for name, (dtype, shape, begin) in _layout(header, base, size).items():
             array = np.empty(shape, dtype=dtype)
-            if end - begin != array.nbytes or begin < 0 or base + end > size:
-                raise ValueError(f"tensor {name!r}: its byte range does not match its shape or the file")
-            f.seek(base + begin)
+            f.seek(begin)
             if array.nbytes and f.readinto(memoryview(array.reshape(-1)).cast("B")) != array.nbytes:
                 raise ValueError(f"tensor {name!r}: file ends early")
             out[name] = array

@@ -119,7 +119,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     if bundle.manifest.encoder_blocks is not None and bundle.task == "classification":
         from edgeft.runtime.encoder_blocks import EncoderBlocksFit
 
-        EncoderBlocksFit(bundle.folder, bundle.manifest)  # its weights file read and checked now, for the same reason
+        EncoderBlocksFit.check(bundle.folder, bundle.manifest)  # its weights file checked now, for the same reason
     # Read and check all input before touching the run folder: bad data must not cost a saved run.
     train_set = load_dataset(req.data, bundle.labels, req.text_field, req.label_field)
     if req.k_shot:
@@ -167,7 +167,6 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
     if req.resume:
         theta, how = bundle.layout.initial(req.seed), "checkpoint"
     else:
-        theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter)
         fit_steps = OutputFitConfig.steps if req.output_fit_steps is None else req.output_fit_steps
         if budget and recipe and recipe.fit_whole_budget and req.output_fit_steps is None:
             fit_steps = budget.forward_passes or 10**9  # a time budget stops it (time_share)
@@ -176,6 +175,9 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         brought = req.init_adapter is not None and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()
         if encoder and recipe is None and req.output_fit_steps is None:
             fit_steps = 0  # a named optimizer searches from the probe as it always did; --output-fit-steps N fits first
+        # the encoder fit starts from the probe's own scale and calibrates its result on the held-out data
+        calibrate = encoder and fit_steps > 0 and not brought and eval_enc is not None
+        theta, how = starting_adapter(bundle, train_enc, req.seed, req.init_adapter, temper=not calibrate)
         if fit_steps and not brought:
             started_fit = time.perf_counter()
             deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
@@ -183,7 +185,7 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
             try:
                 theta, output_fit, what = fit_output_adapter(
                     bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,
-                    time_share=lambda: (time.perf_counter() - started_fit) / deadline, on_step=bar)
+                    time_share=lambda: (time.perf_counter() - started_fit) / deadline, on_step=bar, calibrate=calibrate)
             finally:
                 bar.close()
             bundle.close_below()  # a search that follows runs the whole graph

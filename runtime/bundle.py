@@ -157,6 +157,7 @@ class Bundle:
         """Release the whole graph's session (and ORT's arena with it) until something runs it again: an exact
         fit that has read what it needs from it holds its own weights meanwhile."""
         self._session = None
+        _return_freed_memory()
 
     def close_below(self) -> None:
         """Release the graph under the top blocks (the fit is done; a search that follows runs the whole graph)."""
@@ -243,3 +244,17 @@ class Bundle:
                 if o.name == name:
                     return list(o.shape)
         return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages freed by a released session back to the system: glibc keeps freed heap memory for later
+    allocations, and numpy's large arrays (mmap'd) would not reuse it, so the fit's weights would sit beside it.
+    No-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+

@@ -70,6 +70,20 @@ def _layer_norm_backward(dy: np.ndarray, normed: np.ndarray, inv: np.ndarray, we
     return (g - g.mean(-1, keepdims=True) - normed * (g * normed).mean(-1, keepdims=True)) * inv
 
 
+class Embedded:
+    """Examples' hidden.0 from the embedding tables, computed when a chunk reads them: caching them would hold
+    20 Newsgroups' 320 + 200 examples × ~114 tokens (~90 MB) beside the weights, and a gather costs little."""
+
+    def __init__(self, fit: "EncoderBlocksFit", ids: list[np.ndarray]):
+        self.fit, self.ids, self.lengths = fit, ids, [len(i) for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return self.fit.embed(self.ids[i])
+
+
 class EncoderBlocksFit:
     """The frozen weights and names the device's gradient of an encoder classifier's LoRA and head needs."""
 
@@ -77,29 +91,41 @@ class EncoderBlocksFit:
         from edgeft.tensor_file import read_tensors
 
         top = manifest.encoder_blocks
+        path = self.check(folder, manifest)
+        try:
+            self.weights = read_tensors(path)
+        except (OSError, ValueError) as err:  # changed since the check
+            raise EdgeftError(f"{path}: cannot read the encoder layers' weights ({str(err).splitlines()[0][:200]})") from None
+        self.layers = list(top.layers)
+        self.eps, self.scale, self.pooling = float(top.norm_eps), manifest.adapter.scale, manifest.pooling
+        self.heads, self.head_dim = int(top.heads), int(top.head_dim)
+        self.input, self.embedding = top.input, top.embedding
+        names = {t.name for t in manifest.adapter.tensors}
+        self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
+                     for modules in top.modules]
+
+    @staticmethod
+    def check(folder: Path, manifest) -> Path:
+        """The weights file, its header checked against the manifest (names, the q shape, each tensor's bytes in the
+        file) without reading the weights: a run checks it before its folder is touched, beside an open session."""
+        from edgeft.tensor_file import check_tensors
+
+        top = manifest.encoder_blocks
         path = bundle_file(folder, top.weights)
         try:
-            weights = read_tensors(path)
+            shapes = check_tensors(path)
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
             raise EdgeftError(f"{path}: cannot read the encoder layers' weights ({str(err).splitlines()[0][:200]})") from None
         keys = [f"{i}.{k}{b}" for i in top.layers for k in (*ENCODER_ROLES, "attention_norm", "output_norm")
                 for b in ("", ".bias")]
-        missing = [k for k in keys if k not in weights]
+        if top.embedding is not None:
+            keys += [f"{top.embedding}.{k}" for k in ("word", "position", "type", "norm", "norm.bias")]
+        missing = [k for k in keys if k not in shapes]
         if missing:
             raise EdgeftError(f"{path}: has no {missing[0]} (not this bundle's encoder layers?)")
-        self.weights, self.layers = weights, list(top.layers)
-        self.eps, self.scale, self.pooling = float(top.norm_eps), manifest.adapter.scale, manifest.pooling
-        self.heads, self.head_dim = int(top.heads), int(top.head_dim)
-        if weights[f"{self.layers[0]}.q"].shape != (self.heads * self.head_dim,) * 2:
+        if shapes[f"{top.layers[0]}.q"] != [int(top.heads) * int(top.head_dim)] * 2:
             raise EdgeftError(f"{path}: q projection shape does not match the manifest's heads")
-        self.input, self.embedding = top.input, top.embedding
-        if self.embedding is not None:
-            table = [f"{self.embedding}.{k}" for k in ("word", "position", "type", "norm", "norm.bias")]
-            if any(k not in weights for k in table):
-                raise EdgeftError(f"{path}: has no {next(k for k in table if k not in weights)} (not this bundle's embeddings?)")
-        names = {t.name for t in manifest.adapter.tensors}
-        self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
-                     for modules in top.modules]
+        return path
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """hidden.0 [T, hidden] of one example's token ids: LN(word + position + type 0), as BERT's embeddings
@@ -208,17 +234,18 @@ class EncoderBlocksFit:
             d_pooled = (d_pooled - pooled * (pooled * d_pooled).sum(-1, keepdims=True)) / norm
         return (d_pooled / count)[:, None, :] * mask[..., None]
 
-    def _chunks(self, hidden: list[np.ndarray], index):
+    def _chunks(self, hidden, index):
         """Right-padded chunks (x [rows, T, hidden], mask [rows, T] as float32, key mask as bool, their rows of
-        ``index``), of examples of similar length: they pad little."""
-        index = np.asarray(index)[np.argsort([len(hidden[i]) for i in index], kind="stable")]
+        ``index``), of examples of similar length: they pad little. ``hidden``: cached arrays or ``Embedded``."""
+        lengths = hidden.lengths if isinstance(hidden, Embedded) else [len(h) for h in hidden]
+        index = np.asarray(index)[np.argsort([lengths[i] for i in index], kind="stable")]
         for start in range(0, len(index), ROWS):
             rows = index[start : start + ROWS]
-            width = max(len(hidden[r]) for r in rows)
-            x = np.zeros((len(rows), width, hidden[rows[0]].shape[-1]), dtype=np.float32)
+            width = max(lengths[r] for r in rows)
+            x = np.zeros((len(rows), width, self.weights[f"{self.layers[0]}.q"].shape[0]), dtype=np.float32)
             keys = np.zeros((len(rows), width), dtype=bool)
             for j, r in enumerate(rows):
-                x[j, : len(hidden[r])], keys[j, : len(hidden[r])] = hidden[r], True
+                x[j, : lengths[r]], keys[j, : lengths[r]] = hidden[r], True
             yield x, keys.astype(np.float32), keys, rows
 
     def _forward(self, x, keys, adapters, keep: bool):
@@ -228,8 +255,8 @@ class EncoderBlocksFit:
             saved.append(s if keep else None)
         return x, saved
 
-    def logits(self, hidden: list[np.ndarray], index, adapters) -> np.ndarray:
-        """The head's logits [len(index), labels] for these examples (their cached ``input`` states)."""
+    def logits(self, hidden, index, adapters) -> np.ndarray:
+        """The head's logits [len(index), labels] for these examples (their ``input`` states, see ``_chunks``)."""
         adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
         out = np.empty((len(index), adapters[HEAD[1]].shape[0]), dtype=np.float32)
         where = {r: j for j, r in enumerate(index)}
@@ -239,7 +266,7 @@ class EncoderBlocksFit:
             out[[where[r] for r in rows]] = pooled @ adapters[HEAD[0]].T + adapters[HEAD[1]]
         return out
 
-    def accumulate(self, hidden: list[np.ndarray], labels: np.ndarray, index, adapters, into) -> tuple[float, int]:
+    def accumulate(self, hidden, labels: np.ndarray, index, adapters, into) -> tuple[float, int]:
         """Add the summed cross-entropy gradients over the examples ``index`` of the fitted tensors to ``into``;
         returns (summed loss, correct predictions)."""
         adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}

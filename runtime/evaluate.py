@@ -104,6 +104,14 @@ def evaluate(bundle: Bundle, adapter: np.ndarray, encoded: Encoded, batch_size: 
             "ece": calibration_error(probs, encoded.labels)}
 
 
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``evaluate``'s classification metrics from logits computed outside the graph (the encoder fit's)."""
+    probs = softmax(logits)
+    loss = float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-300)).mean())
+    return {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "examples": len(labels),
+            "ece": calibration_error(probs, labels)}
+
+
 def lm_metrics(nll: float, tokens: float) -> dict[str, float]:
     """A causal LM's held-out metrics from its summed next-token NLL over ``tokens`` scored tokens."""
     mean = nll / max(tokens, 1.0)

@@ -36,7 +36,7 @@ from edgeft.errors import EdgeftError
 from .bundle import Bundle, Encoded
 from .evaluate import causal_lm_rows
 from .optimizers.updates import Adam
-from .encoder_blocks import EncoderBlocksFit
+from .encoder_blocks import HEAD, EncoderBlocksFit, Embedded
 from .top_blocks import TopBlocksFit
 from .top_fit import TopMLPFit, scored_softmax_chunks
 
@@ -188,12 +188,12 @@ class EncoderFitConfig:
 
 
 def _cached_inputs(bundle: Bundle, fit: EncoderBlocksFit, encoded: Encoded, theta: np.ndarray, batch_size: int):
-    """Each example's hidden state entering the fitted layers, trimmed to its tokens: from the embedding tables,
-    or one pass of the graph over the set. Returns (them, the graph passes run)."""
+    """Each example's hidden state entering the fitted layers, trimmed to its tokens: from the embedding tables
+    as each step reads them, or cached from one pass of the graph over the set. Returns (them, the graph passes run)."""
     from .evaluate import length_sorted_batches
 
     if fit.embedding is not None:
-        return [fit.embed(ids) for ids in encoded.ids], 0
+        return Embedded(fit, encoded.ids), 0
     cached, passes = [None] * len(encoded), 0
     for index in length_sorted_batches(encoded, batch_size):
         feeds = bundle.feeds(encoded, index)
@@ -206,42 +206,43 @@ def _cached_inputs(bundle: Bundle, fit: EncoderBlocksFit, encoded: Encoded, thet
 
 def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: int, seed: int = 0,
                 config: EncoderFitConfig = EncoderFitConfig(), held_out: Encoded | None = None, eval_every: int = 50,
-                time_share=lambda: 0.0, on_step=None) -> tuple[np.ndarray, list[float], dict]:
+                time_share=lambda: 0.0, on_step=None, calibrate: bool = False) -> tuple[np.ndarray, list[float], dict]:
     """Adam on a BERT-family classifier's LoRA of its encoder layers and its head (``runtime/encoder_blocks.py``)
     over ``config.steps`` batches of ``train`` (fewer if ``time_share()`` reaches 1), from their exact gradient.
     The layers' input comes from the embedding tables (or one graph pass over ``train`` and ``held_out``); the steps
     are numpy alone.
     With ``held_out`` the fit is scored on it at the start, every ``eval_every`` steps and at the end, and the best
-    point (accuracy, then loss: the trainer's rank) is returned. Returns (vector, each step's mean training loss
-    before its update, {"best_step", "evals", "forward_passes"})."""
-    from .evaluate import calibration_error, softmax
+    point (accuracy, then loss: the trainer's rank) is returned; with ``calibrate`` too, its head scaled by the
+    temperature with the least held-out loss (``probe.best_temperature``: no prediction changes). Returns (vector,
+    each step's mean training loss before its update, {"best_step", "evals", "forward_passes", "start" and "returned": the
+    start's and the returned vector's held-out metrics, each calibrated where ``calibrate``, "temperature"})."""
+    from .evaluate import classification_metrics
+    from .probe import best_temperature
     from .trainer import rank_key
 
+    if bundle.manifest.encoder_blocks.embedding is not None and bundle.chain is None:
+        # numpy alone from here: the session and ORT's arena are released before the fit reads its own weights (a
+        # search that follows opens it again). 20NG, batch 32: peak 839 MB with the session held, eval's 455
+        bundle.close_graph()
     fit = EncoderBlocksFit(bundle.folder, bundle.manifest)
     theta = np.array(theta, dtype=np.float32, copy=True)
     named = bundle.layout.unflatten(theta)  # views: updating them updates theta
     names = fit.tensor_names()
     adam = Adam()
     states = {k: adam.init(named[k].size) for k in names}
-    if fit.embedding is not None and bundle.chain is None:
-        # numpy alone from here: the session and ORT's arena are released while the fit holds its own weights (a
-        # search that follows opens it again). 20NG, batch 32: peak 839 MB with the session held, eval's 455
-        bundle.close_graph()
     hidden, passes = _cached_inputs(bundle, fit, train, theta, batch_size)
     scored = _cached_inputs(bundle, fit, held_out, theta, batch_size)[0] if held_out is not None else None
-    n, losses, evals, best = len(train), [], [], None
+    n, losses, evals, best, start_logits = len(train), [], [], None, None
 
     def consider(step):
-        nonlocal best
+        nonlocal best, start_logits
         logits = fit.logits(scored, np.arange(len(held_out)), named)
-        probs, labels = softmax(logits), held_out.labels
-        loss = float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-300)).mean())
-        metrics = {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "examples": len(labels),
-                   "ece": calibration_error(probs, labels)}
+        start_logits = logits if step == 0 else start_logits
+        metrics = classification_metrics(logits, held_out.labels)
         evals.append((step, metrics))
         key = rank_key(bundle.task, metrics, True)
         if best is None or key > best[0]:
-            best = (key, step, theta.copy())
+            best = (key, step, theta.copy(), logits)
 
     if held_out is not None:
         consider(0)
@@ -263,12 +264,22 @@ def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: i
             on_step(len(losses), losses[-1])
         if held_out is not None and len(losses) % eval_every == 0:
             consider(len(losses))
-    info = {"forward_passes": passes + len(losses), "cache_passes": passes}
+    info = {"forward_passes": passes + len(losses), "cache_passes": passes, "temperature": 1.0}
     if held_out is None:
-        return theta, losses, {**info, "best_step": len(losses), "evals": evals}
+        return theta, losses, {**info, "best_step": len(losses), "evals": evals, "returned": None}
     if evals[-1][0] != len(losses):
         consider(len(losses))
-    return best[2], losses, {**info, "best_step": best[1], "evals": evals}
+    _, best_step, vector, logits = best
+    start, returned = evals[0][1], dict(evals)[best_step]
+    if calibrate:  # the start's and the kept point's metrics each at their own best temperature
+        start = classification_metrics(np.float32(best_temperature(start_logits, held_out.labels)[0]) * start_logits,
+                                       held_out.labels)
+        t, _ = best_temperature(logits, held_out.labels)
+        kept = bundle.layout.unflatten(vector)
+        for name in HEAD:
+            kept[name] *= np.float32(t)
+        info["temperature"], returned = t, classification_metrics(np.float32(t) * logits, held_out.labels)
+    return vector, losses, {**info, "best_step": best_step, "evals": evals, "start": start, "returned": returned}
 
 
 HELD_OUT_ROWS = 8  # sequences per run of the graph below the blocks when scoring held-out text
@@ -326,12 +337,14 @@ def label_probe_tensors(bundle: Bundle) -> bool:
 
 
 def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None, theta: np.ndarray, batch_size: int,
-                       seed: int, steps: int, eval_every: int = 50, time_share=lambda: 0.0, on_step=None
-                       ) -> tuple[np.ndarray, dict | None, str]:
+                       seed: int, steps: int, eval_every: int = 50, time_share=lambda: 0.0, on_step=None,
+                       calibrate: bool = False) -> tuple[np.ndarray, dict | None, str]:
     """Fit the bundle's output adapter, if it has one; keep the fit only if it improves ``held_out``
     (ranked as the trainer ranks adapters), or always without held-out data (on the training data
-    the fit cannot lose). A causal LM's fit keeps its best held-out point (``fit_lm_output``).
-    Returns (vector, record or None, words for the start's description)."""
+    the fit cannot lose). A causal LM's fit keeps its best held-out point (``fit_lm_output``), so does the
+    encoder fit, whose head ``calibrate`` scales to the held-out data (``fit_encoder``: the start is then
+    returned calibrated even where it stays the best point). Returns (vector, record or None, words for
+    the start's description)."""
     from .evaluate import evaluate
     from .trainer import rank_key
 
@@ -351,17 +364,20 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
             what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
     elif bundle.manifest.encoder_blocks is not None and bundle.task == "classification":
         fitted, losses, info = fit_encoder(bundle, train, theta, batch_size, seed, EncoderFitConfig(steps=steps), held_out,
-                                           eval_every, time_share, on_step)
+                                           eval_every, time_share, on_step, calibrate and held_out is not None)
         kind = fit_kind(bundle.manifest)
         record = {"kind": kind, "steps": len(losses), "forward_passes": info["forward_passes"], "best_step": info["best_step"],
                   "forward_passes_to_best": info["cache_passes"] + info["best_step"], "kept": True,
                   "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None}
         what = f" + {kind} fitted in {len(losses)} steps"
         if held_out is not None:
-            (_, before), after = info["evals"][0], dict(info["evals"])[info["best_step"]]
-            record.update(eval_before=before, eval_after=after, kept=info["best_step"] > 0,
+            record.update(eval_before=info["start"], eval_after=info["returned"], kept=info["best_step"] > 0,
+                          temperature=info["temperature"],
                           evals=[{"step": k, "loss": m["loss"], "accuracy": m["accuracy"]} for k, m in info["evals"]])
             what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
+            if calibrate:
+                what += f", its logits scaled by {info['temperature']:.3g} on the held-out data"
+                theta = fitted  # the start itself comes back calibrated when it stays the best point (eval_before)
     elif label_probe_tensors(bundle):
         fitted, record = fit_label_probe(bundle, train, theta)
         record["kind"] = "label-word probe"

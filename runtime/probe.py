@@ -110,9 +110,13 @@ def probe_temperature(features: np.ndarray, labels: np.ndarray, num_labels: int,
         w, b = fit_linear_probe(x[kept], labels[kept], num_labels, c=c, iterations=FOLD_ITERATIONS)
         logits[held] = x[held] @ w.T.astype(np.float64) + b
 
-    def loss(t: float) -> float:
-        return float(_nll(t * logits, labels).mean())
+    t, after = best_temperature(logits, labels)
+    return t, float(_nll(logits, labels).mean()), after
 
-    losses = [loss(t) for t in TEMPERATURES]
+
+def best_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The factor τ on ``TEMPERATURES`` whose scaled logits have the least mean NLL on ``labels``, and that NLL."""
+    logits = np.asarray(logits, dtype=np.float64)
+    losses = [float(_nll(t * logits, labels).mean()) for t in TEMPERATURES]
     best = int(np.argmin(losses))
-    return float(TEMPERATURES[best]), loss(1.0), losses[best]
+    return float(TEMPERATURES[best]), losses[best]

@@ -134,6 +134,7 @@ def test_fit_lowers_the_loss_keeps_its_best_held_out_point_and_is_deterministic(
     from edgeft.data import load_dataset
     from edgeft.runtime import evaluate, starting_adapter
     from edgeft.runtime.output_fit import EncoderFitConfig, fit_encoder
+    from edgeft.runtime.probe import TEMPERATURES
 
     b = Bundle(bert_bundle)
     data = load_dataset(sentiment_data, b.labels)
@@ -148,6 +149,17 @@ def test_fit_lowers_the_loss_keeps_its_best_held_out_point_and_is_deterministic(
     assert info["best_step"] == best[0]
     # the numpy score of the kept point is the graph's
     np.testing.assert_allclose(evaluate(b, fitted, held, 32)["loss"], best[1]["loss"], rtol=1e-4)
+    # calibrated: the same point, its head scaled by the held-out temperature; no prediction changes, the loss
+    # cannot rise (τ = 1 is on the grid), and the graph scores the scaled head as the fit reports it
+    scaled, _, calibrated = fit_encoder(b, enc, theta, 4, 0, config, held, eval_every=4, calibrate=True)
+    t = calibrated["temperature"]
+    assert calibrated["best_step"] == info["best_step"] and t in TEMPERATURES
+    for name in ("head.weight", "head.bias"):
+        np.testing.assert_array_equal(b.layout.unflatten(scaled)[name], b.layout.unflatten(fitted)[name] * np.float32(t))
+    graph = evaluate(b, scaled, held, 32)
+    np.testing.assert_allclose(graph["loss"], calibrated["returned"]["loss"], rtol=1e-4)
+    assert graph["accuracy"] == best[1]["accuracy"] and graph["loss"] <= best[1]["loss"] + 1e-6
+    assert calibrated["start"]["loss"] <= info["evals"][0][1]["loss"] + 1e-6
     longer = EncoderFitConfig(steps=63, lr=3e-2)
     last, _, _ = fit_encoder(b, enc, theta, 4, 0, longer)  # no held-out data: the last point
     assert evaluate(b, last, enc, 32)["loss"] < 0.5 * evaluate(b, theta, enc, 32)["loss"]
@@ -163,6 +175,9 @@ def test_auto_spends_a_pass_budget_on_the_encoder_fit(bert_bundle, sentiment_dat
     assert summary["forward_passes"] == 9 and summary["steps"] == 0 and summary["stopped_by"] == "budget"
     assert fit["best_step"] == max(fit["evals"], key=lambda e: (e["accuracy"], -e["loss"]))["step"]
     assert summary["start"] == (fit["eval_after"] if fit["kept"] else fit["eval_before"])
+    # calibrated on the held-out data: the kept point's loss there at most the uncalibrated one
+    kept_loss = {e["step"]: e["loss"] for e in fit["evals"]}[fit["best_step"]]
+    assert fit["temperature"] > 0 and fit["eval_after"]["loss"] <= kept_loss + 1e-6
 
 
 def test_a_named_optimizer_searches_from_the_probe_unless_asked_to_fit(bert_bundle, sentiment_data, tmp_path):
