@@ -213,16 +213,18 @@ def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: i
     are numpy alone.
     With ``held_out`` the fit is scored on it at the start, every ``eval_every`` steps and at the end, and the best
     point (accuracy, then loss: the trainer's rank) is returned; with ``calibrate`` too, its head scaled by the
-    temperature with the least held-out loss (``probe.best_temperature``: no prediction changes). Returns (vector,
+    temperature with the least held-out loss (``probe.best_temperature`` over ``CALIBRATION_TEMPERATURES``: no
+    prediction changes). Returns (vector,
     each step's mean training loss before its update, {"best_step", "evals", "forward_passes", "start" and "returned": the
     start's and the returned vector's held-out metrics, each calibrated where ``calibrate``, "temperature"})."""
     from .evaluate import classification_metrics
-    from .probe import best_temperature
+    from .probe import CALIBRATION_TEMPERATURES, best_temperature
     from .trainer import rank_key
 
     if bundle.manifest.encoder_blocks.embedding is not None and bundle.chain is None:
         # numpy alone from here: the session and ORT's arena are released before the fit reads its own weights (a
-        # search that follows opens it again). 20NG, batch 32: peak 839 MB with the session held, eval's 455
+        # search that follows opens it again). 20NG, batch 32: peak 839 MB with the session held, 522-529 with the
+        # weights read beside it and the embeddings cached, 451-453 now; eval's 455
         bundle.close_graph()
     fit = EncoderBlocksFit(bundle.folder, bundle.manifest)
     theta = np.array(theta, dtype=np.float32, copy=True)
@@ -272,9 +274,9 @@ def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: i
     _, best_step, vector, logits = best
     start, returned = evals[0][1], dict(evals)[best_step]
     if calibrate:  # the start's and the kept point's metrics each at their own best temperature
-        start = classification_metrics(np.float32(best_temperature(start_logits, held_out.labels)[0]) * start_logits,
-                                       held_out.labels)
-        t, _ = best_temperature(logits, held_out.labels)
+        start_t, _ = best_temperature(start_logits, held_out.labels, CALIBRATION_TEMPERATURES)
+        start = classification_metrics(np.float32(start_t) * start_logits, held_out.labels)
+        t, _ = best_temperature(logits, held_out.labels, CALIBRATION_TEMPERATURES)
         kept = bundle.layout.unflatten(vector)
         for name in HEAD:
             kept[name] *= np.float32(t)

@@ -8,7 +8,8 @@ arena in a; activations and logits in b·tokens of one session run). A causal LM
 chunks (``causal_lm_rows``: its logits bound the chunk), so its tokens per run are chunk rows × length,
 however large the batch; the probe reports that chunk size. The prediction adds the optimizer's vectors and,
 for a causal LM with the top-MLP fit, that fit's numpy weights. Training also evaluates held-out data
-at ``EVAL_BATCH`` rows, so its peak is the larger of the two paths.
+at ``EVAL_BATCH`` rows, so its peak is the larger of the two paths. A BERT-family classifier's encoder fit
+(numpy, in chunks of ``encoder_blocks.ROWS`` examples whatever the batch) is a third probe: one step of it.
 """
 
 from __future__ import annotations
@@ -84,7 +85,14 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
     batch_size = batch_size or profile.batch_size
     length = min(max_length or manifest.max_length, manifest.max_length)
     alone = output_fit and not search and manifest.top_blocks is not None and manifest.top_blocks.standalone()
+    encoder = output_fit and manifest.encoder_blocks is not None and manifest.task == "classification"
     probes, fits_of, rows_per_run = [], {}, None
+    encoder_fit = None
+    if encoder:  # its chunks of ROWS examples, whatever the batch: one probe at the planned length
+        from .encoder_blocks import ROWS
+
+        encoder_fit, _ = _probe(Path(folder), device, "encoder-fit", ROWS, length)
+        probes.append({"path": "encoder-fit", "rows": ROWS, "length": length, "peak_rss_mb": round(encoder_fit, 1)})
     for path in ("fit" if alone else "train", "eval"):
         points = []
         for rows, probe_length in _probe_shapes(length):
@@ -96,7 +104,7 @@ def plan_memory(folder: Path, device: str | None = None, batch_size: int | None 
     # the standalone fit's probe already holds its weights: only the optimizer's vectors are extra
     extra = _extra_mb(Path(folder), manifest, output_fit and not alone, length)
     return predict(fits_of["fit" if alone else "train"], fits_of["eval"], extra, profile.memory_budget_mb,
-                   batch_size, length, probes, rows_per_run, fit_alone=alone)
+                   batch_size, length, probes, rows_per_run, fit_alone=alone, fit_peak=encoder_fit)
 
 
 def _probe_shapes(length: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -110,24 +118,25 @@ def _run_rows(rows: int, rows_per_run: int | None) -> int:
 
 def predict(train: tuple[float, float], held_out: tuple[float, float], extra: float, budget: float | None,
             batch_size: int, length: int, probes: list[dict] | None = None, rows_per_run: int | None = None,
-            fit_alone: bool = False) -> Plan:
+            fit_alone: bool = False, fit_peak: float | None = None) -> Plan:
     """The plan from the two paths' lines (a, b), the memory the probes do not see and the budget.
     ``rows_per_run``: the most rows one session run takes (a causal LM's chunk; None: the whole batch).
     ``fit_alone``: the train line is the standalone top-blocks fit's, which runs its batch whole and never
-    opens the whole graph (its held-out scoring is part of that line, not the eval path's)."""
+    opens the whole graph (its held-out scoring is part of that line, not the eval path's).
+    ``fit_peak``: the encoder fit's own peak (its probe's), which no batch size changes: its chunks are fixed."""
     a_train, b_train = train
     a_eval, b_eval = held_out
     eval_peak = a_eval + b_eval * _run_rows(EVAL_BATCH, rows_per_run) * length
     train_peak = a_train + b_train * (batch_size if fit_alone else _run_rows(batch_size, rows_per_run)) * length
-    train_peak = (train_peak if fit_alone else max(train_peak, eval_peak)) + extra
+    train_peak = max(train_peak if fit_alone else max(train_peak, eval_peak), fit_peak or 0.0) + extra
     largest = None
     if budget is not None:
         room = budget - extra - a_train
         largest = max(0, min(MAX_BATCH, math.floor(room / (b_train * length)))) if b_train > 0 else MAX_BATCH
         if not fit_alone and rows_per_run is not None and largest >= rows_per_run:
             largest = MAX_BATCH  # a bigger batch only adds chunks, not memory
-        if not fit_alone and (eval_peak + extra > budget or room < 0):
-            largest = 0  # the held-out evaluation, or the bundle itself, does not fit
+        if not fit_alone and (eval_peak + extra > budget or room < 0) or (fit_peak or 0.0) + extra > budget:
+            largest = 0  # the held-out evaluation, the encoder fit, or the bundle itself, does not fit
     fits = budget is None or (train_peak <= budget and eval_peak <= budget)
     return Plan(round(train_peak, 1), round(eval_peak, 1), budget, fits, batch_size, length, largest, probes or [])
 
@@ -181,7 +190,7 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
     from .evaluate import CandidateEvaluator, causal_lm_rows, evaluate
     from .memory import peak_rss_mb
 
-    bundle = Bundle(folder, load_profile(device), open_graph=path != "fit")
+    bundle = Bundle(folder, load_profile(device), open_graph=path not in ("fit", "encoder-fit"))
     # real token ids (a random id could lie outside a model's embedding table)
     sentence = np.asarray(bundle.tokenizer.encode("the quick brown fox jumps over the lazy dog " * 8).ids, dtype=np.int64)
     row = np.resize(sentence, length)
@@ -191,12 +200,16 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
     theta = bundle.layout.initial(0)
     if path == "fit":
         fit_step(bundle, encoded, theta)
+    elif path == "encoder-fit":  # one step of the real fit, scored on the same rows as its held-out data
+        from .output_fit import EncoderFitConfig, fit_encoder
+
+        fit_encoder(bundle, encoded, theta, rows, config=EncoderFitConfig(steps=1), held_out=encoded)
     elif path == "train":
         CandidateEvaluator(bundle).losses(bundle.feeds(encoded, np.arange(rows)), [theta, theta.copy()])
     else:
         evaluate(bundle, theta, encoded, rows)
     # (the fit's probe must not open the whole graph just to read the logits' shape)
-    chunk = causal_lm_rows(bundle, MAX_BATCH) if bundle.task == "causal-lm" and path != "fit" else None
+    chunk = causal_lm_rows(bundle, MAX_BATCH) if bundle.task == "causal-lm" and path not in ("fit", "encoder-fit") else None
     return {"peak_rss_mb": peak_rss_mb(), "rows_per_run": chunk}
 
 

@@ -134,7 +134,7 @@ def test_fit_lowers_the_loss_keeps_its_best_held_out_point_and_is_deterministic(
     from edgeft.data import load_dataset
     from edgeft.runtime import evaluate, starting_adapter
     from edgeft.runtime.output_fit import EncoderFitConfig, fit_encoder
-    from edgeft.runtime.probe import TEMPERATURES
+    from edgeft.runtime.probe import CALIBRATION_TEMPERATURES
 
     b = Bundle(bert_bundle)
     data = load_dataset(sentiment_data, b.labels)
@@ -153,7 +153,7 @@ def test_fit_lowers_the_loss_keeps_its_best_held_out_point_and_is_deterministic(
     # cannot rise (τ = 1 is on the grid), and the graph scores the scaled head as the fit reports it
     scaled, _, calibrated = fit_encoder(b, enc, theta, 4, 0, config, held, eval_every=4, calibrate=True)
     t = calibrated["temperature"]
-    assert calibrated["best_step"] == info["best_step"] and t in TEMPERATURES
+    assert calibrated["best_step"] == info["best_step"] and t in CALIBRATION_TEMPERATURES
     for name in ("head.weight", "head.bias"):
         np.testing.assert_array_equal(b.layout.unflatten(scaled)[name], b.layout.unflatten(fitted)[name] * np.float32(t))
     graph = evaluate(b, scaled, held, 32)

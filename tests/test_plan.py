@@ -32,6 +32,23 @@ def test_predicted_training_peak_within_15_percent_at_three_sizes(bert_bundle, t
         assert abs(predicted - measured) <= 0.15 * measured, (batch, predicted, measured)
 
 
+def test_the_encoder_fit_is_planned(bert_bundle, tmp_path):
+    """The default recipe on a BERT-family classifier (the encoder fit, numpy, chunks of 4 examples): its probe is in
+    the plan, and the prediction is within 15% of the run's measured peak."""
+    data = _data(tmp_path / "d.jsonl")
+    result = subprocess.run([sys.executable, "-m", "edgeft.cli", "train", str(bert_bundle), "--data", str(data), "-o",
+                             str(tmp_path / "run"), "--budget", "4fwd", "--batch-size", "8", "--eval-data", str(data),
+                             "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["output_fit"]["steps"] == 4
+    plan = plan_memory(bert_bundle, None, 8)
+    assert [p["path"] for p in plan.probes].count("encoder-fit") == 1
+    measured = summary["peak_rss_mb"]
+    assert abs(plan.predicted_train_peak_rss_mb - measured) <= 0.15 * measured, (plan.predicted_train_peak_rss_mb, measured)
+    assert plan_memory(bert_bundle, None, 8, output_fit=False).probes[0]["path"] != "encoder-fit"
+
+
 def test_the_plan_arithmetic():
     # 500 MB of weights and runtime, 0.1 MB per training token, 0.05 per evaluated token, 20 MB unseen
     plan = predict((500.0, 0.1), (480.0, 0.05), 20.0, 1500.0, batch_size=8, length=128)
@@ -48,6 +65,11 @@ def test_the_plan_arithmetic():
     chunked = predict((500.0, 0.1), (480.0, 0.05), 20.0, 720.0, batch_size=32, length=128, rows_per_run=1)
     assert chunked.predicted_train_peak_rss_mb == pytest.approx(max(500 + 0.1 * 128, 480 + 0.05 * 128) + 20)
     assert chunked.fits and chunked.largest_batch_size == MAX_BATCH
+    # the encoder fit's peak (fixed chunks) raises the prediction and, over the budget, leaves no batch that fits
+    fitted = predict((500.0, 0.1), (480.0, 0.05), 20.0, 1500.0, batch_size=8, length=128, fit_peak=900.0)
+    assert fitted.predicted_train_peak_rss_mb == pytest.approx(900 + 20) and fitted.fits
+    over = predict((500.0, 0.1), (480.0, 0.05), 20.0, 800.0, batch_size=8, length=128, fit_peak=900.0)
+    assert not over.fits and over.largest_batch_size == 0
 
 
 def test_plan_command_and_train_stopping_before_work(bert_bundle, sentiment_data, tmp_path):
