@@ -16,8 +16,9 @@ The rule follows what was measured here (README "Choosing a recipe", docs/LEARNI
 * classification: the linear-probe head (``start.py``; from 100 examples on its logits scaled by the
   cross-validated temperature: 20NG test loss 1.86 -> 0.98, ECE 0.50 -> 0.04, no prediction changed);
   on a BERT-family bundle then the head and the encoder layers' LoRA fitted from their exact gradient
-  (``encoder_blocks.py``) for the whole budget (MiniLM, 3 seeds: RT +2.6 points at 200 passes against
-  backprop's +1.8; 20NG +0.9 in 10 minutes against backprop's +2.0; every forward-only search within noise
+  (``encoder_blocks.py``) for the whole budget, from the probe's own scale and calibrated on held-out data
+  after (MiniLM, 3 seeds: RT +2.6 points at 200 passes against backprop's +1.8; 20NG +2.2 in 10 minutes
+  against backprop's +1.9, +0.9 from the temperature-scaled probe; every forward-only search within noise
   of the probe), else MeZO on LoRA + head;
 * prompt mode: a linear probe on the answer position's hidden state, offset by the zero-shot logits
   (kept only if it beats the zero-shot prompt on held-out data), then MeZO on LoRA (SmolLM2/Rotten
@@ -52,7 +53,8 @@ def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False,
         return Recipe("mezo", "causal LM exported without an output bias: MeZO on the body")
     if task == "classification" and exact_fit:
         return Recipe("mezo", f"classification: linear-probe head, then the {exact_fit} fitted from their exact "
-                              "gradient for the budget (best held-out point kept), then MeZO with what is left", True)
+                              "gradient for the budget (best held-out point kept, its head calibrated there), then MeZO "
+                              "with what is left", True)
     if task == "classification":
         return Recipe("mezo", "classification: linear-probe head (temperature-scaled from 100 examples), then MeZO on LoRA + head")
     if has_label_probe:
