@@ -214,9 +214,9 @@ def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: i
     With ``held_out`` the fit is scored on it at the start, every ``eval_every`` steps and at the end, and the best
     point (accuracy, then loss: the trainer's rank) is returned; with ``calibrate`` too, its head scaled by the
     temperature with the least held-out loss (``probe.best_temperature`` over ``CALIBRATION_TEMPERATURES``: no
-    prediction changes). Returns (vector,
-    each step's mean training loss before its update, {"best_step", "evals", "forward_passes", "start" and "returned": the
-    start's and the returned vector's held-out metrics, each calibrated where ``calibrate``, "temperature"})."""
+    prediction changes). Returns (vector, each step's mean training loss before its update, {"best_step", "evals",
+    "forward_passes", "start" and "returned": the start's and the returned vector's held-out metrics, each calibrated
+    where ``calibrate``, "temperature"})."""
     from .evaluate import classification_metrics
     from .probe import CALIBRATION_TEMPERATURES, best_temperature
     from .trainer import rank_key

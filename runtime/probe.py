@@ -88,7 +88,7 @@ def fit_linear_probe_cv(features: np.ndarray, labels: np.ndarray, num_labels: in
 
 TEMPERATURES = np.geomspace(0.25, 256.0, 41)  # factors on the probe's logits; 1 (no change) is on the grid
 # the same steps (2^¼) down to 1/64, for a trained head: the encoder fit's kept points on Rotten Tomatoes were
-# over-confident (test ECE 0.17-0.40) and chose 0.25, this grid's floor
+# over-confident (test ECE 0.17-0.40) and chose 0.25, the probe grid's floor
 CALIBRATION_TEMPERATURES = np.geomspace(1 / 64, 256.0, 57)
 
 
