@@ -38,7 +38,8 @@ Task 20ng (and rt): all-MiniLM-L6-v2 classification of 20 Newsgroups (20 labels)
 seed from the training split (320, batch 32), the linear-probe head first; 200 examples of the test split
 pick the kept adapter, accuracy on 1,000 others (rt: Rotten Tomatoes as rt-prompt splits it, 16 per label =
 32 examples, the whole set per step). Lines: probe (each seed's start: the linear-probe head,
-as ``edgeft train`` fits it, saved untrained), mezo (MeZO on LoRA + head), cma (CMA-ES), lora-pro (the same with LoRA-Pro's adjustment,
+as ``edgeft train`` fits it, saved untrained), auto-nodev-10m (the default without --eval-data: the fit keeps its
+last point), mezo (MeZO on LoRA + head), cma (CMA-ES), lora-pro (the same with LoRA-Pro's adjustment,
 ``runtime/optimizers/lora_pro.py``), monteclora (the NES distribution, ``runtime/optimizers/monteclora.py``; also scored
 as the mean prediction of SAMPLES adapters drawn from it, with calibration), and OPTIMIZER@LR for LR in LR_GRID (mezo
 and monteclora with that explicit --lr: the spread of the score over learning rates, MonteCLoRA's robustness claim).
@@ -207,7 +208,10 @@ def run_one(args, files, line: str, seed: int) -> dict:
         return _probe_run(args, files, seed, out, run_dir, body=args.work / f"{args.task}-mezo-seed{seed}" / "adapter")
     if args.task in CLASSIFICATION:  # 20ng: 320 examples in batches of 32; rt, speakers: the whole set per step
         common += ["--k-shot", 16, "--batch-size", CLASSIFICATION_BATCH[args.task]]
-        name, _, lr = line.removesuffix("-10m").partition("@")
+        if line.startswith("auto-nodev"):  # as a user without a dev set runs it: the fit keeps its last point
+            at = common.index("--eval-data")
+            del common[at : at + 2]
+        name, _, lr = line.removesuffix("-10m").removesuffix("-nodev").partition("@")
         budget = f"{TIME_BUDGET_S}s" if line.endswith("-10m") else f"{args.budget}fwd"
         settings = ["--optimizer", name, "--budget", budget, *(["--lr", lr] if lr else [])]
         return _finish(args, files, line, seed, out, run_dir, common, settings)

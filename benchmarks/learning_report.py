@@ -19,7 +19,7 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
          "rt-prompt": ("mezo", "probe", "auto"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "tempered-auto-10m", "auto",
-                  "auto-10m"),
+                  "auto-10m", "auto-nodev-10m"),
          "rt": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "monteclora",
                 *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "auto", "auto-10m"),
          "speakers": ("probe", "mezo", "fzoo", "cma", "backprop", "auto", "auto-10m")}
@@ -160,7 +160,9 @@ no graph pass), the lr falling linearly to zero over the budget, kept on dev eve
 one pass; `auto-10m`: 10 minutes of one core instead of a pass count (the whole run's time). Since session 20 the
 fit starts from the probe at C = 1's own scale (no temperature) and, with held-out data, the kept point's head is
 scaled by the temperature with the least dev loss (no prediction changes); `tempered-auto-10m` = session 19's fit
-from the temperature-scaled probe (20NG only: under 100 examples, RT and speakers never had a temperature).
+from the temperature-scaled probe (20NG only: under 100 examples, RT and speakers never had a temperature);
+`auto-nodev-10m` = auto-10m without `--eval-data`, as a user without a dev set runs it (the tempered start, the last
+point kept, nothing to calibrate on).
 ECE: expected calibration error (15 bins) of the kept adapter on the test set.""" + (
             "\n\nSession 15 re-ran 20NG's probe, mezo, lozo and zo-activations rows from the temperature-scaled probe; the "
             "earlier rows (cma, lora-pro, monteclora, the lr grid, mezo+refit, from the plain C = 1 probe) are kept in "
