@@ -9,7 +9,7 @@ backprop's +1.9 / +5.4 / +0.8. The head kept is then scaled by the temperature w
 
 PREFIX: bench_learning.py's files (PREFIX-train/dev/test.jsonl; the k-shot draw of ``edgeft train --k-shot 16``).
 VARIANT: ``tempered`` (the start ``edgeft train`` made in session 19) or ``untempered``, with ``-const`` (no lr decay)
-and ``-lr3`` (lr 3e-3) suffixes. Runs ``output_fit.fit_encoder`` for STEPS steps of batch 32, kept on dev every 25,
+and ``-lr3`` (lr 3e-3) suffixes. Runs ``encoder_fit.fit_encoder`` for STEPS steps of batch 32, kept on dev every 25,
 scores the kept point on test (numpy, equal to the graph's: tests/test_encoder_blocks.py) at τ = 1 and at the dev
 temperature; one JSON line appended to docs/encoder-fit-trial/start-temperature.jsonl (its first four lines were
 measured with this code before it moved here, the dev temperature chosen on a 25-point grid 0.25–16).
@@ -28,7 +28,7 @@ from edgeft.data import k_shot, load_dataset
 from edgeft.runtime import Bundle
 from edgeft.runtime.encoder_blocks import EncoderBlocksFit, Embedded
 from edgeft.runtime.evaluate import classification_metrics, pooled_features
-from edgeft.runtime.output_fit import EncoderFitConfig, fit_encoder
+from edgeft.runtime.encoder_fit import EncoderFitConfig, fit_encoder
 from edgeft.runtime.probe import best_temperature, fit_linear_probe, probe_temperature
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "encoder-fit-trial" / "start-temperature.jsonl"

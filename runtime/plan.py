@@ -201,7 +201,7 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
     if path == "fit":
         fit_step(bundle, encoded, theta)
     elif path == "encoder-fit":  # one step of the real fit, scored on the same rows as its held-out data
-        from .output_fit import EncoderFitConfig, fit_encoder
+        from .encoder_fit import EncoderFitConfig, fit_encoder
 
         fit_encoder(bundle, encoded, theta, rows, config=EncoderFitConfig(steps=1), held_out=encoded)
     elif path == "train":

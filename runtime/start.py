@@ -33,7 +33,7 @@ def starting_adapter(bundle: Bundle, train: Encoded, seed: int = 0, init_adapter
                      temper: bool = True) -> tuple[np.ndarray, str]:
     """The adapter vector to start from, and a short description of how it was made. ``temper=False`` leaves the
     probe's logits at C = 1's scale, for the encoder fit to start from and calibrate afterwards on held-out data
-    (``output_fit.fit_encoder``): from the sharpened head the training set is already fitted (20 Newsgroups: training
+    (``encoder_fit.fit_encoder``): from the sharpened head the training set is already fitted (20 Newsgroups: training
     loss 0.10–0.28) and the fit gained half as much (docs/learning-notes.md, session 20)."""
     vector = bundle.layout.initial(seed)
     spec = bundle.manifest.adapter

@@ -133,7 +133,7 @@ def _train(bundle, data, run, *extra):
 def test_fit_lowers_the_loss_keeps_its_best_held_out_point_and_is_deterministic(bert_bundle, sentiment_data):
     from edgeft.data import load_dataset
     from edgeft.runtime import evaluate, starting_adapter
-    from edgeft.runtime.output_fit import EncoderFitConfig, fit_encoder
+    from edgeft.runtime.encoder_fit import EncoderFitConfig, fit_encoder
     from edgeft.runtime.probe import CALIBRATION_TEMPERATURES
 
     b = Bundle(bert_bundle)
