@@ -65,6 +65,7 @@ from learning_report import (CLASSIFICATION, DEV_PLAY, HISTORICAL, LINES, RT_DEV
                              SPEAKERS_MIN_WORDS, SPEAKERS_PLAY, TEST_PLAY, TRAIN_PLAYS, render)  # benchmarks/ is on sys.path when run as a script
 
 TIME_BUDGET_S = 600  # lines "-10m": the device budget, 10 minutes of one core (the run's whole time)
+PROMPT_BACKPROP_LR = 1e-3  # rt-prompt's backprop reference (the classification reference's; ~25 steps fit 10 minutes)
 CLASSIFICATION_BATCH = {"20ng": 32, "rt": 32, "speakers": 64}  # 20ng: batches of its 320; rt, speakers: the whole set
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"  # --docs moves the table, the plot and learning-runs/ (smoke runs)
@@ -200,7 +201,7 @@ def run_one(args, files, line: str, seed: int) -> dict:
         common += ["--k-shot", 16, "--batch-size", 32]
         settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                     "probe": ["--optimizer", "auto", "--budget", "1fwd"],
-                    "auto": ["--optimizer", "auto", "--budget", f"{args.budget}fwd"]}[line]
+                    "auto-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"]}[line]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     if args.task in CLASSIFICATION and line == "probe":
         return _probe_run(args, files, seed, out, run_dir)
@@ -287,18 +288,19 @@ def _probe_run(args, files, seed: int, out: Path, run_dir: Path, body: Path | No
 
 
 def _backprop_run(args, files, seed: int, out: Path, seconds: float | None = None) -> dict:
+    prompt = args.task == "rt-prompt"  # the whole k-shot set per step, the prompt's loss (learning_backprop.py --prompt)
     cmd = [sys.executable, Path(__file__).with_name("learning_backprop.py"), "--bundle", args.bundle, "--work", args.work,
-           "--batch-size", args.batch_size, "--seed", seed,
+           "--seed", seed, *(["--prompt", "--lr", PROMPT_BACKPROP_LR] if prompt else ["--batch-size", args.batch_size]),
            *(["--steps", 10**6, "--seconds", seconds] if seconds else ["--steps", args.backprop_steps])]
     started = time.perf_counter()
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"backprop worker failed: {result.stderr.strip().splitlines()[-3:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    record.update(line="backprop-10m" if seconds else "backprop", seed=seed, budget_fwd=args.budget, batch_size=args.batch_size,
-                  run_s=round(time.perf_counter() - started, 1))
+    record.update(line="backprop-10m" if seconds else "backprop", seed=seed, budget_fwd=args.budget,
+                  batch_size=32 if prompt else args.batch_size, run_s=round(time.perf_counter() - started, 1))
     out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    print(f"  done backprop seed {seed}: test perplexity {record['test']['perplexity']:.2f}", flush=True)
+    print(f"  done backprop seed {seed}: test {_score_text(record['test'])}", flush=True)
     return record
 
 

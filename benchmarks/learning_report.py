@@ -16,7 +16,7 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
                          "constant-lr-auto-heldback-10m", "auto",
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
-         "rt-prompt": ("mezo", "probe", "auto"),
+         "rt-prompt": ("mezo", "probe", "auto", "auto-10m", "backprop-10m"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "tempered-auto-10m", "auto",
                   "auto-10m", "auto-nodev-10m"),

@@ -102,7 +102,9 @@ class TopBlocks:
     to ``input``: with it the fit never opens the whole graph, so the device holds each weight once
     (None where the blocks start at layer 0: the embeddings are their input). Bundles exported before
     session 18 have neither; their fit reads ``input`` from the whole graph. Supersedes ``TopMLP`` (one
-    block's MLP) for Llama exports; RoPE without scaling, no attention or MLP biases."""
+    block's MLP) for Llama exports; RoPE without scaling, no attention or MLP biases. A prompt bundle's
+    (``label_tokens``: the label words' token ids, the LM-head rows its answer logits read) is fitted on the
+    prompt loss at the answer position, with the label-word output adapter (``runtime/prompt_fit.py``)."""
 
     layers: list[int]
     modules: list[dict[str, str]]  # per layer: role (BLOCK_ROLES) -> module name (LoRA tensors <module>.lora_A/B)
@@ -116,6 +118,7 @@ class TopBlocks:
     head_dim: int
     embedding: str | None = None  # the embedding table's name in ``weights`` (None: a bundle from before session 18)
     below: str | None = None  # the graph under the blocks
+    label_tokens: list[int] | None = None  # prompt bundles (since session 21): the label words' first tokens
 
     def standalone(self) -> bool:
         """Whether the fit runs without the whole graph: numpy embeds the tokens, ``below`` (if any) runs the
@@ -273,6 +276,12 @@ class Manifest:
             raise EdgeftError("manifest: top_blocks.embedding must name a tensor of its weights file")
         if top.below is not None:
             _file_name("top_blocks below graph", top.below)
+        if (self.task == "prompt") != (top.label_tokens is not None):
+            raise EdgeftError("manifest: top_blocks.label_tokens belongs to prompt bundles, and every prompt bundle's top_blocks has it")
+        if top.label_tokens is not None and (
+                not isinstance(top.label_tokens, list) or len(top.label_tokens) != len(self.labels)
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in top.label_tokens)):
+            raise EdgeftError("manifest: top_blocks.label_tokens must be one token id per label")
 
     def _validate_encoder_blocks(self, names: list[str]) -> None:
         top = self.encoder_blocks

@@ -181,7 +181,8 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         if fit_steps and not brought:
             started_fit = time.perf_counter()
             deadline = budget.seconds if budget and budget.seconds is not None else float("inf")
-            bar = _fit_progress(req, fit_steps, budget) if has_bias or encoder else _FitBar()  # the probes take one pass
+            stepped = has_bias or encoder or (has_label_probe and bundle.manifest.top_blocks is not None)
+            bar = _fit_progress(req, fit_steps, budget) if stepped else _FitBar()  # the probes take one pass
             try:
                 theta, output_fit, what = fit_output_adapter(
                     bundle, train_enc, eval_enc, theta, batch_size, req.seed, fit_steps, req.eval_every,
@@ -248,13 +249,13 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
 
 def _fit_alone(bundle, req: TrainRequest, budget) -> bool:
     """Whether this run is the top-blocks fit alone, which never opens the whole graph (``TopBlocks.standalone``):
-    the default recipe on a causal LM with a budget the fit takes whole, not resumed."""
+    the default recipe on a causal LM or a causal prompt with a budget the fit takes whole, not resumed."""
     from edgeft.adapters import OUTPUT_ADAPTER_WEIGHTS
-    from edgeft.runtime.output_fit import output_bias_slice
+    from edgeft.runtime.output_fit import label_probe_tensors, output_bias_slice
 
     top = bundle.manifest.top_blocks
     return (top is not None and top.standalone() and req.optimizer == "auto" and budget is not None and not req.resume
-            and req.output_fit_steps is None and output_bias_slice(bundle) is not None
+            and req.output_fit_steps is None and (output_bias_slice(bundle) is not None or label_probe_tensors(bundle))
             and not (req.init_adapter and (Path(req.init_adapter) / OUTPUT_ADAPTER_WEIGHTS).is_file()))
 
 

@@ -80,9 +80,11 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
     fit_count = options.fit_layers if options.fit_layers is not None else default_fit
     if not 0 <= fit_count <= (top or layer_count):
         raise EdgeftError(f"--fit-layers {fit_count}: expected 0 to {top or layer_count} (the adapted layers)")
-    if options.task == "causal-lm" and fit_count:
+    if options.task in ("causal-lm", "prompt") and fit_count:
+        # a causal prompt is fitted the same way, on the prompt's loss at the answer position (prompt_fit.py)
         blocks = top_block_layers(src.model, src.architecture, options.adapter, fit_count)
-        top_mlp = None if blocks else top_mlp_modules(src.model, src.architecture, options.adapter)
+        if options.task == "causal-lm" and not blocks:
+            top_mlp = top_mlp_modules(src.model, src.architecture, options.adapter)
     fitted = fitted_modules(blocks) if blocks else list(top_mlp.values()) if top_mlp else []
     targets = list(targets) + [m for m in fitted if m not in targets]
     slots, tensors, stored = inject_adapters(src.model, targets, options.adapter, options.rank, options.alpha,
@@ -116,6 +118,8 @@ def export_bundle(source: str, out: Path, options: ExportOptions, verify: bool =
         wrapper = Prompt(src.model, slots, [t.name for t in tensors], label_ids, mask_id)
         outputs = ["loss", "logits", "pooled"]
         manifest_extra["verbalizer"] = dict(options.verbalizer)
+        if blocks:
+            manifest_extra["top_blocks"] = top_blocks_manifest(src.model, blocks, label_tokens=label_ids)
     else:
         tensors.append(output_bias_tensor(src.model.config.vocab_size))
         capture = Capture(src.model, top_mlp) if top_mlp else None

@@ -77,7 +77,7 @@ def _tied(model: nn.Module) -> bool:
     return model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
 
 
-def top_blocks_manifest(model: nn.Module, layers: list[int]) -> TopBlocks:
+def top_blocks_manifest(model: nn.Module, layers: list[int], label_tokens: list[int] | None = None) -> TopBlocks:
     config = model.config
     heads = int(config.num_attention_heads)
     return TopBlocks(layers=list(layers), modules=[block_modules(i) for i in layers], fitted=list(FITTED),
@@ -85,7 +85,8 @@ def top_blocks_manifest(model: nn.Module, layers: list[int]) -> TopBlocks:
                      rope_theta=_rope_theta(config), heads=heads,
                      kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
                      head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-                     embedding="lm_head" if _tied(model) else "embed", below=BELOW if layers[0] > 0 else None)
+                     embedding="lm_head" if _tied(model) else "embed", below=BELOW if layers[0] > 0 else None,
+                     label_tokens=None if label_tokens is None else [int(t) for t in label_tokens])
 
 
 def write_top_block_weights(model: nn.Module, layers: list[int], folder: Path) -> None:

@@ -3,7 +3,8 @@
 Causal LM: the output bias and, where the bundle has it, a LoRA on the MLPs of the top blocks
 (Llama, ``runtime/top_blocks.py``) or of the top layer (other gated-MLP decoders, ``runtime/top_fit.py``),
 fitted with Adam from their exact gradient. Prompt mode: a linear probe on the answer
-position's hidden state over the label words (``fit_label_probe``). Either is kept only if it
+position's hidden state over the label words (``fit_label_probe``), and on a Llama bundle since session 21
+then it and the top blocks' MLP LoRA from their exact gradient (``prompt_fit.py``). Either is kept only if it
 improves held-out data when there is some (``fit_output_adapter``).
 
 For logits = W·h + b, the mean next-token NLL's gradient with respect to the output bias b is
@@ -81,7 +82,8 @@ def fit_kind(manifest) -> str:
     top = manifest.top_blocks
     if top is not None:
         roles = "MLPs" if sorted(top.fitted) == ["down", "gate", "up"] else ", ".join(top.fitted)
-        return f"output bias + LoRA on the top {len(top.layers)} blocks' {roles}"
+        output = "label-word probe" if manifest.task == "prompt" else "output bias"
+        return f"{output} + LoRA on the top {len(top.layers)} blocks' {roles}"
     return "output bias + top MLP LoRA" if manifest.top_mlp is not None else "output bias"
 
 
@@ -242,7 +244,8 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
     encoder fit, whose head ``calibrate`` scales to the held-out data (``fit_encoder``: the start is then
     returned calibrated even where it stays the best point). Returns (vector, record or None, words for
     the start's description)."""
-    from .encoder_fit import EncoderFitConfig, fit_encoder  # it imports this module's FIT_STREAM
+    from .encoder_fit import EncoderFitConfig, fit_encoder  # these import this module's FIT_STREAM
+    from .prompt_fit import PromptFitConfig, fit_prompt
     from .evaluate import evaluate
     from .trainer import rank_key
 
@@ -276,6 +279,19 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
             if calibrate:
                 what += f", its logits scaled by {info['temperature']:.3g} on the held-out data"
                 theta = fitted  # the start itself comes back calibrated when it stays the best point (eval_before)
+    elif label_probe_tensors(bundle) and bundle.manifest.top_blocks is not None:
+        fitted, losses, info = fit_prompt(bundle, train, theta, batch_size, seed, PromptFitConfig(steps=steps), held_out,
+                                          eval_every, time_share, on_step)
+        kind = fit_kind(bundle.manifest)
+        record = {"kind": kind, "steps": len(losses), "forward_passes": info["forward_passes"], "best_step": info["best_step"],
+                  "forward_passes_to_best": info["probe_passes"] + info["best_step"], "kept": info["kept"],
+                  "probe_c": info["probe_c"], "train_loss_first": losses[0] if losses else None,
+                  "train_loss_last": losses[-1] if losses else None}
+        what = f" + {kind} fitted in {len(losses)} steps"
+        if held_out is not None:
+            record.update(eval_before=info["start"], eval_after=info["returned"],
+                          evals=[{"step": k, "loss": m["loss"], "accuracy": m["accuracy"]} for k, m in info["evals"]])
+            what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
     elif label_probe_tensors(bundle):
         fitted, record = fit_label_probe(bundle, train, theta)
         record["kind"] = "label-word probe"

@@ -57,6 +57,9 @@ def auto_recipe(task: str, has_output_bias: bool, has_label_probe: bool = False,
                               "with what is left", True)
     if task == "classification":
         return Recipe("mezo", "classification: linear-probe head (temperature-scaled from 100 examples), then MeZO on LoRA + head")
+    if has_label_probe and exact_fit:
+        return Recipe("mezo", f"prompt mode: the {exact_fit} fitted from their exact gradient on the prompt's loss for "
+                              "the budget (best held-out point kept if it beats zero-shot), then MeZO with what is left", True)
     if has_label_probe:
         return Recipe("mezo", "prompt mode: label-word probe on the answer's hidden state (kept if it beats "
                               "zero-shot on held-out data), then MeZO on LoRA")

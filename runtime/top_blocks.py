@@ -83,6 +83,12 @@ class TopBlocksFit:
         self.below = below
         names = {t.name for t in manifest.adapter.tensors}
         self.bias = next(t.name for t in manifest.adapter.tensors if t.role == "output_bias")
+        # a prompt bundle: its answer's logits are the label words' rows of the LM head + the output adapter's h·Wᵀ + b
+        self.output_weight = next((t.name for t in manifest.adapter.tensors if t.role == "output_weight"), None)
+        self.label_tokens = None if top.label_tokens is None else np.asarray(top.label_tokens, dtype=np.int64)
+        if self.label_tokens is not None and (self.output_weight is None
+                                              or self.label_tokens.max() >= weights["lm_head"].shape[0]):
+            raise EdgeftError(f"{path}: the manifest's label tokens are not rows of its LM head")
         # per layer: role -> (A name, B name) for every role the graph runs with a LoRA
         self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
                      for modules in top.modules]
@@ -199,13 +205,13 @@ class TopBlocksFit:
         logits += adapters[self.bias]
         return logits
 
-    def _rows(self, feeds: dict, hidden: np.ndarray, adapters, keep: bool):
-        """Per sequence of two or more tokens: (row, its length, RoPE tables, the top block's output,
-        the blocks' saved values if ``keep``)."""
+    def _rows(self, feeds: dict, hidden: np.ndarray, adapters, keep: bool, shortest: int = 2):
+        """Per sequence of ``shortest`` or more tokens (a causal LM scores from two): (row, its length, RoPE
+        tables, the top block's output, the blocks' saved values if ``keep``)."""
         mask = feeds["attention_mask"]
         for row in range(mask.shape[0]):
             length = int(mask[row].sum())
-            if length < 2:
+            if length < shortest:
                 continue
             if not mask[row, :length].all():
                 raise EdgeftError("top-block fit: expects right-padded rows (Bundle.feeds)")
@@ -247,3 +253,53 @@ class TopBlocksFit:
                 upstream = self._block_backward(upstream, layer, saved[layer], adapters, rope, into, below=layer > 0)
                 saved[layer] = None  # freed as the backward goes down
         return nll, tokens
+
+
+    # --- prompt mode: the loss at the answer position ----------------------------------
+
+    def _answer(self, x: np.ndarray, adapters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(h, the label words' LM-head rows + the output adapter's W, the label logits) from the top block's
+        output at the answer position x [hidden]: h = the final norm of x (the graph's ``pooled``)."""
+        h = _rms_norm(x[None], self.weights["final_norm"], self.eps)[0]
+        rows = self.weights["lm_head"][self.label_tokens] + adapters[self.output_weight]
+        return h, rows, rows @ h + adapters[self.bias]
+
+    def answers(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray],
+                zero_shot: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A prompt batch's (h [B, hidden], label logits [B, labels]): the graph's ``pooled`` and ``logits``;
+        ``zero_shot``: the logits without the output adapter (the probe's offset)."""
+        adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
+        if zero_shot:
+            adapters[self.output_weight] = np.zeros_like(adapters[self.output_weight])
+            adapters[self.bias] = np.zeros_like(adapters[self.bias])
+        rows = feeds["attention_mask"].shape[0]
+        states = np.zeros((rows, self.weights["final_norm"].shape[0]), dtype=np.float32)
+        logits = np.zeros((rows, len(self.label_tokens)), dtype=np.float32)
+        for row, length, _, x, _ in self._rows(feeds, hidden, adapters, keep=False, shortest=1):
+            states[row], _, logits[row] = self._answer(x[length - 1], adapters)
+        return states, logits
+
+    def accumulate_answers(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray],
+                           into: dict[str, np.ndarray]) -> float:
+        """Add the summed gradients over this prompt batch of its cross-entropy on ``feeds["labels"]`` (the
+        graph's loss) with respect to the output adapter and the fitted LoRA to ``into`` (keyed by tensor
+        name); returns the summed loss. Only the answer position is scored: the gradient enters the top
+        block's output there and spreads to the earlier positions through attention on the way down."""
+        adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
+        final_norm = self.weights["final_norm"].astype(np.float64)
+        labels, summed = feeds["labels"], 0.0
+        for row, length, rope, x, saved in self._rows(feeds, hidden, adapters, keep=True, shortest=1):
+            h, rows, logits = self._answer(x[length - 1], adapters)
+            z = logits.astype(np.float64) - logits.max()
+            p = np.exp(z) / np.exp(z).sum()
+            summed -= float(np.log(p[labels[row]]))
+            g = p
+            g[labels[row]] -= 1.0
+            into[self.bias] += g
+            into[self.output_weight] += np.outer(g, h)
+            upstream = np.zeros_like(x)
+            upstream[length - 1] = rms_norm_backward((g @ rows)[None], x[length - 1][None], final_norm, self.eps)[0]
+            for layer in reversed(range(len(self.layers))):
+                upstream = self._block_backward(upstream, layer, saved[layer], adapters, rope, into, below=layer > 0)
+                saved[layer] = None
+        return summed

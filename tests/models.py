@@ -109,6 +109,28 @@ def torch_lm_reference(model_folder: Path, manifest, feeds: dict, values: dict):
     return float(total.detach()), {n: a.grad.double().numpy() for n, a in zip(names, adapters)}
 
 
+def torch_prompt_reference(model_folder: Path, manifest, feeds: dict, values: dict, label_tokens: list[int]):
+    """A prompt bundle's summed cross-entropy over the batch and its autograd gradient for every adapter
+    tensor, in torch, with the adapters injected as the exporter injects them (a causal LM's answer position)."""
+    import numpy as np
+    import torch
+
+    from export.adapters import inject_adapters
+    from export.loading import load_source
+    from export.tasks import Prompt
+
+    src = load_source(str(model_folder), "prompt", None)
+    spec = manifest.adapter
+    slots, _, _ = inject_adapters(src.model, spec.targets, spec.kind, spec.rank, spec.alpha)
+    names = [t.name for t in manifest.adapter.tensors]
+    wrapper = Prompt(src.model, slots, names, label_tokens, None)
+    adapters = [torch.tensor(np.asarray(values[n]), dtype=torch.float32, requires_grad=True) for n in names]
+    loss, *_ = wrapper(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "labels")), *adapters)
+    total = loss.sum()
+    total.backward()
+    return float(total.detach()), {n: a.grad.double().numpy() for n, a in zip(names, adapters)}
+
+
 def tiny_gpt2(folder: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
