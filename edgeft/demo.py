@@ -7,11 +7,11 @@
 4. print the before/after table (also saved as ``demo.md`` in the work folder).
 
 Two demos. The default, ``smollm2-sentiment``, is prompt-based: SmolLM2-135M reads a
-review and the label is the logit of " positive" vs " negative" at the next token;
-MeZO tunes LoRA on q/v from the zero-shot start — the setting MeZO is known to work
-in (research.md). ``minilm-rotten-tomatoes`` fits a linear-probe head on MiniLM
-sentence embeddings and runs MeZO on LoRA + head; measured here, MeZO does not beat
-the probe in that setting (see the closing notes / docs).
+review and the label is the logit of " positive" vs " negative" at the next token; the
+default recipe fits the label-word probe, then it and a LoRA on the top blocks' MLPs from the
+prompt loss's exact gradient, computed in numpy (``runtime/prompt_fit.py``), for a budget of
+forward passes. ``minilm-rotten-tomatoes`` fits a linear-probe head on MiniLM sentence embeddings,
+then MeZO on LoRA + head (``--steps``: a named budget of MeZO steps).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class DemoSpec:
     verbalizer: tuple[tuple[str, str], ...] = ()
     k_shot: int = 16
     steps: int = 800
+    # a forward-pass budget instead of --steps: where the default recipe's exact fit takes the whole budget
+    budget_fwd: int | None = None
     batch_size: int = 16
     lr: float = 1e-3
     eps: float = 1e-3
@@ -57,8 +59,9 @@ DEMOS = {
         other_templates=("{text}\nWas this movie review positive or negative? Answer:",
                          "Movie review: {text}\nThe critic's verdict on the film is",
                          "{text}\nQuestion: is the review above positive or negative?\nAnswer:"),
-        # measured here: lr 1e-3 lowered the held-out loss steadily over 100-150 steps
-        steps=150, lr=1e-3, eps=1e-3, test_size=500,
+        # the prompt fit (runtime/prompt_fit.py) at batch 16: ~7 s a step on one core; on the benchmark's split its
+        # dev accuracy rose 69% -> 85% in 10 steps of the 32 (docs/learning-notes.md, session 21)
+        budget_fwd=30, test_size=500,
     ),
     "minilm-rotten-tomatoes": DemoSpec(
         name="minilm-rotten-tomatoes", data="rotten-tomatoes", labels=("rotten", "fresh"),
@@ -110,7 +113,7 @@ def run_demo(workdir: Path, spec: DemoSpec = DEFAULT, steps: int | None = None, 
     started = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    steps = steps or spec.steps
+    steps = steps or spec.budget_fwd or spec.steps
     test_size = test_size or spec.test_size
 
     model_name = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}[spec.model]
@@ -144,10 +147,12 @@ def run_demo(workdir: Path, spec: DemoSpec = DEFAULT, steps: int | None = None, 
     else:
         log(f"2/3 reusing the bundle in {bundle}")
 
-    log(f"3/3 fine-tuning forward-only (--optimizer auto): {spec.k_shot} examples per label, {steps} steps ...")
+    length = ["--budget", f"{steps}fwd"] if spec.budget_fwd else ["--steps", str(steps)]
+    log(f"3/3 fine-tuning (--optimizer auto): {spec.k_shot} examples per label, "
+        + (f"{steps} forward passes ..." if spec.budget_fwd else f"{steps} steps ..."))
     run_dir = workdir / "run"
     summary = _train_in_child([
-        str(bundle), "--data", str(train_path), "-o", str(run_dir), "--eval-data", str(dev_path), "--steps", str(steps),
+        str(bundle), "--data", str(train_path), "-o", str(run_dir), "--eval-data", str(dev_path), *length,
         "--batch-size", str(spec.batch_size), "--lr", str(spec.lr), "--eps", str(spec.eps), "--k-shot", str(spec.k_shot),
         "--eval-every", str(max(steps // 4, 1)), "--seed", str(seed), "--overwrite"])
     # Score the start and the saved adapter (what a user would ship) on the test split.
@@ -163,12 +168,18 @@ def run_demo(workdir: Path, spec: DemoSpec = DEFAULT, steps: int | None = None, 
     after = evaluate(b, load_adapter(run_dir / "adapter", b.layout), test_set, 32)
     start_name = "zero-shot prompt" if spec.task == "prompt" else "linear-probe head (forward passes only)"
     tuned = "LoRA" if spec.task == "prompt" else "LoRA + head"
+    fit = summary.get("output_fit") or {}
+    if fit.get("steps"):  # an exact-gradient fit took the budget (a search may follow)
+        after_name = (f"after: {fit['kind']} fitted in {fit['steps']} steps (auto; kept: step {fit['best_step']}, by dev "
+                      "accuracy, then loss" + ("" if fit["kept"] else "; not kept: zero-shot was better")
+                      + (f"), then {summary['steps']} {summary['optimizer']} steps" if summary["steps"] else ")"))
+    else:
+        after_name = (f"after: + {summary['steps']} {summary['optimizer']} steps on {tuned} (auto; kept: step "
+                      f"{summary['best_step']}, by dev accuracy, then loss)")
     rows = [
         ("majority class", max(np.bincount(test_set.labels)) / len(test_set), None),
         (f"before: {start_name}", before["accuracy"], before["loss"]),
-        (f"after: + {summary['steps']} {summary['optimizer']} steps on {tuned} (auto; kept: step {summary['best_step']}, "
-         "by dev accuracy, then loss)",
-         after["accuracy"], after["loss"]),
+        (after_name, after["accuracy"], after["loss"]),
     ]
     table = [f"| {model_name}, {spec.data}, {spec.k_shot}/label, {len(test_set)} held-out | accuracy | loss |",
              "|---|---|---|"]

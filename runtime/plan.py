@@ -214,8 +214,8 @@ def _run_probe(folder: str, path: str, rows: int, length: int, device: str | Non
 
 
 def fit_step(bundle, encoded, theta) -> None:
-    """One step of the standalone top-blocks fit, as ``output_fit.fit_lm_output`` takes it (the whole graph
-    never opened): what the plan's fit probe measures."""
+    """One step of the standalone top-blocks fit, as ``output_fit.fit_lm_output`` (or a prompt bundle's
+    ``prompt_fit.fit_prompt``) takes it (the whole graph never opened): what the plan's fit probe measures."""
     import numpy as np
 
     from .top_blocks import TopBlocksFit
@@ -223,8 +223,12 @@ def fit_step(bundle, encoded, theta) -> None:
     fit = TopBlocksFit(bundle.folder, bundle.manifest, bundle.below_session)
     named = bundle.layout.unflatten(theta)
     into = {n: np.zeros(named[n].shape) for n in fit.tensor_names()}
-    into["bias"] = np.zeros(named[fit.bias].shape)
     feeds = bundle.feeds(encoded, np.arange(len(encoded)))
+    if fit.label_tokens is not None:  # a prompt bundle's fit (runtime/prompt_fit.py): the answer position only
+        into.update({n: np.zeros(named[n].shape) for n in (fit.output_weight, fit.bias)})
+        fit.accumulate_answers(feeds, fit.entering(feeds, named), named, into)
+        return
+    into["bias"] = np.zeros(named[fit.bias].shape)
     fit.accumulate(feeds, fit.entering(feeds, named), named, into)
 
 

@@ -254,7 +254,6 @@ class TopBlocksFit:
                 saved[layer] = None  # freed as the backward goes down
         return nll, tokens
 
-
     # --- prompt mode: the loss at the answer position ----------------------------------
 
     def _answer(self, x: np.ndarray, adapters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

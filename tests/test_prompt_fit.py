@@ -166,3 +166,21 @@ def test_bad_label_tokens_are_refused(prompt_bundle, tmp_path, tokens, message):
     with pytest.raises(EdgeftError, match=message):
         b = Bundle(target, open_graph=False)
         TopBlocksFit(b.folder, b.manifest)
+
+
+def test_the_plan_of_a_prompt_bundle_probes_its_fit(prompt_bundle, sentiment_file, tmp_path):
+    """edgeft plan (default recipe) probes the prompt fit (the graph below the blocks and numpy), within 15% of a
+    budgeted run's peak."""
+    import subprocess
+    import sys
+
+    from edgeft.runtime.plan import plan_memory
+
+    result = subprocess.run([sys.executable, "-m", "edgeft.cli", "train", str(prompt_bundle), "--data", str(sentiment_file),
+                             "-o", str(tmp_path / "run"), "--budget", "4fwd", "--batch-size", "4", "--eval-data",
+                             str(sentiment_file), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    plan = plan_memory(prompt_bundle, None, 4)
+    assert {p["path"] for p in plan.probes} == {"fit", "eval"}
+    assert abs(plan.predicted_train_peak_rss_mb - measured) <= 0.15 * measured, (plan.predicted_train_peak_rss_mb, measured)
