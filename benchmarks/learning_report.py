@@ -16,7 +16,7 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
                          "constant-lr-auto-heldback-10m", "auto",
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
-         "rt-prompt": ("mezo", "probe", "probe+mezo", "auto-10m", "backprop-10m"),
+         "rt-prompt": ("mezo", "probe", "probe+mezo", "auto-10m", "auto-nodev-10m", "backprop-10m"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "tempered-auto-10m", "auto",
                   "auto-10m", "auto-nodev-10m"),
@@ -74,7 +74,7 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{statistics.median(r['train']['elapsed_s'] for r in got.values()):.0f} | "
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
-    for main_line in (("auto", "auto-10m", "mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-10m", "auto-heldback", "auto-heldback-10m")):
+    for main_line in (("auto", "auto-10m", "mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-10m", "auto-nodev-10m", "auto-heldback", "auto-heldback-10m")):
         others = (("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "probe+mezo", "backprop", "backprop-10m") if not lm
                   else ("mezo", f"mlp1-{main_line}", f"blocks6-{main_line}", f"wholegraph-{main_line}",
                         f"constant-lr-{main_line}", "backprop", "backprop-10m"))  # the LM: vs older bundles too
@@ -186,7 +186,8 @@ layers under them, the whole graph is never opened), the lr falling linearly to 
 point kept (every 25 steps), one step = one pass of the 32 examples; `backprop-10m` = the reference: peft LoRA r=8 on
 q, v of every layer + AdamW lr 1e-3 in torch from the zero-shot prompt on the same loss and examples, 10 minutes of
 one core, kept on dev every 10 steps (`learning_backprop.py --prompt`; its "fwd" column counts steps, each a forward
-and a backward of the 32)."""
+and a backward of the 32); `auto-nodev-10m` = auto-10m without `--eval-data`, as a user without a dev set runs it (the
+fit returns its last point)."""
     return f"""{head}
 
 {chr(10).join(rows)}{calibration}

@@ -289,9 +289,10 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
                   "train_loss_last": losses[-1] if losses else None}
         what = f" + {kind} fitted in {len(losses)} steps"
         if held_out is not None:
-            record.update(eval_before=info["start"], eval_after=info["returned"],
+            record.update(eval_before=info["start"], eval_after=info["returned"], temperature=info["temperature"],
                           evals=[{"step": k, "loss": m["loss"], "accuracy": m["accuracy"]} for k, m in info["evals"]])
-            what += f" (held-out best at step {info['best_step']})" if record["kept"] else ""
+            what += (f" (held-out best at step {info['best_step']}, its logits scaled by {info['temperature']:.3g} there)"
+                     if record["kept"] else "")
     elif label_probe_tensors(bundle):
         fitted, record = fit_label_probe(bundle, train, theta)
         record["kind"] = "label-word probe"

@@ -20,9 +20,12 @@ The rule follows what was measured here (README "Choosing a recipe", docs/LEARNI
   after (MiniLM, 3 seeds: RT +2.6 points at 200 passes against backprop's +1.8; 20NG +2.2 in 10 minutes
   against backprop's +1.9, +0.9 from the temperature-scaled probe; every forward-only search within noise
   of the probe), else MeZO on LoRA + head;
-* prompt mode: a linear probe on the answer position's hidden state, offset by the zero-shot logits
-  (kept only if it beats the zero-shot prompt on held-out data), then MeZO on LoRA (SmolLM2/Rotten
-  Tomatoes, k = 16: zero-shot 62.9%, MeZO 100 passes 64.3%, the probe 69.2–70.4%).
+* prompt mode on a Llama bundle: a linear probe on the answer position's hidden state, offset by the
+  zero-shot logits, then it and the LoRA on the top blocks' MLPs fitted from the exact gradient of the
+  prompt's loss for the whole budget (``prompt_fit.py``), kept only if it beats the zero-shot prompt on
+  held-out data (SmolLM2/Rotten Tomatoes, k = 16, docs/LEARNING.md: zero-shot 62.9%, MeZO 100 passes 64.3%,
+  the probe alone 69.3%, probe + MeZO 69.7%; the fit for 10 minutes of one core PROMPT_FIT_RESULT);
+* prompt mode, other bundles (masked LMs, older exports): the probe (kept on the same rule), then MeZO on LoRA.
 
 MeZO stays the search because no other forward-only optimizer beat it beyond noise on any task
 at the budgets measured here (docs/OPTIMIZERS.md); the lever that moved the numbers is the start.

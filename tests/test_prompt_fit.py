@@ -126,6 +126,10 @@ def test_the_default_prompt_run_fits_without_the_whole_graph(prompt_bundle, sent
     from edgeft.runtime.trainer import rank_key
 
     assert fit["kept"] == (rank_key("prompt", fit["eval_after"], True) > rank_key("prompt", fit["eval_before"], True))
+    # the kept point calibrated on the held-out data: the same predictions, a loss no higher than its raw one
+    raw = next(e for e in fit["evals"] if e["step"] == fit["best_step"])
+    assert fit["eval_after"]["accuracy"] == raw["accuracy"] and fit["eval_after"]["loss"] <= raw["loss"] + 1e-9
+    assert fit["temperature"] > 0
     monkeypatch.setattr(ort, "InferenceSession", real)
     b = Bundle(prompt_bundle)
     kept = load_adapter(tmp_path / "run" / "adapter", b.layout, base=b.layout.initial(0))
@@ -184,3 +188,24 @@ def test_the_plan_of_a_prompt_bundle_probes_its_fit(prompt_bundle, sentiment_fil
     plan = plan_memory(prompt_bundle, None, 4)
     assert {p["path"] for p in plan.probes} == {"fit", "eval"}
     assert abs(plan.predicted_train_peak_rss_mb - measured) <= 0.15 * measured, (plan.predicted_train_peak_rss_mb, measured)
+
+
+def test_the_kept_point_is_calibrated_without_changing_a_prediction(prompt_bundle):
+    """With held-out data the returned adapter's logits (the whole graph's) are the kept step's times the chosen
+    temperature: the same predictions, the held-out loss at that temperature."""
+    from edgeft.runtime.prompt_fit import PromptFitConfig, fit_prompt
+
+    b = Bundle(prompt_bundle, open_graph=False)
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    theta, losses, info = fit_prompt(b, enc, b.layout.initial(0), 12, seed=1, config=PromptFitConfig(steps=9, lr=1e-2),
+                                     held_out=enc, eval_every=4)
+    assert info["kept"] and info["temperature"] != 1.0, info  # 12 examples it trains on: the fit beats zero-shot there
+    raw = dict(info["evals"])[info["best_step"]]
+    whole = Bundle(prompt_bundle)
+    (logits,) = whole.run(whole.feeds(enc, np.arange(len(enc))), theta, ["logits"])
+    from edgeft.runtime.evaluate import classification_metrics
+
+    got = classification_metrics(logits, enc.labels)
+    assert got["accuracy"] == raw["accuracy"] == info["returned"]["accuracy"]
+    np.testing.assert_allclose(got["loss"], info["returned"]["loss"], rtol=1e-4)
+    assert info["returned"]["loss"] <= raw["loss"] + 1e-9
