@@ -16,7 +16,7 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
                          "constant-lr-auto-heldback-10m", "auto",
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
-         "rt-prompt": ("mezo", "probe", "probe+mezo", "auto-10m", "auto-nodev-10m", "backprop-10m"),
+         "rt-prompt": ("mezo", "probe", "probe+mezo", "uncalibrated-auto-10m", "auto-10m", "auto-nodev-10m", "backprop-10m"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "tempered-auto-10m", "auto",
                   "auto-10m", "auto-nodev-10m"),
@@ -32,7 +32,7 @@ CLASSIFICATION = ("20ng", "rt", "speakers")  # MiniLM classification tasks: the 
 # temperature-scaled probe, uncalibrated after)
 HISTORICAL = ("bias-only", "bias-all", "bias+mezo", "fit-all-last", "mlp1-auto", "mlp1-auto-heldback", "mlp1-auto-heldback-10m",
               "blocks6-auto-heldback", "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
-              "constant-lr-auto-heldback-10m", "tempered-auto-10m", "probe+mezo")
+              "constant-lr-auto-heldback-10m", "tempered-auto-10m", "probe+mezo", "uncalibrated-auto-10m")
 RT_TEST, RT_DEV, RT_SEED = 1000, 200, 1234
 SPEAKERS_PLAY, SPEAKERS = "tragedies/othello", 2  # who speaks a line: Iago or Othello (the two with the most lines)
 SPEAKERS_MIN_WORDS = 4  # a line shorter than this ("My lord?") says nothing of its speaker
@@ -75,7 +75,8 @@ def _section(task: str, docs: Path) -> str | None:
                     f"{f'{rss:.0f}' if rss else '–'} |")
     paired = []
     for main_line in (("auto", "auto-10m", "mezo+refit", "lozo", "zo-activations", "lora-pro", "monteclora", "fzoo", "backprop") if task in CLASSIFICATION else ("auto", "auto-10m", "auto-nodev-10m", "auto-heldback", "auto-heldback-10m")):
-        others = (("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "probe+mezo", "backprop", "backprop-10m") if not lm
+        others = (("mezo", "cma", "bias+mezo", "fit+mezo", "auto", "probe", "probe+mezo", "uncalibrated-auto-10m", "backprop",
+                   "backprop-10m") if not lm
                   else ("mezo", f"mlp1-{main_line}", f"blocks6-{main_line}", f"wholegraph-{main_line}",
                         f"constant-lr-{main_line}", "backprop", "backprop-10m"))  # the LM: vs older bundles too
         for other in others:
@@ -183,11 +184,13 @@ not re-run); `auto-10m` = edgeft's default since session 21, given 10 minutes of
 the probe, the label-word output adapter and LoRA r=8 on the MLPs of the top 24 of 30 blocks by Adam lr 1e-3 on the
 exact gradient of the prompt's loss, computed in numpy (`runtime/prompt_fit.py`; the graph below the blocks runs the 6
 layers under them, the whole graph is never opened), the lr falling linearly to zero over the budget, its best dev
-point kept (every 25 steps), one step = one pass of the 32 examples; `backprop-10m` = the reference: peft LoRA r=8 on
+point kept (every 25 steps) and its logits scaled by the temperature with the least dev loss (no prediction changes),
+one step = one pass of the 32 examples; `backprop-10m` = the reference: peft LoRA r=8 on
 q, v of every layer + AdamW lr 1e-3 in torch from the zero-shot prompt on the same loss and examples, 10 minutes of
 one core, kept on dev every 10 steps (`learning_backprop.py --prompt`; its "fwd" column counts steps, each a forward
 and a backward of the 32); `auto-nodev-10m` = auto-10m without `--eval-data`, as a user without a dev set runs it (the
-fit returns its last point)."""
+fit returns its last point); `uncalibrated-auto-10m` = auto-10m before its kept point was calibrated on the dev set
+and before a time budget reserved the last dev scoring (session 21's first runs; kept, not re-run)."""
     return f"""{head}
 
 {chr(10).join(rows)}{calibration}

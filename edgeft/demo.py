@@ -185,7 +185,7 @@ def run_demo(workdir: Path, spec: DemoSpec = DEFAULT, steps: int | None = None, 
              "|---|---|---|"]
     table += [f"| {name} | {acc:.1%} | {'' if loss is None else f'{loss:.4f}'} |" for name, acc, loss in rows]
     wall = time.perf_counter() - started
-    table.append(f"\ntraining {summary['wall_s']:.0f} s, {summary['forward_passes']} forward passes, "
+    table.append(f"\ntraining {summary['elapsed_s']:.0f} s (fit and evaluations included), {summary['forward_passes']} forward passes, "
                  f"peak RSS of the training process {summary['peak_rss_mb']:.0f} MB; whole demo {wall:.0f} s; "
                  f"curve: {run_dir / 'curve.png'}")
     text = "\n".join(table)
