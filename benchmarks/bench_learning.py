@@ -201,11 +201,7 @@ def run_one(args, files, line: str, seed: int) -> dict:
         common += ["--k-shot", 16, "--batch-size", 32]
         settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                     "probe": ["--optimizer", "auto", "--budget", "1fwd"],
-                    "auto-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"],
-                    "auto-nodev-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"]}[line]
-        if line == "auto-nodev-10m":  # as a user without a dev set runs it: the fit keeps its last point
-            at = common.index("--eval-data")
-            del common[at : at + 2]
+                    "auto-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"]}[line]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     if args.task in CLASSIFICATION and line == "probe":
         return _probe_run(args, files, seed, out, run_dir)

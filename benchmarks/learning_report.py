@@ -16,7 +16,7 @@ LINES = {"shakespeare": ("mezo", "fzoo", "bias-only", "bias-all", "bias+mezo", "
                          "blocks6-auto-heldback-10m", "wholegraph-auto-heldback", "wholegraph-auto-heldback-10m",
                          "constant-lr-auto-heldback-10m", "auto",
                          "auto-heldback", "backprop", "auto-heldback-10m", "backprop-10m"),
-         "rt-prompt": ("mezo", "probe", "probe+mezo", "uncalibrated-auto-10m", "auto-10m", "auto-nodev-10m", "backprop-10m"),
+         "rt-prompt": ("mezo", "probe", "probe+mezo", "uncalibrated-auto-10m", "auto-10m", "backprop-10m"),
          "20ng": ("probe", "mezo", "mezo+refit", "lozo", "zo-activations", "cma", "lora-pro", "monteclora",
                   *(f"{name}@{lr}" for name in ("mezo", "monteclora") for lr in LR_GRID), "backprop", "tempered-auto-10m", "auto",
                   "auto-10m", "auto-nodev-10m"),
@@ -188,8 +188,7 @@ point kept (every 25 steps) and its logits scaled by the temperature with the le
 one step = one pass of the 32 examples; `backprop-10m` = the reference: peft LoRA r=8 on
 q, v of every layer + AdamW lr 1e-3 in torch from the zero-shot prompt on the same loss and examples, 10 minutes of
 one core, kept on dev every 10 steps (`learning_backprop.py --prompt`; its "fwd" column counts steps, each a forward
-and a backward of the 32); `auto-nodev-10m` = auto-10m without `--eval-data`, as a user without a dev set runs it (the
-fit returns its last point); `uncalibrated-auto-10m` = auto-10m before its kept point was calibrated on the dev set
+and a backward of the 32); `uncalibrated-auto-10m` = auto-10m before its kept point was calibrated on the dev set
 and before a time budget reserved the last dev scoring (session 21's first runs; kept, not re-run)."""
     return f"""{head}
 
