@@ -96,10 +96,7 @@ def fit_encoder(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: i
         gradients = {k: np.zeros(named[k].shape, dtype=np.float64) for k in names}
         summed, _ = fit.accumulate(hidden, train.labels, batch, named, gradients)
         losses.append(summed / len(batch))
-        for key in names:
-            update = adam.apply((gradients[key] / len(batch)).astype(np.float32).ravel(), states[key], config.lr * scale,
-                                len(losses) - 1)
-            named[key] -= update.reshape(named[key].shape)
+        adam.descend(named, names, gradients, states, config.lr * scale, len(batch), len(losses) - 1)
         if on_step:
             on_step(len(losses), losses[-1])
         if held_out is not None and len(losses) % eval_every == 0:

@@ -31,15 +31,14 @@ class PromptFitConfig:
     decay: bool = True  # the lr falls linearly to zero over the budget, as the other fits'
 
 
-def answers(bundle: Bundle, blocks: TopBlocksFit, encoded: Encoded, named: dict[str, np.ndarray],
-            zero_shot: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def answers(bundle: Bundle, blocks: TopBlocksFit, encoded: Encoded, named: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(h, label logits) of every example of ``encoded`` (``TopBlocksFit.answers``), in runs of ``ROWS``."""
     from .evaluate import length_sorted_batches
 
     states, logits = None, np.zeros((len(encoded), len(bundle.labels)), dtype=np.float32)
     for index in length_sorted_batches(encoded, ROWS):
         feeds = bundle.feeds(encoded, index)
-        h, z = blocks.answers(feeds, blocks.entering(feeds, named), named, zero_shot)
+        h, z = blocks.answers(feeds, blocks.entering(feeds, named), named)
         if states is None:
             states = np.zeros((len(encoded), h.shape[1]), dtype=np.float32)
         states[index], logits[index] = h, z
@@ -107,10 +106,7 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
             feeds = bundle.feeds(train, batch[at : at + ROWS])
             summed += blocks.accumulate_answers(feeds, blocks.entering(feeds, named), named, gradients)
         losses.append(summed / len(batch))
-        for key in names:
-            update = adam.apply((gradients[key] / len(batch)).astype(np.float32).ravel(), moments[key], config.lr * scale,
-                                len(losses) - 1)
-            named[key] -= update.reshape(named[key].shape)
+        adam.descend(named, names, gradients, moments, config.lr * scale, len(batch), len(losses) - 1)
         if on_step:
             on_step(len(losses), losses[-1])
         if held_out is not None and len(losses) % eval_every == 0:

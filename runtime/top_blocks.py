@@ -263,14 +263,9 @@ class TopBlocksFit:
         rows = self.weights["lm_head"][self.label_tokens] + adapters[self.output_weight]
         return h, rows, rows @ h + adapters[self.bias]
 
-    def answers(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray],
-                zero_shot: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """A prompt batch's (h [B, hidden], label logits [B, labels]): the graph's ``pooled`` and ``logits``;
-        ``zero_shot``: the logits without the output adapter (the probe's offset)."""
+    def answers(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """A prompt batch's (h [B, hidden], label logits [B, labels]): the graph's ``pooled`` and ``logits``."""
         adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
-        if zero_shot:
-            adapters[self.output_weight] = np.zeros_like(adapters[self.output_weight])
-            adapters[self.bias] = np.zeros_like(adapters[self.bias])
         rows = feeds["attention_mask"].shape[0]
         states = np.zeros((rows, self.weights["final_norm"].shape[0]), dtype=np.float32)
         logits = np.zeros((rows, len(self.label_tokens)), dtype=np.float32)

@@ -60,6 +60,13 @@ class Adam:
         v_hat = v / np.float32(1 - self.beta2**t)
         return np.float32(lr) * m_hat / (np.sqrt(v_hat) + np.float32(self.eps))
 
+    def descend(self, named: dict, names: list[str], gradients: dict, states: dict, lr: float, count: int, step: int) -> None:
+        """One step on the tensors ``names`` of ``named``, in place, from their gradients summed over ``count``
+        examples (the exact fits': ``encoder_fit``, ``prompt_fit``)."""
+        for key in names:
+            update = self.apply((gradients[key] / count).astype(np.float32).ravel(), states[key], lr, step)
+            named[key] -= update.reshape(named[key].shape)
+
 
 class Kalman:
     """A LoKO-style diagonal Kalman filter (arXiv 2410.11551) fed with ZO estimates.
