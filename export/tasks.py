@@ -133,10 +133,14 @@ class CausalLM(_Task):
         self._fill(adapters)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         logits = out.logits + self.slots[OUTPUT_BIAS]
-        nll = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
-        )  # [B, T-1]
-        mask = attention_mask[:, 1:].to(nll.dtype)
+        # every position against the next token, the last one against token 0 and masked out: log-softmax along
+        # the vocabulary (the last axis) read in place, where slicing off the last position and moving the
+        # vocabulary to cross_entropy's class axis exported as a Slice, a Transpose and a LogSoftmax across a
+        # non-last axis: copies of the largest tensor and 14% of SmolLM2's forward pass (docs/scale-notes.md)
+        # (cross_entropy on [B·T, vocab] rows would also avoid them, but torch 2.13's exporter fails on it)
+        targets = F.pad(input_ids[:, 1:], (0, 1))
+        nll = -torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
+        mask = F.pad(attention_mask[:, 1:], (0, 1)).to(nll.dtype)
         count = mask.sum(1)
         loss = (nll * mask).sum(1) / count.clamp(min=1.0)
         top = self.capture.outputs() if self.capture is not None else []
