@@ -31,8 +31,10 @@ one at the same training forward passes (batch --batch-size):
 Task rt-prompt: SmolLM2-135M prompt mode on Rotten Tomatoes ("Review: {text}\nSentiment (positive or
 negative):", " negative"/" positive"), 16 examples per label drawn per seed (the whole set is the
 batch), 200 dev snippets pick the kept adapter, accuracy on 1,000 test snippets. Lines: start
-(zero-shot), mezo (from zero-shot), probe (the label-word probe alone), auto (probe if it beats
-zero-shot on dev, then MeZO).
+(zero-shot), mezo (from zero-shot), probe (the label-word probe alone), auto-10m (the default: the
+prompt fit, ``runtime/prompt_fit.py``, for 10 minutes; best dev point, calibrated), auto-nodev-10m (the same
+without --eval-data: its last point, uncalibrated), backprop-10m (peft LoRA + AdamW on the same loss);
+kept from earlier sessions: probe+mezo (the default before the prompt fit), uncalibrated-auto-10m.
 
 Task 20ng (and rt): all-MiniLM-L6-v2 classification of 20 Newsgroups (20 labels), 16 examples per label drawn per
 seed from the training split (320, batch 32), the linear-probe head first; 200 examples of the test split
@@ -201,7 +203,11 @@ def run_one(args, files, line: str, seed: int) -> dict:
         common += ["--k-shot", 16, "--batch-size", 32]
         settings = {"mezo": ["--optimizer", "mezo", "--output-fit-steps", 0, "--budget", f"{args.budget}fwd"],
                     "probe": ["--optimizer", "auto", "--budget", "1fwd"],
-                    "auto-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"]}[line]
+                    "auto-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"],
+                    "auto-nodev-10m": ["--optimizer", "auto", "--budget", f"{TIME_BUDGET_S}s"]}[line]
+        if line == "auto-nodev-10m":  # as a user without a dev set runs it: the fit keeps its last point, uncalibrated
+            at = common.index("--eval-data")
+            del common[at : at + 2]
         return _finish(args, files, line, seed, out, run_dir, common, settings)
     if args.task in CLASSIFICATION and line == "probe":
         return _probe_run(args, files, seed, out, run_dir)

@@ -100,7 +100,9 @@ class TopBlocks:
     under the name ``embedding`` (``lm_head`` where the two are tied). ``below`` (an ONNX file in the
     bundle) is the graph of the layers under the blocks, from the embeddings (its input ``hidden.0``)
     to ``input``: with it the fit never opens the whole graph, so the device holds each weight once
-    (None where the blocks start at layer 0: the embeddings are their input). Bundles exported before
+    (None where the blocks start at layer 0: the embeddings are their input). An int8/int4 bundle's
+    (``embedding`` None, since session 22) is cut from its compressed graph at the token ids, so the layers
+    under the blocks run with their quantised weights and embedding, as the whole graph runs them. Bundles exported before
     session 18 have neither; their fit reads ``input`` from the whole graph. Supersedes ``TopMLP`` (one
     block's MLP) for Llama exports; RoPE without scaling, no attention or MLP biases. A prompt bundle's
     (``label_tokens``: the label words' token ids, the LM-head rows its answer logits read) is fitted on the
@@ -116,14 +118,18 @@ class TopBlocks:
     heads: int
     kv_heads: int
     head_dim: int
-    embedding: str | None = None  # the embedding table's name in ``weights`` (None: a bundle from before session 18)
+    embedding: str | None = None  # the embedding table's name in ``weights`` (None: int8/int4, or before session 18)
     below: str | None = None  # the graph under the blocks
     label_tokens: list[int] | None = None  # prompt bundles (since session 21): the label words' first tokens
 
     def standalone(self) -> bool:
-        """Whether the fit runs without the whole graph: numpy embeds the tokens, ``below`` (if any) runs the
-        layers under the blocks, numpy the blocks and the LM head."""
-        return self.embedding is not None and (self.below is not None or self.input == "hidden.0")
+        """Whether the fit runs without the whole graph: ``below`` (if any) runs the layers under the blocks
+        (from the embeddings numpy looks up, or from the token ids), numpy the blocks and the LM head."""
+        return self.below is not None or (self.embedding is not None and self.input == "hidden.0")
+
+    def below_input(self) -> str:
+        """What ``below`` starts from: the embeddings numpy computes, or (no ``embedding``) the token ids."""
+        return "hidden.0" if self.embedding is not None else "input_ids"
 
 
 ENCODER_ROLES = ("q", "k", "v", "o", "up", "down")

@@ -79,8 +79,9 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
     """The tokenizer, the adapters' stored start values and the source's manifest without its graph
     segments (they hold the source's weights). The exact fit of the top blocks, top MLP or encoder layers
     (``export/top_blocks.py``, ``export/top_mlp.py``, ``export/encoder_blocks.py``) stays for int8/int4 weights (its gradient then
-    uses the fp32 originals of the fitted blocks: off by the rounding; its input comes from the compressed
-    graph) and is dropped for LoRD, whose low-rank factors
+    uses the fp32 originals of the fitted blocks: off by the rounding, none for int4 from a GGUF's 4-bit grid;
+    its input comes from the compressed graph: the top blocks' from the compressed graph below them, cut at
+    the token ids, so the fit holds the blocks' weights once) and is dropped for LoRD, whose low-rank factors
     replace the weights the gradient needs; that bundle's fitted LoRA is then searched like the rest
     of the body."""
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
@@ -93,9 +94,15 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         elif top is not None:
             setattr(manifest, kind, None)
     if manifest.top_blocks is not None:
-        # the graph below the blocks holds the source's fp32 weights: the fit reads its input from the
-        # compressed whole graph instead, as it runs on the device
-        manifest.top_blocks.below = manifest.top_blocks.embedding = None
+        # the source's graph below the blocks holds its fp32 weights, and its fp32 table feeds it: cut the
+        # compressed graph below the blocks instead, from the token ids (its own quantised embedding)
+        from .top_blocks import BELOW, write_below_graph  # torch: only where there are top blocks
+
+        top = manifest.top_blocks
+        top.embedding = None
+        top.below = BELOW if top.input != "hidden.0" else None
+        if top.below is not None:
+            write_below_graph(folder, manifest)
     if manifest.encoder_blocks is not None:  # likewise: the encoder fit's input from the compressed graph
         manifest.encoder_blocks.embedding = None
     manifest.segments = None

@@ -11,8 +11,13 @@ Defaults, measured in benchmarks/bench_deploy.py (docs/DEPLOY.md):
 
 * per-channel weight scales (one per output column): MiniLM on Rotten Tomatoes, int8 vs fp32 test
   accuracy (linear-probe start) went from -1.7 to -0.5 points, prediction agreement with fp32 from 93% to
-  97%, at the same speed and size; ``reduce_range`` (7-bit weights, for CPUs without VNNI) only lowered
-  the agreement here;
+  97%, at the same speed and size;
+* 7-bit weights (``reduce_range``): an x86 CPU without VNNI (AVX2 only, as many laptops and this session-22
+  machine) multiplies u8 activations by s8 weights in pairs summed into int16 (``vpmaddubsw``), which
+  saturates at full 8-bit range: SmolLM2-135M's full-range int8 graph scored perplexity 6,511 there (fp32
+  57.3 on the same Macbeth windows), 7-bit weights 60.7 (+6%), u8 weights (no saturation either) 59.5 but
+  1.06x fp32's speed against 1.20x. The bundle's device is not known at export, so 7 bits everywhere
+  (on a VNNI CPU, session 7, it had lowered MiniLM's agreement with fp32: docs/DEPLOY.md);
 * the feed-forward down projections stay fp32: their input (silu(gate)·up in Llama, Mistral, Qwen2;
   GELU(up) in BERT) has outlier channels that one per-tensor activation scale cannot cover. SmolLM2-135M,
   perplexity on held-out text vs fp32: all MatMuls int8 +87%, down projections fp32 +6%, for about a
@@ -95,7 +100,7 @@ def default_keep_fp32(model: onnx.ModelProto, architecture: str | None) -> list[
 
 
 def quantize_int8(src: Path, dst: Path, manifest: Manifest | None, per_channel: bool = True,
-                  reduce_range: bool = False, keep_fp32: list[str] | None = None,
+                  reduce_range: bool = True, keep_fp32: list[str] | None = None,
                   architecture: str | None = None, tables: bool = True) -> list[str]:
     """Quantise ``src`` into ``dst``; returns the adapter nodes excluded (kept fp32).
 

@@ -113,8 +113,9 @@ def write_top_block_weights(model: nn.Module, layers: list[int], folder: Path) -
 
 def write_below_graph(folder: Path, manifest) -> None:
     """``BELOW``: the bundle graph cut to the layers under the top blocks, from the embeddings
-    (``hidden.0``, the token embedding's output) and the attention mask to the blocks' input, with the
-    LoRA inputs of those layers. The cut is by data flow (``onnx.utils.Extractor``), so it is the same
+    (``hidden.0``, the token embedding's output; the token ids where the manifest names no embedding
+    table: an int8/int4 bundle, whose graph embeds with its own quantised table) and the attention mask
+    to the blocks' input, with the LoRA inputs of those layers. The cut is by data flow (``onnx.utils.Extractor``), so it is the same
     computation as the whole graph's up to that tensor (tests/test_top_blocks.py compares the two)."""
     import onnx
     from onnx import utils
@@ -128,7 +129,8 @@ def write_below_graph(folder: Path, manifest) -> None:
     top = manifest.top_blocks
     model = load_model(Path(folder) / MODEL_NAME, weights=False)
     below = [t.name for t in manifest.adapter.tensors if 0 <= layer_of(t.name) < top.layers[0]]
-    part = utils.Extractor(model).extract_model(["hidden.0", "attention_mask", *below], [top.input])
+    start = top.below_input()
+    part = utils.Extractor(model).extract_model([start, "attention_mask", *below], [top.input])
     del model
     known = {i.name for i in part.graph.input} | {i.name for i in part.graph.initializer}
     known |= {o for n in part.graph.node for o in n.output}
@@ -136,7 +138,7 @@ def write_below_graph(folder: Path, manifest) -> None:
     unfed = sorted(read - known)
     if unfed:  # the layers below read something besides the embeddings and the mask (e.g. the token ids)
         raise EdgeftError(f"cannot cut the graph below the top blocks: it reads {unfed[0]}")
-    kept = [i for i in part.graph.input if i.name in read or i.name == "hidden.0"]
+    kept = [i for i in part.graph.input if i.name in read or i.name == start]
     del part.graph.input[:]
     part.graph.input.extend(kept)
     onnx.load_external_data_for_model(part, str(folder))

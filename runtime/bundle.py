@@ -145,11 +145,12 @@ class Bundle:
             session = self._open(path)
             shapes = {t.name: t.shape for t in self.manifest.adapter.tensors}
             inputs = {i.name: i.shape for i in session.get_inputs()}
-            wrong = [n for n, shape in inputs.items() if n not in ("hidden.0", "attention_mask")
+            start = top.below_input()
+            wrong = [n for n, shape in inputs.items() if n not in (start, "attention_mask")
                      and _declared(shape) != list(shapes.get(n, ()))]
-            if wrong or "hidden.0" not in inputs or top.input not in [o.name for o in session.get_outputs()]:
+            if wrong or start not in inputs or top.input not in [o.name for o in session.get_outputs()]:
                 raise EdgeftError(f"{path}: does not match the manifest (" + (f"input {wrong[0]}" if wrong else
-                                  f"needs input hidden.0 and output {top.input}") + ")")
+                                  f"needs input {start} and output {top.input}") + ")")
             self._below = session
         return self._below
 

@@ -20,6 +20,7 @@ stay at K blocks × one sequence; tested against torch autograd (tests/test_top_
 x itself comes, in a bundle exported since session 18, from the embedding table (numpy) and the graph
 of the layers below the blocks (``TopBlocks.below``; nothing where the blocks start at layer 0): the
 fit and its held-out scoring then never open the whole graph, so each weight is in memory once.
+An int8/int4 bundle's graph below (since session 22) starts at the token ids, with its quantised weights.
 Older bundles read x from the whole graph.
 """
 
@@ -192,11 +193,15 @@ class TopBlocksFit:
 
     def entering(self, feeds: dict, adapters: dict[str, np.ndarray]) -> np.ndarray:
         """x [B, T, hidden] for these inputs without the whole graph (``self.standalone``): the
-        token embeddings, through the graph of the layers below the blocks where there are any."""
-        x = self.embedding[feeds["input_ids"]]
-        if self.below is None:
-            return x
-        values = {**adapters, **feeds, "hidden.0": x}
+        token embeddings, through the graph of the layers below the blocks where there are any (an int8/int4
+        bundle's starts at the token ids: no table here)."""
+        if self.embedding is None:
+            values = {**adapters, **feeds}
+        else:
+            x = self.embedding[feeds["input_ids"]]
+            if self.below is None:
+                return x
+            values = {**adapters, **feeds, "hidden.0": x}
         return self.below.run(self.outputs, {i.name: values[i.name] for i in self.below.get_inputs()})[0]
 
     def _logits(self, x: np.ndarray, adapters) -> np.ndarray:

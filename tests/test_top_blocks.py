@@ -336,19 +336,46 @@ def test_the_plan_of_a_standalone_fit_probes_the_fit_itself(below_bundle, lm_dat
     assert {p["path"] for p in plan_memory(below_bundle, None, 4, search=True).probes} == {"train", "eval"}
 
 
-def test_an_int8_bundle_fits_from_its_own_graph_not_the_fp32_cut(below_bundle, tmp_path):
-    """compress keeps the blocks' weights but not the fp32 graph below them: the int8 bundle's fit reads its
-    input from the int8 whole graph, as the device runs it."""
-    from edgeft.export.compress import quantize_bundle
-    from edgeft.runtime.output_fit import OutputFitConfig, fit_lm_output
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_a_quantised_bundle_fits_from_its_own_graph_below_the_blocks(below_bundle, lm_data, tmp_path, bits, monkeypatch):
+    """compress keeps the blocks' weights and cuts its own graph below them at the token ids (the fp32 cut and
+    table would feed the fit other numbers than the device's graph): at two shapes that cut returns the
+    compressed whole graph's hidden state; the default run opens only it and keeps what the whole graph scores."""
+    import onnxruntime as ort
 
-    quantize_bundle(below_bundle, tmp_path / "int8")
-    top = Manifest.load(tmp_path / "int8").top_blocks
-    assert top is not None and top.below is None and top.embedding is None and not top.standalone()
-    assert not (tmp_path / "int8" / "below_top_blocks.onnx").exists()
-    b8 = Bundle(tmp_path / "int8")
-    fit = TopBlocksFit(b8.folder, b8.manifest, b8.below_session)
-    assert not fit.standalone
-    enc = b8.encode(["the movie was great and the acting was good", "i hated this film it is boring"])
-    _, losses, _ = fit_lm_output(b8, enc, b8.layout.initial(0), batch_size=2, config=OutputFitConfig(steps=5, lr=0.1))
-    assert losses[-1] < losses[0]
+    from edgeft.adapters import load_adapter
+    from edgeft.export.compress import quantize_bundle
+    from edgeft.runtime import evaluate
+    from edgeft.training import TrainRequest, run_training
+
+    folder = tmp_path / bits
+    quantize_bundle(below_bundle, folder, bits=bits)
+    top = Manifest.load(folder).top_blocks
+    assert top.below == "below_top_blocks.onnx" and top.embedding is None and top.standalone()
+    assert top.below_input() == "input_ids"
+    alone, whole = Bundle(folder, open_graph=False), Bundle(folder)
+    fit = TopBlocksFit(alone.folder, alone.manifest, alone.below_session)
+    assert fit.standalone and fit.embedding is None
+    for batch, length in ((2, 7), (3, 12)):
+        rng = np.random.default_rng(length)
+        feeds = _feeds(rng, batch, length)
+        theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)
+        want = whole.run(feeds, theta, [top.input])[0]
+        np.testing.assert_allclose(fit.entering(feeds, alone.layout.unflatten(theta)), want, rtol=1e-5, atol=1e-5)
+    opened, real = [], ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    summary = run_training(TrainRequest(folder, lm_data, tmp_path / "run", eval_data=lm_data, budget="8fwd",
+                                        eval_every=4, progress=False), log=lambda m: None)
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    assert opened == ["below_top_blocks.onnx"], opened
+    assert summary["output_fit"]["train_loss_last"] < summary["output_fit"]["train_loss_first"]
+    kept = load_adapter(tmp_path / "run" / "adapter", whole.layout, base=whole.layout.initial(0))
+    eval_set = whole.encode([json.loads(r)["text"] for r in lm_data.read_text().splitlines()])
+    # the fit's blocks are the fp32 originals, the graph's are rounded (int8; a tiny random model is not on a
+    # 4-bit grid): the whole graph scores the kept adapter near what the fit measured, not to float precision
+    np.testing.assert_allclose(evaluate(whole, kept, eval_set, 32)["loss"], summary["best"]["loss"], rtol=0.01)
