@@ -111,6 +111,9 @@ def steps_for(model: str, work: Path, files: dict) -> list[tuple[str, list, Path
         steps.append((f"train {fmt}", [*edgeft, "train", bundle, "--data", files["train"], "--optimizer", "mezo",
                                        "--steps", 3, "--eval-every", 100, "--batch-size", 4, *device, "-o", run,
                                        "--overwrite", "--json"], run))
+        fit = work / f"{model}-{fmt}-fit"  # the default recipe: the top blocks' exact fit, 3 steps, held-out scored
+        steps.append((f"fit {fmt}", [*edgeft, "train", bundle, "--data", files["train"], "--eval-data", files["train"],
+                                     "--budget", "3fwd", "--batch-size", 4, *device, "-o", fit, "--overwrite", "--json"], fit))
     adapter = work / f"{model}-fp32-run" / "adapter"
     for name, extra in (("deploy merge", ["--merge"]), ("deploy adapter", []), ("deploy merge int8", ["--merge", "--quantize", "int8"])):
         out = work / f"{model}-{name.replace(' ', '-')}"

@@ -37,6 +37,7 @@ def _rows(model: str, record: dict) -> list[dict]:
         plan = _step(record, f"plan {fmt}").get("json", {})
         ev = _step(record, f"eval {fmt}").get("json", {})
         tr = _step(record, f"train {fmt}").get("json", {})
+        fit = _step(record, f"fit {fmt}").get("json", {})
         steps = tr.get("steps") or 0
         rows.append({
             "model": model, "format": fmt, "graph_mb": made.get("graph_mb"),
@@ -44,6 +45,7 @@ def _rows(model: str, record: dict) -> list[dict]:
             "made_s": made.get("wall_s"), "made_peak_mb": made.get("peak_rss_mb"),
             "eval_peak_mb": ev.get("peak_rss_mb"), "plan_eval_mb": plan.get("predicted_eval_peak_rss_mb"),
             "train_peak_mb": tr.get("peak_rss_mb"), "plan_train_mb": plan.get("predicted_train_peak_rss_mb"),
+            "fit_peak_mb": fit.get("peak_rss_mb"),
             "step_s": tr["wall_s"] / steps if steps else None, "perplexity": ev.get("perplexity"),
         })
     return rows
@@ -63,15 +65,19 @@ def render(docs: Path) -> None:
              "peak RSS is that process's own (`ru_maxrss` from `wait4`); two ORT threads; eval and train at batch 4, "
              "128-token windows. Perplexity on Macbeth's first 8,192 tokens (SmolLM2 only: the 1 B model is random, its "
              "1,024-token eval measures time and memory). Train = 3 MeZO steps (2 forward passes each); step time is the "
-             "trainer's own loop time over its steps. The plan columns are `edgeft plan --batch-size 4` (issue 14 §3).", "",
+             "trainer's own loop time over its steps. Fit = the default recipe (`--budget 3fwd --eval-data`: 3 steps of the "
+             "top blocks' exact fit and its held-out scoring of the training windows; since session 22 an int8/int4 bundle's "
+             "fit runs on its own graph below the blocks, so it never opens the whole graph either). The plan columns are "
+             "`edgeft plan --batch-size 4` (issue 14 §3; its train is the default recipe's: compare it with the fit).", "",
              "| model | format | graph MB | x fp32 | made in s | made, peak MB | eval peak MB | plan: eval | train peak MB | "
-             "plan: train | train / eval | ZO step s | perplexity |", "|" + "---|" * 13]
+             "plan: train | fit peak MB | fit / eval | ZO step s | perplexity |", "|" + "---|" * 14]
     rows = [r for model, record in runs.items() for r in _rows(model, record)]
     for r in rows:
         lines.append(
             f"| {NAMES[r['model']]} | {r['format']} | {_cell(r['graph_mb'])} | {_cell(r['size_ratio'], '{:.2f}')} | "
             f"{_cell(r['made_s'])} | {_cell(r['made_peak_mb'])} | {_cell(r['eval_peak_mb'])} | {_cell(r['plan_eval_mb'])} | "
-            f"{_cell(r['train_peak_mb'])} | {_cell(r['plan_train_mb'])} | {_ratio(r['train_peak_mb'], r['eval_peak_mb'])} | "
+            f"{_cell(r['train_peak_mb'])} | {_cell(r['plan_train_mb'])} | {_cell(r['fit_peak_mb'])} | "
+            f"{_ratio(r['fit_peak_mb'], r['eval_peak_mb'])} | "
             f"{_cell(r['step_s'], '{:.1f}')} | {_cell(r['perplexity'], '{:.2f}') if r['model'] == 'smollm2' else '–'} |")
     lines += ["", "Every other command on each fp32 bundle (peak / graph: the process's peak RSS over the size of the "
               "graph it reads):", "", "| model | command | wall s | peak RSS MB | peak / graph | output MB |", "|---|---|---|---|---|---|"]

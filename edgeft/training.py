@@ -215,6 +215,8 @@ def _run_training(req: TrainRequest, log: Callable[[str], None]) -> dict:
         # the fit scored the vector it returns on the run's held-out data: the trainer ranks from that score
         # (a fit that never opened the whole graph must not open it for this when no search follows)
         trainer.adopt_start(output_fit["eval_after"] if output_fit["kept"] else output_fit["eval_before"])
+    elif output_fit and "train_after" in output_fit:  # the prompt fit without held-out data: on the training set
+        trainer.adopt_start(output_fit["train_after"])
     if req.resume:
         trainer.resume()
         log(f"resuming at step {optimizer.step}, {trainer.evaluator.forward_passes} forward passes, "

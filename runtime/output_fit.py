@@ -293,6 +293,8 @@ def fit_output_adapter(bundle: Bundle, train: Encoded, held_out: Encoded | None,
                           evals=[{"step": k, "loss": m["loss"], "accuracy": m["accuracy"]} for k, m in info["evals"]])
             what += (f" (held-out best at step {info['best_step']}, its logits scaled by {info['temperature']:.3g} there)"
                      if record["kept"] else "")
+        else:
+            record["train_after"] = info["train_after"]
     elif label_probe_tensors(bundle):
         fitted, record = fit_label_probe(bundle, train, theta)
         record["kind"] = "label-word probe"

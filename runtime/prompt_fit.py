@@ -54,7 +54,8 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
     scaled by the temperature with the least held-out loss (``probe.best_temperature``; no prediction changes);
     without, the last point. Returns (vector, each step's mean training loss before its update, {"best_step", "evals",
     "forward_passes", "probe_c", "start": the zero-shot prompt's held-out metrics, "returned": the returned
-    vector's (calibrated), "kept": whether it beat the zero-shot prompt there, "temperature"})."""
+    vector's (calibrated), "kept": whether it beat the zero-shot prompt there, "temperature"; without held-out data
+    "train_after": the returned vector's metrics on the training set})."""
     from .evaluate import classification_metrics
     from .output_fit import FIT_STREAM, exact_fit
     from .probe import CALIBRATION_TEMPERATURES, best_temperature, fit_linear_probe_cv
@@ -66,7 +67,9 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
     for name in (blocks.output_weight, blocks.bias):
         named[name][...] = 0.0  # the zero-shot prompt
     zero_shot = theta.copy()
+    began = time_share()
     states, offset = answers(bundle, blocks, train, named)
+    training_pass = time_share() - began  # without held-out data the last point is scored on this set: as long
     weight, bias, c = fit_linear_probe_cv(states, train.labels, len(bundle.labels), offset=offset)
     named[blocks.output_weight][...], named[blocks.bias][...] = weight, bias
     passes = -(-len(train) // batch_size)
@@ -75,7 +78,8 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
     moments = {k: adam.init(named[k].size) for k in names}
     n, losses, evals, best, start = len(train), [], [], None, None
 
-    scoring = 0.0  # the budget's share the last held-out scoring took: the last one must fit in the budget too
+    # the budget's share the last scoring took: the last one must fit in the budget too
+    scoring = 0.0 if held_out is not None else training_pass
 
     def consider(step):
         nonlocal best, scoring
@@ -96,7 +100,7 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
     for step in range(steps):
         share = time_share()
         # (200 dev prompts through 24 blocks take ~25 s on one core: without the reserve a 10-minute run took 632-646 s)
-        if share + (scoring if held_out is not None and len(losses) % eval_every else 0.0) >= 1.0:
+        if share + (scoring if held_out is None or len(losses) % eval_every else 0.0) >= 1.0:
             break
         scale = 1.0 - max(step / steps, share) if config.decay else 1.0
         batch = epoch_batch(n, batch_size, seed, FIT_STREAM, step)
@@ -112,9 +116,10 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
         if held_out is not None and len(losses) % eval_every == 0:
             consider(len(losses))
     info = {"forward_passes": passes + len(losses), "probe_passes": passes, "probe_c": c, "temperature": 1.0}
-    if held_out is None:
+    if held_out is None:  # the last point, scored on the training set: what the trainer then ranks on
+        trained = classification_metrics(answers(bundle, blocks, train, named)[1], train.labels)
         return theta, losses, {**info, "best_step": len(losses), "evals": evals, "start": None, "returned": None,
-                               "kept": True}
+                               "kept": True, "train_after": trained}
     if evals[-1][0] != len(losses):
         consider(len(losses))
     _, best_step, vector, logits = best

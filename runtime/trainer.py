@@ -147,12 +147,10 @@ class Trainer:
         return not np.isfinite(loss) or (best is not None and loss > DIVERGENCE_LOSS_RATIO * best)
 
     def adopt_start(self, metrics: dict) -> None:
-        """Rank the start on ``metrics``, its score on this run's held-out data computed already (by the
-        output fit), instead of evaluating it again."""
-        if not self.held_out:
-            raise ValueError("only a score on held-out data can stand for the start's evaluation")
+        """Rank the start on ``metrics``, its score on the data this run ranks on (held-out data, or without it
+        the training set) computed already (by the output fit), instead of evaluating it again."""
         self.start_metrics = self.best_metrics = metrics
-        self.best_score = rank_key(self.bundle.task, metrics, True)
+        self.best_score = rank_key(self.bundle.task, metrics, self.held_out)
         self.best, self.best_step = np.array(self.optimizer.theta, copy=True), self.optimizer.step
         self._log({"step": self.optimizer.step, "eval": metrics})
 

@@ -136,6 +136,37 @@ def test_the_default_prompt_run_fits_without_the_whole_graph(prompt_bundle, sent
     np.testing.assert_allclose(graph["loss"], summary["best"]["loss"], rtol=1e-4)
 
 
+def test_a_prompt_run_without_held_out_data_keeps_its_last_point_scored_without_the_whole_graph(
+        prompt_bundle, sentiment_file, tmp_path, monkeypatch):
+    """No --eval-data: the fit's last point, scored on the training set by the fit itself (the trainer ranks on that
+    set and must not open model.onnx for it); the whole graph scores the saved adapter the same on that set."""
+    import onnxruntime as ort
+
+    from edgeft.adapters import load_adapter
+    from edgeft.runtime import evaluate
+    from edgeft.training import TrainRequest, run_training
+
+    opened, real = [], ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    summary = run_training(TrainRequest(prompt_bundle, sentiment_file, tmp_path / "run", budget="12fwd",
+                                        progress=False), log=lambda m: None)
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    assert opened == ["below_top_blocks.onnx"], opened
+    fit = summary["output_fit"]
+    assert fit["steps"] == 11 and fit["best_step"] == 11 and "eval_after" not in fit and summary["steps"] == 0
+    b = Bundle(prompt_bundle)
+    kept = load_adapter(tmp_path / "run" / "adapter", b.layout, base=b.layout.initial(0))
+    enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
+    graph = evaluate(b, kept, enc, 32)
+    assert graph["accuracy"] == summary["best"]["accuracy"] == fit["train_after"]["accuracy"]
+    np.testing.assert_allclose(graph["loss"], summary["best"]["loss"], rtol=1e-4)
+
+
 def test_the_prompt_fit_lowers_the_loss_and_is_deterministic(prompt_bundle):
     from edgeft.runtime.prompt_fit import PromptFitConfig, fit_prompt
 
