@@ -64,8 +64,8 @@ def render(docs: Path) -> None:
              "`docs/scale-runs/` (one JSON per model, kept as each step finishes). Every step is one `edgeft` process; "
              "peak RSS is that process's own (`ru_maxrss` from `wait4`); two ORT threads; eval and train at batch 4, "
              "128-token windows. Perplexity on Macbeth's first 8,192 tokens (SmolLM2 only: the 1 B model is random, its "
-             "1,024-token eval measures time and memory). Train = 3 MeZO steps (2 forward passes each); step time is the "
-             "trainer's own loop time over its steps. Fit = the default recipe (`--budget 3fwd --eval-data`: 3 steps of the "
+             "1,024-token eval measures time and memory). Train = 3 MeZO steps (2 forward passes each; since session 22 without the output fit first, "
+             "which the fit column measures); step time is the trainer's own loop time over its steps. Fit = the default recipe (`--budget 3fwd --eval-data`: 3 steps of the "
              "top blocks' exact fit and its held-out scoring of the training windows; since session 22 an int8/int4 bundle's "
              "fit runs on its own graph below the blocks, so it never opens the whole graph either). The plan columns are "
              "`edgeft plan --batch-size 4` (issue 14 §3; its train is the default recipe's: compare it with the fit).", "",

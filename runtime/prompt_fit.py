@@ -69,7 +69,7 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
     zero_shot = theta.copy()
     began = time_share()
     states, offset = answers(bundle, blocks, train, named)
-    training_pass = time_share() - began  # without held-out data the last point is scored on this set: as long
+    training_pass = time_share() - began  # what scoring the last point on this set (no held-out data) will take
     weight, bias, c = fit_linear_probe_cv(states, train.labels, len(bundle.labels), offset=offset)
     named[blocks.output_weight][...], named[blocks.bias][...] = weight, bias
     passes = -(-len(train) // batch_size)
