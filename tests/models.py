@@ -165,3 +165,17 @@ def write_jsonl(path: Path, rows) -> Path:
 
     path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
     return path
+
+
+def record_opened_graphs(monkeypatch) -> list[str]:
+    """The file names of every ONNX Runtime session opened from now on in this test (which graphs a run reads)."""
+    import onnxruntime as ort
+
+    opened, real = [], ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    return opened

@@ -12,7 +12,7 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import Manifest
 from edgeft.runtime import Bundle
 from edgeft.runtime.top_blocks import TopBlocksFit
-from tests.models import SENTIMENT, torch_prompt_reference
+from tests.models import SENTIMENT, record_opened_graphs, torch_prompt_reference
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +100,11 @@ def sentiment_file(tmp_path):
 def test_the_default_prompt_run_fits_without_the_whole_graph(prompt_bundle, sentiment_file, tmp_path, monkeypatch):
     """edgeft train's default recipe with a budget: the probe, the fit, its held-out scoring and the trainer's
     ranking run without model.onnx; the kept adapter scores on the whole graph as the fit said."""
-    import onnxruntime as ort
-
     from edgeft.adapters import load_adapter
     from edgeft.runtime import evaluate
     from edgeft.training import TrainRequest, run_training
 
-    opened, real = [], ort.InferenceSession
-
-    def recording(path, *args, **kwargs):
-        opened.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", recording)
+    opened = record_opened_graphs(monkeypatch)
     summary = run_training(TrainRequest(prompt_bundle, sentiment_file, tmp_path / "run", eval_data=sentiment_file,
                                         budget="30fwd", eval_every=5, progress=False), log=lambda m: None)
     assert opened == ["below_top_blocks.onnx"], opened
@@ -127,7 +119,6 @@ def test_the_default_prompt_run_fits_without_the_whole_graph(prompt_bundle, sent
     raw = next(e for e in fit["evals"] if e["step"] == fit["best_step"])
     assert fit["eval_after"]["accuracy"] == raw["accuracy"] and fit["eval_after"]["loss"] <= raw["loss"] + 1e-9
     assert fit["temperature"] > 0
-    monkeypatch.setattr(ort, "InferenceSession", real)
     b = Bundle(prompt_bundle)
     kept = load_adapter(tmp_path / "run" / "adapter", b.layout, base=b.layout.initial(0))
     enc = b.encode([t for t, _ in SENTIMENT], np.array([b.labels.index(l) for _, l in SENTIMENT]))
@@ -140,22 +131,13 @@ def test_a_prompt_run_without_held_out_data_keeps_its_last_point_scored_without_
         prompt_bundle, sentiment_file, tmp_path, monkeypatch):
     """No --eval-data: the fit's last point, scored on the training set by the fit itself (the trainer ranks on that
     set and must not open model.onnx for it); the whole graph scores the saved adapter the same on that set."""
-    import onnxruntime as ort
-
     from edgeft.adapters import load_adapter
     from edgeft.runtime import evaluate
     from edgeft.training import TrainRequest, run_training
 
-    opened, real = [], ort.InferenceSession
-
-    def recording(path, *args, **kwargs):
-        opened.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", recording)
+    opened = record_opened_graphs(monkeypatch)
     summary = run_training(TrainRequest(prompt_bundle, sentiment_file, tmp_path / "run", budget="12fwd",
                                         progress=False), log=lambda m: None)
-    monkeypatch.setattr(ort, "InferenceSession", real)
     assert opened == ["below_top_blocks.onnx"], opened
     fit = summary["output_fit"]
     assert fit["steps"] == 11 and fit["best_step"] == 11 and "eval_after" not in fit and summary["steps"] == 0

@@ -12,7 +12,7 @@ from edgeft.errors import EdgeftError
 from edgeft.manifest import Manifest
 from edgeft.runtime import Bundle
 from edgeft.runtime.top_blocks import TopBlocksFit
-from tests.models import torch_lm_reference
+from tests.models import record_opened_graphs, torch_lm_reference
 
 
 def _feeds(rng, batch, length):
@@ -117,24 +117,15 @@ def lm_data(tmp_path):
 def test_the_default_run_of_a_standalone_fit_never_opens_the_whole_graph(below_bundle, lm_data, tmp_path, monkeypatch):
     """edgeft train's default recipe with a budget: the fit, its held-out scoring and the trainer's ranking run
     without model.onnx; the kept adapter scores on the whole graph as the fit said."""
-    import onnxruntime as ort
-
     from edgeft.runtime import evaluate
     from edgeft.training import TrainRequest, run_training
 
-    opened, real = [], ort.InferenceSession
-
-    def recording(path, *args, **kwargs):
-        opened.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", recording)
+    opened = record_opened_graphs(monkeypatch)
     summary = run_training(TrainRequest(below_bundle, lm_data, tmp_path / "run", eval_data=lm_data, budget="8fwd",
                                         eval_every=4, progress=False), log=lambda m: None)
     assert opened == ["below_top_blocks.onnx"], opened
     fit = summary["output_fit"]
     assert fit["steps"] == 8 and fit["train_loss_last"] < fit["train_loss_first"] and summary["steps"] == 0
-    monkeypatch.setattr(ort, "InferenceSession", real)
     from edgeft.adapters import load_adapter
 
     b = Bundle(below_bundle)
@@ -147,17 +138,9 @@ def test_a_run_with_a_search_after_the_fit_reads_the_blocks_input_from_the_whole
                                                                                        monkeypatch):
     """--steps (a search follows): the whole graph opens first and the fit reads its input from it, so the graph
     below the blocks is never opened beside it."""
-    import onnxruntime as ort
-
     from edgeft.training import TrainRequest, run_training
 
-    opened, real = [], ort.InferenceSession
-
-    def recording(path, *args, **kwargs):
-        opened.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", recording)
+    opened = record_opened_graphs(monkeypatch)
     summary = run_training(TrainRequest(below_bundle, lm_data, tmp_path / "run", eval_data=lm_data, steps=2,
                                         output_fit_steps=3, progress=False), log=lambda m: None)
     assert opened == ["model.onnx"], opened
@@ -341,8 +324,6 @@ def test_a_quantised_bundle_fits_from_its_own_graph_below_the_blocks(below_bundl
     """compress keeps the blocks' weights and cuts its own graph below them at the token ids (the fp32 cut and
     table would feed the fit other numbers than the device's graph): at two shapes that cut returns the
     compressed whole graph's hidden state; the default run opens only it and keeps what the whole graph scores."""
-    import onnxruntime as ort
-
     from edgeft.adapters import load_adapter
     from edgeft.export.compress import quantize_bundle
     from edgeft.runtime import evaluate
@@ -362,16 +343,9 @@ def test_a_quantised_bundle_fits_from_its_own_graph_below_the_blocks(below_bundl
         theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)
         want = whole.run(feeds, theta, [top.input])[0]
         np.testing.assert_allclose(fit.entering(feeds, alone.layout.unflatten(theta)), want, rtol=1e-5, atol=1e-5)
-    opened, real = [], ort.InferenceSession
-
-    def recording(path, *args, **kwargs):
-        opened.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ort, "InferenceSession", recording)
+    opened = record_opened_graphs(monkeypatch)
     summary = run_training(TrainRequest(folder, lm_data, tmp_path / "run", eval_data=lm_data, budget="8fwd",
                                         eval_every=4, progress=False), log=lambda m: None)
-    monkeypatch.setattr(ort, "InferenceSession", real)
     assert opened == ["below_top_blocks.onnx"], opened
     assert summary["output_fit"]["train_loss_last"] < summary["output_fit"]["train_loss_first"]
     kept = load_adapter(tmp_path / "run" / "adapter", whole.layout, base=whole.layout.initial(0))
