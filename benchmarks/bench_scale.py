@@ -109,8 +109,8 @@ def steps_for(model: str, work: Path, files: dict) -> list[tuple[str, list, Path
                                       "--json"], None))
         run = work / f"{model}-{fmt}-run"
         steps.append((f"train {fmt}", [*edgeft, "train", bundle, "--data", files["train"], "--optimizer", "mezo",
-                                       "--output-fit-steps", 0, "--steps", 3, "--eval-every", 100, "--batch-size", 4, *device, "-o", run,
-                                       "--overwrite", "--json"], run))
+                                       "--output-fit-steps", 0, "--steps", 3, "--eval-every", 100, "--batch-size", 4,
+                                       *device, "-o", run, "--overwrite", "--json"], run))
         fit = work / f"{model}-{fmt}-fit"  # the default recipe: the top blocks' exact fit, 3 steps, held-out scored
         steps.append((f"fit {fmt}", [*edgeft, "train", bundle, "--data", files["train"], "--eval-data", files["train"],
                                      "--budget", "3fwd", "--batch-size", 4, *device, "-o", fit, "--overwrite", "--json"], fit))

@@ -195,13 +195,11 @@ class TopBlocksFit:
         """x [B, T, hidden] for these inputs without the whole graph (``self.standalone``): the
         token embeddings, through the graph of the layers below the blocks where there are any (an int8/int4
         bundle's starts at the token ids: no table here)."""
-        if self.embedding is None:
-            values = {**adapters, **feeds}
-        else:
-            x = self.embedding[feeds["input_ids"]]
+        values = {**adapters, **feeds}
+        if self.embedding is not None:
+            values["hidden.0"] = self.embedding[feeds["input_ids"]]
             if self.below is None:
-                return x
-            values = {**adapters, **feeds, "hidden.0": x}
+                return values["hidden.0"]
         return self.below.run(self.outputs, {i.name: values[i.name] for i in self.below.get_inputs()})[0]
 
     def _logits(self, x: np.ndarray, adapters) -> np.ndarray:
