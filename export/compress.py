@@ -69,27 +69,32 @@ def quantize_bundle(bundle: Path, out: Path, keep_fp32: list[str] | None = None,
     def write(tmp: Path) -> dict:
         excluded = QUANTIZERS[bits](bundle / MODEL_NAME, tmp / MODEL_NAME, manifest, keep_fp32=keep_fp32,
                                     **({"log": log} if bits == "int4" else {}))
-        _derived_manifest(bundle, manifest, tmp)
+        _derived_manifest(bundle, manifest, tmp, bits=bits, keep_fp32=keep_fp32)
         return {"excluded": len(excluded)}
 
     return write_bundle(out, write)["excluded"]
 
 
-def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact_fit: bool = True) -> None:
+def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact_fit: bool = True,
+                      bits: str | None = None, keep_fp32: list[str] | None = None) -> None:
     """The tokenizer, the adapters' stored start values and the source's manifest without its graph
     segments (they hold the source's weights). The exact fit of the top blocks, top MLP or encoder layers
-    (``export/top_blocks.py``, ``export/top_mlp.py``, ``export/encoder_blocks.py``) stays for int8/int4 weights (its gradient then
-    uses the fp32 originals of the fitted blocks: off by the rounding, none for int4 from a GGUF's 4-bit grid;
-    its input comes from the compressed graph: the top blocks' from the compressed graph below them, cut at
-    the token ids, so the fit holds the blocks' weights once) and is dropped for LoRD, whose low-rank factors
+    (``export/top_blocks.py``, ``export/top_mlp.py``, ``export/encoder_blocks.py``) stays for int8/int4 weights (``bits``)
+    and is dropped for LoRD, whose low-rank factors
     replace the weights the gradient needs; that bundle's fitted LoRA is then searched like the rest
-    of the body."""
+    of the body. The top blocks' weights are then stored as the compressed graph holds them
+    (``export/fit_weights.py``; fp32 copies where ``keep_fp32`` names nodes that cannot be told apart by role)
+    and their input comes from the compressed graph below them, cut at the token ids, so the fit holds
+    each weight once, at the graph's precision. The top MLP's and encoder layers' fits keep the fp32
+    originals (off from the graph by its rounding)."""
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
     if manifest.adapter.init_file:
         shutil.copy(source / manifest.adapter.init_file, folder / manifest.adapter.init_file)
     for kind in ("top_mlp", "top_blocks", "encoder_blocks"):
         top = getattr(manifest, kind)
-        if top is not None and keep_exact_fit:
+        if top is not None and keep_exact_fit and kind == "top_blocks" and bits is not None and keep_fp32 in (None, []):
+            _write_quantised_fit(source / top.weights, folder / top.weights, bits, down_fp32=keep_fp32 is None)
+        elif top is not None and keep_exact_fit:
             shutil.copy(source / top.weights, folder / top.weights)
         elif top is not None:
             setattr(manifest, kind, None)
@@ -107,3 +112,14 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         manifest.encoder_blocks.embedding = None
     manifest.segments = None
     manifest.save(folder)
+
+
+def _write_quantised_fit(src: Path, dst: Path, bits: str, down_fp32: bool) -> None:
+    from safetensors.numpy import save_file
+
+    from edgeft.tensor_file import read_tensors
+
+    from .fit_weights import quantised_fit_weights
+
+    tensors = read_tensors(src)
+    save_file(quantised_fit_weights(tensors, bits, tied="embed" not in tensors, down_fp32=down_fp32), str(dst))

@@ -127,7 +127,7 @@ def fit_prompt(bundle: Bundle, train: Encoded, theta: np.ndarray, batch_size: in
     # for 10 minutes end far too sure of themselves (SmolLM2 / Rotten Tomatoes: test loss 2.0 at 84% accuracy)
     t, _ = best_temperature(logits, held_out.labels, CALIBRATION_TEMPERATURES)
     kept_named = bundle.layout.unflatten(vector)
-    words = blocks.weights["lm_head"][blocks.label_tokens]
+    words = blocks.label_rows
     # τ·(h·(words + W)ᵀ + b) = h·(τ(words + W) − words + words)ᵀ + τb: the output adapter carries the whole scale
     kept_named[blocks.output_weight][...] = np.float32(t) * (words + kept_named[blocks.output_weight]) - words
     kept_named[blocks.bias][...] *= np.float32(t)

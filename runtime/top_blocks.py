@@ -20,8 +20,10 @@ stay at K blocks × one sequence; tested against torch autograd (tests/test_top_
 x itself comes, in a bundle exported since session 18, from the embedding table (numpy) and the graph
 of the layers below the blocks (``TopBlocks.below``; nothing where the blocks start at layer 0): the
 fit and its held-out scoring then never open the whole graph, so each weight is in memory once.
-An int8/int4 bundle's graph below (since session 22) starts at the token ids, with its quantised weights.
-Older bundles read x from the whole graph.
+An int8/int4 bundle's graph below (since session 22) starts at the token ids, with its quantised weights,
+and (since session 23) its blocks' and LM head's weights are stored as that graph holds them, 8-bit codes with
+block scales (``edgeft/block_weights.py``), each matrix dequantised where it is used: the fit holds them at
+one byte a weight and fits the quantised model the graph runs. Older bundles read x from the whole graph.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.block_weights import BlockWeight, dense, grouped
 from edgeft.errors import EdgeftError
 from edgeft.manifest import bundle_file
 
 from .top_fit import lora_gradients, rms_norm_backward, scored_softmax_chunks, silu, silu_derivative
 
 ATTENTION = ("q", "k", "v", "o")
+HEAD_ROWS = 4096  # LM-head rows dequantised at once where it is stored as codes: 9 MB of SmolLM2's 113
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -58,7 +62,7 @@ class TopBlocksFit:
         top = manifest.top_blocks
         path = bundle_file(folder, top.weights)
         try:
-            weights = read_tensors(path)  # one copy, read in place
+            weights = grouped(read_tensors(path))  # one copy, read in place (an int8/int4 bundle's: 8-bit codes)
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
             raise EdgeftError(f"{path}: cannot read the top blocks' weights ({str(err).splitlines()[0][:200]})") from None
         keys = ["lm_head", "final_norm"] + [f"{i}.{k}" for i in top.layers
@@ -90,6 +94,10 @@ class TopBlocksFit:
         if self.label_tokens is not None and (self.output_weight is None
                                               or self.label_tokens.max() >= weights["lm_head"].shape[0]):
             raise EdgeftError(f"{path}: the manifest's label tokens are not rows of its LM head")
+        head = weights["lm_head"]
+        # the label words' LM-head rows, the only ones a prompt bundle's answer reads
+        self.label_rows = None if self.label_tokens is None else (
+            head.take(self.label_tokens) if isinstance(head, BlockWeight) else head[self.label_tokens])
         # per layer: role -> (A name, B name) for every role the graph runs with a LoRA
         self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
                      for modules in top.modules]
@@ -101,7 +109,7 @@ class TopBlocksFit:
     # --- forward, one sequence [T, hidden] -------------------------------------------
 
     def _linear(self, z, layer: int, role: str, adapters) -> np.ndarray:
-        y = z @ self.weights[f"{self.layers[layer]}.{role}"].T
+        y = z @ dense(self.weights[f"{self.layers[layer]}.{role}"]).T
         pair = self.lora[layer].get(role)
         if pair:
             a, b = (adapters[n] for n in pair)
@@ -110,7 +118,7 @@ class TopBlocksFit:
 
     def _linear_backward(self, error, z, layer: int, role: str, adapters, into) -> np.ndarray:
         """dL/dz of ``_linear`` given dL/dy; adds the LoRA's factor gradients to ``into`` where fitted."""
-        dz = error @ self.weights[f"{self.layers[layer]}.{role}"]
+        dz = error @ dense(self.weights[f"{self.layers[layer]}.{role}"])
         pair = self.lora[layer].get(role)
         if pair:
             a, b = (adapters[n] for n in pair)
@@ -204,9 +212,25 @@ class TopBlocksFit:
 
     def _logits(self, x: np.ndarray, adapters) -> np.ndarray:
         """One sequence's logits [T, vocab] from the top block's output (the final norm, the LM head, the bias)."""
-        logits = _rms_norm(x, self.weights["final_norm"], self.eps) @ self.weights["lm_head"].T
+        h, head = _rms_norm(x, self.weights["final_norm"], self.eps), self.weights["lm_head"]
+        if not isinstance(head, BlockWeight):
+            logits = h @ head.T
+        else:
+            logits = np.empty((len(h), head.shape[0]), dtype=np.float32)
+            for start, rows in head.row_slabs(HEAD_ROWS):
+                np.matmul(h, rows.T, out=logits[:, start : start + len(rows)])
         logits += adapters[self.bias]
         return logits
+
+    def _head_backward(self, g: np.ndarray) -> np.ndarray:
+        """g · W_lm: the gradient at the final norm's output from the logits' (``g`` [n, vocab])."""
+        head = self.weights["lm_head"]
+        if not isinstance(head, BlockWeight):
+            return g @ head
+        out = np.zeros((len(g), head.shape[1]), dtype=np.float32)
+        for start, rows in head.row_slabs(HEAD_ROWS):
+            out += g[:, start : start + len(rows)] @ rows
+        return out
 
     def _rows(self, feeds: dict, hidden: np.ndarray, adapters, keep: bool, shortest: int = 2):
         """Per sequence of ``shortest`` or more tokens (a causal LM scores from two): (row, its length, RoPE
@@ -241,7 +265,7 @@ class TopBlocksFit:
         and the fitted LoRA tensors to ``into``; returns (summed NLL, scored tokens). ``hidden`` is
         ``self.outputs``' value for ``feeds`` with these ``adapters`` (``entering``, or the whole graph's)."""
         adapters = {n: np.asarray(v, dtype=np.float32) for n, v in adapters.items()}
-        lm_head, final_norm = self.weights["lm_head"], self.weights["final_norm"].astype(np.float64)
+        final_norm = self.weights["final_norm"].astype(np.float64)
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
         nll, tokens = 0.0, 0
         for row, length, rope, x, saved in self._rows(feeds, hidden, adapters, keep=True):
@@ -249,7 +273,7 @@ class TopBlocksFit:
             upstream = np.zeros_like(x)
             for _, cols, g, summed in scored_softmax_chunks(logits, ids[row : row + 1, :length], mask[row : row + 1, :length]):
                 into["bias"] += g.sum(0, dtype=np.float64)
-                upstream[cols] = rms_norm_backward(g @ lm_head, x[cols], final_norm, self.eps)
+                upstream[cols] = rms_norm_backward(self._head_backward(g), x[cols], final_norm, self.eps)
                 nll, tokens = nll + summed, tokens + len(cols)
             del logits
             for layer in reversed(range(len(self.layers))):
@@ -263,7 +287,7 @@ class TopBlocksFit:
         """(h, the label words' LM-head rows + the output adapter's W, the label logits) from the top block's
         output at the answer position x [hidden]: h = the final norm of x (the graph's ``pooled``)."""
         h = _rms_norm(x[None], self.weights["final_norm"], self.eps)[0]
-        rows = self.weights["lm_head"][self.label_tokens] + adapters[self.output_weight]
+        rows = self.label_rows + adapters[self.output_weight]
         return h, rows, rows @ h + adapters[self.bias]
 
     def answers(self, feeds: dict, hidden: np.ndarray, adapters: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
