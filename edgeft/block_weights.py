@@ -94,6 +94,13 @@ def grouped(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray | BlockWeigh
     return out
 
 
+def matrix_shapes(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """A file's tensor shapes (``tensor_file.tensor_shapes``) by matrix: ``<name>.codes`` as ``<name>``, scales
+    and offsets left out."""
+    return {n[: -len(".codes")] if n.endswith(".codes") else n: s for n, s in shapes.items()
+            if not n.endswith((".scales", ".offsets"))}
+
+
 def dense(weight: np.ndarray | BlockWeight) -> np.ndarray:
     """An fp32 matrix as it is, or a ``BlockWeight`` dequantised (see ``BlockWeight.dense``)."""
     return weight.dense() if isinstance(weight, BlockWeight) else weight

@@ -85,15 +85,16 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
     of the body. The top blocks' weights are then stored as the compressed graph holds them
     (``export/fit_weights.py``; fp32 copies where ``keep_fp32`` names nodes that cannot be told apart by role)
     and their input comes from the compressed graph below them, cut at the token ids, so the fit holds
-    each weight once, at the graph's precision. The top MLP's and encoder layers' fits keep the fp32
-    originals (off from the graph by its rounding)."""
+    each weight once, at the graph's precision; the encoder layers' likewise, their input the compressed
+    graph's ``hidden.0``. The top MLP's fit (bundles before session 18) keeps the fp32 originals."""
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
     if manifest.adapter.init_file:
         shutil.copy(source / manifest.adapter.init_file, folder / manifest.adapter.init_file)
     for kind in ("top_mlp", "top_blocks", "encoder_blocks"):
         top = getattr(manifest, kind)
-        if top is not None and keep_exact_fit and kind == "top_blocks" and bits is not None and keep_fp32 in (None, []):
-            _write_quantised_fit(source / top.weights, folder / top.weights, bits, down_fp32=keep_fp32 is None)
+        if top is not None and keep_exact_fit and kind != "top_mlp" and bits is not None and keep_fp32 in (None, []):
+            _write_quantised_fit(source / top.weights, folder / top.weights, bits, down_fp32=keep_fp32 is None,
+                                 encoder=kind == "encoder_blocks")
         elif top is not None and keep_exact_fit:
             shutil.copy(source / top.weights, folder / top.weights)
         elif top is not None:
@@ -114,12 +115,17 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
     manifest.save(folder)
 
 
-def _write_quantised_fit(src: Path, dst: Path, bits: str, down_fp32: bool) -> None:
+def _write_quantised_fit(src: Path, dst: Path, bits: str, down_fp32: bool, encoder: bool) -> None:
     from safetensors.numpy import save_file
 
     from edgeft.tensor_file import read_tensors
 
+    from .encoder_blocks import EMBEDDING
     from .fit_weights import quantised_fit_weights
 
     tensors = read_tensors(src)
-    save_file(quantised_fit_weights(tensors, bits, tied="embed" not in tensors, down_fp32=down_fp32), str(dst))
+    if encoder:
+        out = quantised_fit_weights(tensors, bits, down_fp32=down_fp32, dropped=EMBEDDING)
+    else:
+        out = quantised_fit_weights(tensors, bits, tied="embed" not in tensors, down_fp32=down_fp32)
+    save_file(out, str(dst))

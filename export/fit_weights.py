@@ -65,19 +65,22 @@ def _on_int4_grid(w: np.ndarray) -> bool:
     return grid_of(np.ascontiguousarray(w.T)) is not None
 
 
-def quantised_fit_weights(tensors: dict[str, np.ndarray], bits: str, tied: bool, down_fp32: bool = True) -> dict[str, np.ndarray]:
+def quantised_fit_weights(tensors: dict[str, np.ndarray], bits: str, tied: bool = False, down_fp32: bool = True,
+                          dropped: str = "embed") -> dict[str, np.ndarray]:
     """The fit file's tensors for an int8/int4 bundle: each quantised matrix as ``block_weights.stored``
     writes it. ``tied``: the LM head is the embedding table; ``down_fp32``: the graph kept its down
-    projections fp32 (``default_keep_fp32``). The untied embedding table is left out: such a bundle's fit
-    starts from its graph below the blocks, at the token ids."""
+    projections fp32 (``default_keep_fp32``). The embedding tables (``dropped`` and the names under it:
+    ``embed``, a decoder's untied table; ``embedding``, an encoder's) are left out: such a bundle's fit starts
+    from its own graph (the top blocks' from the graph below them, at the token ids; the encoder's from
+    its ``hidden.0``)."""
     from .exact_tables import q8_grid
 
     out: dict[str, np.ndarray] = {}
     for name, w in tensors.items():
         role = name.rsplit(".", 1)[-1]
-        if name == "embed":
+        if name == dropped or name.startswith(dropped + "."):
             continue
-        if w.ndim != 2:  # norms
+        if w.ndim != 2:  # norms, biases
             out[name] = w
             continue
         if name == "lm_head" and tied:

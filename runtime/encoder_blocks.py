@@ -16,7 +16,8 @@ gradients are ``top_fit.lora_gradients``. Padded positions never receive a gradi
 masked and the pooling skips them), so a right-padded batch gives each example's exact gradient. Written
 by hand because the device has numpy only (no autograd); batches run in chunks of ``ROWS`` examples so
 the saved activations stay small; tested against torch autograd and the bundle graph at two shapes
-(tests/test_encoder_blocks.py).
+(tests/test_encoder_blocks.py). An int8/int4 bundle's matrices (since session 23) are the compressed graph's,
+stored as 8-bit codes with block scales (``edgeft/block_weights.py``) and dequantised where each is used.
 
 GELU is BERT's exact one, x·Φ(x) = 0.5·x·(1 + erf(x/√2)); numpy has no erf, so ``_normal_cdf`` uses Abramowitz &
 Stegun 7.1.26 (erf's absolute error below 1.5e-7, float32's resolution at 1).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeft.block_weights import dense, grouped
 from edgeft.errors import EdgeftError
 from edgeft.manifest import ENCODER_ROLES, bundle_file
 
@@ -93,8 +95,8 @@ class EncoderBlocksFit:
         top = manifest.encoder_blocks
         path = self.check(folder, manifest)
         try:
-            self.weights = read_tensors(path)
-        except (OSError, ValueError) as err:  # changed since the check
+            self.weights = grouped(read_tensors(path))
+        except (OSError, ValueError) as err:  # changed since the check, or a malformed codes/scales trio
             raise EdgeftError(f"{path}: cannot read the encoder layers' weights ({str(err).splitlines()[0][:200]})") from None
         self.layers = list(top.layers)
         self.eps, self.scale, self.pooling = float(top.norm_eps), manifest.adapter.scale, manifest.pooling
@@ -108,12 +110,13 @@ class EncoderBlocksFit:
     def check(folder: Path, manifest) -> Path:
         """The weights file, its header checked against the manifest (names, the q shape, each tensor's bytes in the
         file) without reading the weights: a run checks it before its folder is touched, beside an open session."""
+        from edgeft.block_weights import matrix_shapes
         from edgeft.tensor_file import check_tensors
 
         top = manifest.encoder_blocks
         path = bundle_file(folder, top.weights)
         try:
-            shapes = check_tensors(path)
+            shapes = matrix_shapes(check_tensors(path))  # an int8/int4 bundle's matrices are 8-bit codes
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
             raise EdgeftError(f"{path}: cannot read the encoder layers' weights ({str(err).splitlines()[0][:200]})") from None
         keys = [f"{i}.{k}{b}" for i in top.layers for k in (*ENCODER_ROLES, "attention_norm", "output_norm")
@@ -144,7 +147,7 @@ class EncoderBlocksFit:
 
     def _linear(self, z, layer: int, role: str, adapters) -> np.ndarray:
         key = f"{self.layers[layer]}.{role}"
-        y = z @ self.weights[key].T + self.weights[f"{key}.bias"]
+        y = z @ dense(self.weights[key]).T + self.weights[f"{key}.bias"]
         pair = self.lora[layer].get(role)
         if pair:
             a, b = (adapters[n] for n in pair)
@@ -162,7 +165,7 @@ class EncoderBlocksFit:
             into[pair[1]] += dB
         if not need_input:
             return None
-        dz = error @ self.weights[f"{self.layers[layer]}.{role}"]
+        dz = error @ dense(self.weights[f"{self.layers[layer]}.{role}"])
         if pair:
             dz += self.scale * ((error @ b) @ a)
         return dz

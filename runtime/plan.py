@@ -161,11 +161,12 @@ def _saved_activations_mb(folder: Path, manifest, length: int) -> float:
     """The top blocks' forward values the backward reads, for one sequence of max_length tokens: per block
     the residual before and after attention and the attention output (hidden each), gate and up
     (intermediate each), q (heads x head_dim), k and v (kv_heads x head_dim each) and the attention weights."""
+    from edgeft.block_weights import matrix_shapes
     from edgeft.tensor_file import tensor_shapes
 
     top = manifest.top_blocks
     try:
-        shapes = tensor_shapes(folder / top.weights)
+        shapes = matrix_shapes(tensor_shapes(folder / top.weights))
         intermediate, hidden = shapes[f"{top.layers[0]}.gate"]
     except (OSError, ValueError, KeyError, TypeError):  # the fit itself reports what is wrong with the file
         return 0.0

@@ -89,6 +89,37 @@ def test_encoder_forward_reproduces_the_graphs_logits(bert_bundle):
         np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_a_quantised_bundles_fit_runs_its_graphs_weights_at_one_byte(bert_bundle, tmp_path, bits):
+    """compress stores the encoder fit's matrices as the compressed graph holds them (8-bit codes, the down
+    projections fp32 as in the graph) without the embedding tables it no longer reads; int4 (weights only)
+    then gives the compressed graph's logits to float precision, int8 (which also rounds activations) near them."""
+    from edgeft.block_weights import BlockWeight
+    from edgeft.export.compress import quantize_bundle
+    from edgeft.tensor_file import read_tensors
+
+    folder = tmp_path / bits
+    quantize_bundle(bert_bundle, folder, bits=bits)
+    b = Bundle(folder)
+    fit = EncoderBlocksFit(b.folder, b.manifest)
+    assert fit.embedding is None and not any(n.startswith("embedding") for n in fit.weights)
+    layer = fit.layers[0]
+    assert isinstance(fit.weights[f"{layer}.q"], BlockWeight) and not isinstance(fit.weights[f"{layer}.down"], BlockWeight)
+    stored = sum(v.nbytes for v in read_tensors(folder / b.manifest.encoder_blocks.weights).values())
+    assert stored < 0.5 * sum(v.nbytes for v in read_tensors(bert_bundle / b.manifest.encoder_blocks.weights).values())
+    rng = np.random.default_rng(5)
+    theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
+    for batch, length in ((4, 13), (9, 30)):
+        feeds = _feeds(rng, batch, length)
+        (logits,) = b.run(feeds, theta, ["logits"])
+        got = fit.logits(_cached(b, fit, feeds, theta), np.arange(batch), b.layout.unflatten(theta))
+        if bits == "int4":
+            np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-5)
+        else:
+            # here 6e-4 off (the activations' rounding); with the fp32 originals 4.6e-3
+            np.testing.assert_allclose(got, logits, rtol=0, atol=2e-3)
+
+
 def test_numpy_embeddings_equal_the_graphs_hidden_0(bert_bundle):
     """Where the fit starts at the bottom layer it embeds the tokens itself (no graph pass): the graph's hidden.0, at two shapes."""
     b = Bundle(bert_bundle)

@@ -382,6 +382,10 @@ def test_a_quantised_bundles_fit_holds_its_weights_at_one_byte(below_bundle, tmp
     assert not any(f"{i}.down" in quantised for i in top.layers)
     nbytes = sum(v.nbytes for v in stored.values())
     assert nbytes < 0.5 * sum(v.nbytes for v in fp32.values())
+    from edgeft.runtime.plan import _saved_activations_mb
+
+    # the planner reads the blocks' sizes from the file's header, codes or not
+    assert _saved_activations_mb(folder, Manifest.load(folder), 16) == _saved_activations_mb(below_bundle, Manifest.load(below_bundle), 16) > 0
     fit = TopBlocksFit(folder, Manifest.load(folder), Bundle(folder, open_graph=False).below_session)
     q = fit.weights[f"{top.layers[0]}.q"]
     assert isinstance(q, BlockWeight)
