@@ -4,12 +4,13 @@ An int8/int4 bundle's graph holds its weights at 8 or 4 bits; the exact fit (``r
 recomputes the top blocks in numpy and, with fp32 copies, held 453 MB of SmolLM2's weights where the int4
 graph holds 118 MB (docs/SCALE.md, session 22). In a safetensors file a matrix W [rows, cols] may instead be
 
-    ``<name>.codes``   int8 [rows, cols]
+    ``<name>.codes``   int8 [rows, cols]         (or ``<name>.nibbles``: uint8 [rows, cols / 2], 4-bit codes)
     ``<name>.scales``  float32 [rows, blocks]   (blocks divides cols: each scale covers cols / blocks values)
     ``<name>.offsets`` float32 [rows, blocks]   (optional)
 
-meaning W[r, c] = codes[r, c] · scales[r, b] + offsets[r, b], b = c // (cols / blocks): 4-bit codes (a
-MatMulNBits block: −8..7) and 8-bit ones (a per-row scale: blocks = 1) alike, at one byte a weight. The fit
+meaning W[r, c] = codes[r, c] · scales[r, b] + offsets[r, b], b = c // (cols / blocks): 8-bit codes (a per-row
+scale: blocks = 1) at one byte a weight, 4-bit ones (a MatMulNBits block, −8..7) at half a byte, two to a byte
+as MatMulNBits packs them (column 2i in the low nibble, 2i + 1 in the high one, each stored as code + 8). The fit
 dequantises a matrix where it uses it, into a buffer reused for every matrix of that shape (a fresh fp32
 array each time cost 12 ms for a 1536 × 576 matrix here, filling a kept one 1 ms: page faults), and the LM
 head a slab of rows at a time. Numpy only: the device reads these; ``export/fit_weights.py`` writes them.
@@ -19,33 +20,49 @@ from __future__ import annotations
 
 import numpy as np
 
-SUFFIXES = (".codes", ".scales", ".offsets")
+SUFFIXES = (".codes", ".nibbles", ".scales", ".offsets")
+CODES = (".codes", ".nibbles")
 
 
 class BlockWeight:
     """One matrix as codes and block scales (and offsets), dequantised on use."""
 
-    def __init__(self, name: str, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, buffers: dict):
-        if codes.dtype != np.int8 or codes.ndim != 2:
-            raise ValueError(f"{name}.codes: expected a 2-D int8 tensor, got {codes.dtype} {list(codes.shape)}")
-        rows, cols = codes.shape
+    def __init__(self, name: str, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, buffers: dict,
+                 packed: bool = False):
+        kind = "nibbles" if packed else "codes"
+        if codes.dtype != (np.uint8 if packed else np.int8) or codes.ndim != 2:
+            raise ValueError(f"{name}.{kind}: expected a 2-D {'uint8' if packed else 'int8'} tensor, got {codes.dtype} {list(codes.shape)}")
+        rows, cols = codes.shape[0], codes.shape[1] * (2 if packed else 1)
         for part, values in (("scales", scales), ("offsets", offsets)):
             if values is None:
                 continue
             if values.dtype != np.float32 or values.ndim != 2 or values.shape[0] != rows or not 0 < values.shape[1] <= cols \
                     or cols % values.shape[1] or values.shape != scales.shape:
-                raise ValueError(f"{name}.{part}: shape {list(values.shape)} does not divide codes {list(codes.shape)}")
-        self.codes, self.scales, self.offsets = codes, scales, offsets
-        self.shape, self.dtype = codes.shape, np.dtype(np.float32)
+                raise ValueError(f"{name}.{part}: shape {list(values.shape)} does not divide codes {[rows, cols]}")
+        self.codes, self.scales, self.offsets, self.packed = codes, scales, offsets, packed
+        self.shape, self.dtype = (rows, cols), np.dtype(np.float32)
         self.blocks = scales.shape[1]
         self._buffers = buffers  # shared by the matrices of one file: one working copy per shape
 
     def _fill(self, out: np.ndarray, start: int, stop: int) -> np.ndarray:
-        np.copyto(out, self.codes[start:stop])  # int8 → float32 in place: no new allocation
+        scales, offsets = self.scales[start:stop], None if self.offsets is None else self.offsets[start:stop]
+        if self.packed:  # the nibbles (code + 8) into the even and odd columns; the + 8 taken off with the offsets
+            nibbles = self.codes[start:stop]
+            key = ("nibbles", nibbles.shape)
+            half = self._buffers.get(key)
+            if half is None:
+                half = self._buffers[key] = np.empty(nibbles.shape, dtype=np.uint8)
+            np.bitwise_and(nibbles, 0x0F, out=half)
+            out[:, 0::2] = half
+            np.right_shift(nibbles, 4, out=half)
+            out[:, 1::2] = half
+            offsets = -8 * scales if offsets is None else offsets - 8 * scales
+        else:
+            np.copyto(out, self.codes[start:stop])  # int8 → float32 in place: no new allocation
         blocked = out.reshape(stop - start, self.blocks, -1)
-        blocked *= self.scales[start:stop, :, None]
-        if self.offsets is not None:
-            blocked += self.offsets[start:stop, :, None]
+        blocked *= scales[:, :, None]
+        if offsets is not None:
+            blocked += offsets[:, :, None]
         return out
 
     def dense(self) -> np.ndarray:
@@ -68,7 +85,10 @@ class BlockWeight:
     def take(self, rows: np.ndarray) -> np.ndarray:
         """W[rows] in a new float32 array (a prompt bundle's label words)."""
         rows = np.asarray(rows)
-        out = self.codes[rows].astype(np.float32).reshape(len(rows), self.blocks, -1)
+        codes = self.codes[rows]
+        if self.packed:
+            codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(len(rows), -1).astype(np.int8) - np.int8(8)
+        out = codes.astype(np.float32).reshape(len(rows), self.blocks, -1)
         out *= self.scales[rows][:, :, None]
         if self.offsets is not None:
             out += self.offsets[rows][:, :, None]
@@ -76,29 +96,39 @@ class BlockWeight:
 
 
 def grouped(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray | BlockWeight]:
-    """The file's tensors with every ``<name>.codes`` (+ scales, offsets) trio as one ``BlockWeight`` under
-    ``<name>``; ValueError names a trio that is incomplete or inconsistent."""
+    """The file's tensors with every ``<name>.codes`` or ``.nibbles`` (+ scales, offsets) trio as one
+    ``BlockWeight`` under ``<name>``; ValueError names a trio that is incomplete or inconsistent."""
     out, buffers = {}, {}
     for name, value in tensors.items():
         if not name.endswith(SUFFIXES):
             out[name] = value
     for name in tensors:
-        if name.endswith(".codes"):
-            base = name[: -len(".codes")]
+        if name.endswith(CODES):
+            base, kind = name.rsplit(".", 1)
             if base + ".scales" not in tensors:
-                raise ValueError(f"{base}: has codes but no scales")
-            out[base] = BlockWeight(base, tensors[name], tensors[base + ".scales"], tensors.get(base + ".offsets"), buffers)
-    stray = [n for n in tensors if n.endswith((".scales", ".offsets")) and n.rsplit(".", 1)[0] + ".codes" not in tensors]
+                raise ValueError(f"{base}: has {kind} but no scales")
+            if base in out:
+                raise ValueError(f"{base}: stored twice")
+            out[base] = BlockWeight(base, tensors[name], tensors[base + ".scales"], tensors.get(base + ".offsets"), buffers,
+                                    packed=kind == "nibbles")
+    stray = [n for n in tensors if n.endswith((".scales", ".offsets")) and n.rsplit(".", 1)[0] not in out]
     if stray:
         raise ValueError(f"{stray[0]}: has no codes")
     return out
 
 
 def matrix_shapes(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """A file's tensor shapes (``tensor_file.tensor_shapes``) by matrix: ``<name>.codes`` as ``<name>``, scales
-    and offsets left out."""
-    return {n[: -len(".codes")] if n.endswith(".codes") else n: s for n, s in shapes.items()
-            if not n.endswith((".scales", ".offsets"))}
+    """A file's tensor shapes (``tensor_file.tensor_shapes``) by matrix: ``<name>.codes`` or ``.nibbles`` as
+    ``<name>`` (nibbles: two columns a byte), scales and offsets left out."""
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith(".nibbles"):
+            out[name.rsplit(".", 1)[0]] = [shape[0], 2 * shape[1]]
+        elif name.endswith(".codes"):
+            out[name.rsplit(".", 1)[0]] = shape
+        elif not name.endswith((".scales", ".offsets")):
+            out[name] = shape
+    return out
 
 
 def dense(weight: np.ndarray | BlockWeight) -> np.ndarray:
@@ -106,10 +136,18 @@ def dense(weight: np.ndarray | BlockWeight) -> np.ndarray:
     return weight.dense() if isinstance(weight, BlockWeight) else weight
 
 
-def stored(name: str, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The tensors to write for one matrix (the writer's side of ``grouped``)."""
-    out = {f"{name}.codes": np.ascontiguousarray(codes, dtype=np.int8),
-           f"{name}.scales": np.ascontiguousarray(scales, dtype=np.float32)}
+def stored(name: str, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None = None,
+           packed: bool = False) -> dict[str, np.ndarray]:
+    """The tensors to write for one matrix (the writer's side of ``grouped``); ``packed``: 4-bit codes (−8..7),
+    two to a byte."""
+    if packed:
+        if codes.shape[1] % 2 or codes.min() < -8 or codes.max() > 7:
+            raise ValueError(f"{name}: 4-bit codes need an even number of columns and values in −8..7")
+        q = (codes.astype(np.int16) + 8).astype(np.uint8)
+        out = {f"{name}.nibbles": np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))}
+    else:
+        out = {f"{name}.codes": np.ascontiguousarray(codes, dtype=np.int8)}
+    out[f"{name}.scales"] = np.ascontiguousarray(scales, dtype=np.float32)
     if offsets is not None and np.any(offsets):
         out[f"{name}.offsets"] = np.ascontiguousarray(offsets, dtype=np.float32)
     return out

@@ -2,7 +2,7 @@
 
 ``compress --quantize`` used to copy the fit's fp32 file (``top_blocks.safetensors``): SmolLM2's int4 fit then held
 453 MB of fp32 weights beside a 118 MB graph, and trained the fp32 blocks rather than the 4-bit ones the graph
-runs. Now every matrix the graph holds quantised is stored as the graph holds it, as 8-bit codes with block
+runs. Now every matrix the graph holds quantised is stored as the graph holds it, as 8- or 4-bit codes with block
 scales (``edgeft/block_weights.py``), and every one the graph keeps fp32 stays fp32 here:
 
 * int4, a weight on a GGUF 4-bit grid: that grid (``exact_int4.grid_of``, as the graph's lossless MatMulNBits);
@@ -95,5 +95,5 @@ def quantised_fit_weights(tensors: dict[str, np.ndarray], bits: str, tied: bool 
             out[name] = w
             continue
         quantised = _int8_rows(w) if bits == "int8" else _int4(w)
-        out.update(stored(name, *quantised) if quantised is not None else {name: w})
+        out.update(stored(name, *quantised, packed=bits == "int4") if quantised is not None else {name: w})
     return out

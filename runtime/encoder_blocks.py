@@ -17,7 +17,7 @@ masked and the pooling skips them), so a right-padded batch gives each example's
 by hand because the device has numpy only (no autograd); batches run in chunks of ``ROWS`` examples so
 the saved activations stay small; tested against torch autograd and the bundle graph at two shapes
 (tests/test_encoder_blocks.py). An int8/int4 bundle's matrices (since session 23) are the compressed graph's,
-stored as 8-bit codes with block scales (``edgeft/block_weights.py``) and dequantised where each is used.
+stored as 8- or 4-bit codes with block scales (``edgeft/block_weights.py``) and dequantised where each is used.
 
 GELU is BERT's exact one, x·Φ(x) = 0.5·x·(1 + erf(x/√2)); numpy has no erf, so ``_normal_cdf`` uses Abramowitz &
 Stegun 7.1.26 (erf's absolute error below 1.5e-7, float32's resolution at 1).
@@ -116,7 +116,7 @@ class EncoderBlocksFit:
         top = manifest.encoder_blocks
         path = bundle_file(folder, top.weights)
         try:
-            shapes = matrix_shapes(check_tensors(path))  # an int8/int4 bundle's matrices are 8-bit codes
+            shapes = matrix_shapes(check_tensors(path))  # an int8/int4 bundle's matrices are 8- or 4-bit codes
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
             raise EdgeftError(f"{path}: cannot read the encoder layers' weights ({str(err).splitlines()[0][:200]})") from None
         keys = [f"{i}.{k}{b}" for i in top.layers for k in (*ENCODER_ROLES, "attention_norm", "output_norm")

@@ -21,9 +21,9 @@ x itself comes, in a bundle exported since session 18, from the embedding table 
 of the layers below the blocks (``TopBlocks.below``; nothing where the blocks start at layer 0): the
 fit and its held-out scoring then never open the whole graph, so each weight is in memory once.
 An int8/int4 bundle's graph below (since session 22) starts at the token ids, with its quantised weights,
-and (since session 23) its blocks' and LM head's weights are stored as that graph holds them, 8-bit codes with
+and (since session 23) its blocks' and LM head's weights are stored as that graph holds them, 8- or 4-bit codes with
 block scales (``edgeft/block_weights.py``), each matrix dequantised where it is used: the fit holds them at
-one byte a weight and fits the quantised model the graph runs. Older bundles read x from the whole graph.
+one byte a weight or half and fits the quantised model the graph runs. Older bundles read x from the whole graph.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class TopBlocksFit:
         top = manifest.top_blocks
         path = bundle_file(folder, top.weights)
         try:
-            weights = grouped(read_tensors(path))  # one copy, read in place (an int8/int4 bundle's: 8-bit codes)
+            weights = grouped(read_tensors(path))  # one copy, read in place (an int8/int4 bundle's: 8- or 4-bit codes)
         except (OSError, ValueError, KeyError, TypeError) as err:  # missing, truncated or foreign file
             raise EdgeftError(f"{path}: cannot read the top blocks' weights ({str(err).splitlines()[0][:200]})") from None
         keys = ["lm_head", "final_norm"] + [f"{i}.{k}" for i in top.layers

@@ -90,7 +90,7 @@ def test_encoder_forward_reproduces_the_graphs_logits(bert_bundle):
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
-def test_a_quantised_bundles_fit_runs_its_graphs_weights_at_one_byte(bert_bundle, tmp_path, bits):
+def test_a_quantised_bundles_fit_runs_its_graphs_weights_as_codes(bert_bundle, tmp_path, bits):
     """compress stores the encoder fit's matrices as the compressed graph holds them (8-bit codes, the down
     projections fp32 as in the graph) without the embedding tables it no longer reads; int4 (weights only)
     then gives the compressed graph's logits to float precision, int8 (which also rounds activations) near them."""
