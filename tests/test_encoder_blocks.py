@@ -76,16 +76,20 @@ def test_encoder_gradients_equal_torch_autograd(export_bundle_for, bert_folder, 
         np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-4 * scale, err_msg=name)
 
 
-def test_encoder_forward_reproduces_the_graphs_logits(bert_bundle):
-    """The numpy layers, pooling and head give the graph's logits (ORT), at two shapes."""
-    b = Bundle(bert_bundle)
-    fit = EncoderBlocksFit(b.folder, b.manifest)
+def _fit_and_graph_logits(b, fit):
+    """(the fit's logits, the graph's) at two shapes, random adapters."""
     rng = np.random.default_rng(5)
     theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
     for batch, length in ((4, 13), (9, 30)):
         feeds = _feeds(rng, batch, length)
         (logits,) = b.run(feeds, theta, ["logits"])
-        got = fit.logits(_cached(b, fit, feeds, theta), np.arange(batch), b.layout.unflatten(theta))
+        yield fit.logits(_cached(b, fit, feeds, theta), np.arange(batch), b.layout.unflatten(theta)), logits
+
+
+def test_encoder_forward_reproduces_the_graphs_logits(bert_bundle):
+    """The numpy layers, pooling and head give the graph's logits (ORT), at two shapes."""
+    b = Bundle(bert_bundle)
+    for got, logits in _fit_and_graph_logits(b, EncoderBlocksFit(b.folder, b.manifest)):
         np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-5)
 
 
@@ -107,12 +111,7 @@ def test_a_quantised_bundles_fit_runs_its_graphs_weights_as_codes(bert_bundle, t
     assert isinstance(fit.weights[f"{layer}.q"], BlockWeight) and not isinstance(fit.weights[f"{layer}.down"], BlockWeight)
     stored = sum(v.nbytes for v in read_tensors(folder / b.manifest.encoder_blocks.weights).values())
     assert stored < 0.5 * sum(v.nbytes for v in read_tensors(bert_bundle / b.manifest.encoder_blocks.weights).values())
-    rng = np.random.default_rng(5)
-    theta = (rng.standard_normal(b.layout.size) * 0.2).astype(np.float32)
-    for batch, length in ((4, 13), (9, 30)):
-        feeds = _feeds(rng, batch, length)
-        (logits,) = b.run(feeds, theta, ["logits"])
-        got = fit.logits(_cached(b, fit, feeds, theta), np.arange(batch), b.layout.unflatten(theta))
+    for got, logits in _fit_and_graph_logits(b, fit):
         if bits == "int4":
             np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-5)
         else:
