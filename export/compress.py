@@ -94,7 +94,7 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         top = getattr(manifest, kind)
         if top is not None and keep_exact_fit and kind != "top_mlp" and bits is not None and keep_fp32 in (None, []):
             _write_quantised_fit(source / top.weights, folder / top.weights, bits, down_fp32=keep_fp32 is None,
-                                 encoder=kind == "encoder_blocks")
+                                 encoder=kind == "encoder_blocks", graph=folder / MODEL_NAME)
         elif top is not None and keep_exact_fit:
             shutil.copy(source / top.weights, folder / top.weights)
         elif top is not None:
@@ -109,23 +109,24 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         top.below = BELOW if top.input != "hidden.0" else None
         if top.below is not None:
             write_below_graph(folder, manifest)
-    if manifest.encoder_blocks is not None:  # likewise: the encoder fit's input from the compressed graph
-        manifest.encoder_blocks.embedding = None
+    if manifest.encoder_blocks is not None and (bits is None or keep_fp32 not in (None, [])):
+        manifest.encoder_blocks.embedding = None  # the fp32 tables are not the graph's: its input from the graph
     manifest.segments = None
     manifest.save(folder)
 
 
-def _write_quantised_fit(src: Path, dst: Path, bits: str, down_fp32: bool, encoder: bool) -> None:
+def _write_quantised_fit(src: Path, dst: Path, bits: str, down_fp32: bool, encoder: bool, graph: Path) -> None:
     from safetensors.numpy import save_file
 
     from edgeft.tensor_file import read_tensors
 
     from .encoder_blocks import EMBEDDING
-    from .fit_weights import quantised_fit_weights
+    from .fit_weights import graph_tables, quantised_fit_weights
 
     tensors = read_tensors(src)
-    if encoder:
-        out = quantised_fit_weights(tensors, bits, down_fp32=down_fp32, dropped=EMBEDDING)
+    if encoder:  # its embedding tables as the compressed graph holds them: the fit still embeds the tokens itself
+        found = graph_tables(load_model(graph)) if any(n.startswith(EMBEDDING + ".") for n in tensors) else []
+        out = quantised_fit_weights(tensors, bits, down_fp32=down_fp32, dropped=None, tables=(EMBEDDING, found))
     else:
         out = quantised_fit_weights(tensors, bits, tied="embed" not in tensors, down_fp32=down_fp32)
     save_file(out, str(dst))

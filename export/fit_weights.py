@@ -13,7 +13,10 @@ scales (``edgeft/block_weights.py``), and every one the graph keeps fp32 stays f
   ``reduce_range``; down projections fp32. (The graph also quantises each activation at run time, which the fit does not: its
   gradient is of the graph without that rounding.)
 * the LM head: tied to a table on GGUF's Q8_0 grid, that grid (``exact_tables.q8_grid``, the graph's bytes);
-  tied otherwise, fp32 (the graph's tied head stays fp32); untied, as the other linears.
+  tied otherwise, fp32 (the graph's tied head stays fp32); untied, as the other linears;
+* an encoder's embedding tables (``graph_tables``): the int8 graph's own, read from its Gather → DequantizeLinear
+  pairs (one scale and zero point a table), so the fit still embeds the tokens itself, lazily, as the graph
+  does; int4 graphs keep their tables fp32, and so does the fit.
 """
 
 from __future__ import annotations
@@ -65,20 +68,69 @@ def _on_int4_grid(w: np.ndarray) -> bool:
     return grid_of(np.ascontiguousarray(w.T)) is not None
 
 
+def graph_tables(model) -> list[tuple[np.ndarray, np.float32, int]]:
+    """The int8 graph's quantised lookup tables: (codes [rows, cols] as stored, scale, zero point) for every Gather
+    of an initializer whose output only a per-tensor DequantizeLinear reads."""
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in init:
+            continue
+        after = readers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type != "DequantizeLinear" or len(after[0].input) < 3:
+            continue
+        scale, zero = (init.get(n) for n in after[0].input[1:3])
+        if scale is None or zero is None or list(scale.dims) or list(zero.dims):
+            continue
+        found.append((numpy_helper.to_array(init[node.input[0]]), np.float32(numpy_helper.to_array(scale)),
+                      int(numpy_helper.to_array(zero))))
+    return found
+
+
+def _table_codes(table: np.ndarray, tables) -> dict[str, np.ndarray] | np.ndarray | None:
+    """The graph's quantised version of the fit's fp32 ``table`` (same shape, every value within a step of it):
+    (codes, scales, offsets) for a 2-D table, the dequantised row 0 for the token-type row; None if none is."""
+    for codes, scale, zero in tables:
+        values = (codes.astype(np.float32) - np.float32(zero)) * scale
+        rows = values[0] if table.ndim == 1 and values.ndim == 2 else values
+        if rows.shape == table.shape and np.abs(rows - table).max() <= scale:
+            if table.ndim == 1:
+                return rows
+            q = codes.astype(np.int16) - zero
+            if q.min() >= -128 and q.max() <= 127:  # (q − zero)·scale, as DequantizeLinear computes it
+                return q.astype(np.int8), np.full((len(q), 1), scale, np.float32), None
+            return ((codes.astype(np.int16) - 128).astype(np.int8), np.full((len(q), 1), scale, np.float32),
+                    np.full((len(q), 1), (128 - zero) * scale, np.float32))
+    return None
+
+
 def quantised_fit_weights(tensors: dict[str, np.ndarray], bits: str, tied: bool = False, down_fp32: bool = True,
-                          dropped: str = "embed") -> dict[str, np.ndarray]:
+                          dropped: str | None = "embed", tables: tuple[str, list] | None = None) -> dict[str, np.ndarray]:
     """The fit file's tensors for an int8/int4 bundle: each quantised matrix as ``block_weights.stored``
     writes it. ``tied``: the LM head is the embedding table; ``down_fp32``: the graph kept its down
-    projections fp32 (``default_keep_fp32``). The embedding tables (``dropped`` and the names under it:
-    ``embed``, a decoder's untied table; ``embedding``, an encoder's) are left out: such a bundle's fit starts
-    from its own graph (the top blocks' from the graph below them, at the token ids; the encoder's from
-    its ``hidden.0``)."""
+    projections fp32 (``default_keep_fp32``). ``dropped``: a decoder's untied embedding table, left out (the top
+    blocks' fit starts from the graph below them, at the token ids). ``tables``: an encoder's (prefix of its
+    embedding tables, ``graph_tables`` of the compressed graph): each table as the graph holds it, fp32
+    where the graph's is."""
     from .exact_tables import q8_grid
 
     out: dict[str, np.ndarray] = {}
     for name, w in tensors.items():
         role = name.rsplit(".", 1)[-1]
-        if name == dropped or name.startswith(dropped + "."):
+        if dropped is not None and name == dropped:
+            continue
+        if tables is not None and name.startswith(tables[0] + "."):
+            found = None if role in ("norm", "bias") else _table_codes(w, tables[1])
+            if isinstance(found, tuple):
+                out.update(stored(name, *found))
+            else:
+                out[name] = w if found is None else found
             continue
         if w.ndim != 2:  # norms, biases
             out[name] = w

@@ -95,9 +95,10 @@ def test_encoder_forward_reproduces_the_graphs_logits(bert_bundle):
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_a_quantised_bundles_fit_runs_its_graphs_weights_as_codes(bert_bundle, tmp_path, bits):
-    """compress stores the encoder fit's matrices as the compressed graph holds them (8-bit codes, the down
-    projections fp32 as in the graph) without the embedding tables it no longer reads; int4 (weights only)
-    then gives the compressed graph's logits to float precision, int8 (which also rounds activations) near them."""
+    """compress stores the encoder fit's matrices and embedding tables as the compressed graph holds them (int8:
+    8-bit codes, its tables' own; int4: 4-bit, tables fp32; the down projections fp32 as in the graph), so the fit
+    still embeds the tokens itself, the graph's hidden.0 at two shapes; int4 (weights only) then gives the
+    compressed graph's logits to float precision, int8 (which also rounds activations) near them."""
     from edgeft.block_weights import BlockWeight
     from edgeft.export.compress import quantize_bundle
     from edgeft.tensor_file import read_tensors
@@ -106,11 +107,19 @@ def test_a_quantised_bundles_fit_runs_its_graphs_weights_as_codes(bert_bundle, t
     quantize_bundle(bert_bundle, folder, bits=bits)
     b = Bundle(folder)
     fit = EncoderBlocksFit(b.folder, b.manifest)
-    assert fit.embedding is None and not any(n.startswith("embedding") for n in fit.weights)
+    assert fit.embedding is not None and isinstance(fit.weights[f"{fit.embedding}.word"], BlockWeight) == (bits == "int8")
+    rng = np.random.default_rng(2)
+    for batch, length in ((2, 5), (5, 31)):
+        feeds = _feeds(rng, batch, length)
+        for row, cached in enumerate(_cached(b, fit, feeds, b.layout.initial(0))):
+            np.testing.assert_allclose(fit.embed(feeds["input_ids"][row, : len(cached)]), cached, rtol=1e-5, atol=1e-5)
     layer = fit.layers[0]
     assert isinstance(fit.weights[f"{layer}.q"], BlockWeight) and not isinstance(fit.weights[f"{layer}.down"], BlockWeight)
-    stored = sum(v.nbytes for v in read_tensors(folder / b.manifest.encoder_blocks.weights).values())
-    assert stored < 0.5 * sum(v.nbytes for v in read_tensors(bert_bundle / b.manifest.encoder_blocks.weights).values())
+    stored, fp32 = (read_tensors(f / b.manifest.encoder_blocks.weights) for f in (folder, bert_bundle))
+    matrices = [f"{i}.{r}" for i in fit.layers for r in ("q", "k", "v", "o", "up")]
+    coded = sum(v.nbytes for n, v in stored.items() if n.rsplit(".", 1)[0] in matrices)  # codes + scales
+    # 1 byte a weight + a 4-byte scale a row of 32 here (int8), half a byte + a scale per 16 (int4), against 4
+    assert coded < (0.35 if bits == "int8" else 0.25) * sum(fp32[n].nbytes for n in matrices)
     for got, logits in _fit_and_graph_logits(b, fit):
         if bits == "int4":
             np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-5)
