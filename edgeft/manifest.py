@@ -101,9 +101,10 @@ class TopBlocks:
     stored as 8-bit codes with block scales (``edgeft/block_weights.py``). ``below`` (an ONNX file in the
     bundle) is the graph of the layers under the blocks, from the embeddings (its input ``hidden.0``)
     to ``input``: with it the fit never opens the whole graph, so the device holds each weight once
-    (None where the blocks start at layer 0: the embeddings are their input). An int8/int4 bundle's
-    (``embedding`` None, since session 22) is cut from its compressed graph at the token ids, so the layers
-    under the blocks run with their quantised weights and embedding, as the whole graph runs them. Bundles exported before
+    (None where the blocks start at layer 0: the embeddings are their input). An int8/int4 bundle's is cut from
+    its compressed graph, so the layers under the blocks run with their quantised weights: at the token ids
+    where its table is untied (``embedding`` None, since session 22), at ``hidden.0`` where the table is the
+    LM head (``lm_head``, since session 23: the head in ``weights`` is the graph's table, held once). Bundles exported before
     session 18 have neither; their fit reads ``input`` from the whole graph. Supersedes ``TopMLP`` (one
     block's MLP) for Llama exports; RoPE without scaling, no attention or MLP biases. A prompt bundle's
     (``label_tokens``: the label words' token ids, the LM-head rows its answer logits read) is fitted on the
@@ -119,7 +120,7 @@ class TopBlocks:
     heads: int
     kv_heads: int
     head_dim: int
-    embedding: str | None = None  # the embedding table's name in ``weights`` (None: int8/int4, or before session 18)
+    embedding: str | None = None  # the embedding table's name in ``weights`` (None: an untied int8/int4, or before session 18)
     below: str | None = None  # the graph under the blocks
     label_tokens: list[int] | None = None  # prompt bundles (since session 21): the label words' first tokens
 

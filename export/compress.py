@@ -100,12 +100,15 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         elif top is not None:
             setattr(manifest, kind, None)
     if manifest.top_blocks is not None:
-        # the source's graph below the blocks holds its fp32 weights, and its fp32 table feeds it: cut the
-        # compressed graph below the blocks instead, from the token ids (its own quantised embedding)
+        # the source's graph below the blocks holds its fp32 weights: cut the compressed graph below the blocks
+        # instead. A tied table is the LM head the fit holds anyway, as the compressed graph holds it (fp32, or
+        # its Q8_0 bytes): the fit embeds with it and the cut starts at hidden.0, so the table is in memory once
+        # (a 1 B model's 400 MB). An untied table the graph quantised on its own: the cut starts at the token ids.
         from .top_blocks import BELOW, write_below_graph  # torch: only where there are top blocks
 
         top = manifest.top_blocks
-        top.embedding = None
+        if top.embedding != "lm_head" or bits is None or keep_fp32 not in (None, []):
+            top.embedding = None
         top.below = BELOW if top.input != "hidden.0" else None
         if top.below is not None:
             write_below_graph(folder, manifest)

@@ -205,7 +205,9 @@ class TopBlocksFit:
         bundle's starts at the token ids: no table here)."""
         values = {**adapters, **feeds}
         if self.embedding is not None:
-            values["hidden.0"] = self.embedding[feeds["input_ids"]]
+            ids = feeds["input_ids"]
+            values["hidden.0"] = (self.embedding.take(ids.ravel()).reshape(*ids.shape, -1)
+                                  if isinstance(self.embedding, BlockWeight) else self.embedding[ids])
             if self.below is None:
                 return values["hidden.0"]
         return self.below.run(self.outputs, {i.name: values[i.name] for i in self.below.get_inputs()})[0]

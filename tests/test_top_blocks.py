@@ -365,6 +365,33 @@ def test_a_quantised_bundle_fits_from_its_own_graph_below_the_blocks(below_bundl
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_a_quantised_bundle_with_a_tied_table_embeds_with_its_lm_head(export_bundle_for, llama_folder, tmp_path, bits):
+    """A tied table is the LM head the fit holds (as the compressed graph holds it): the fit embeds with it and the
+    cut below the blocks starts at hidden.0, without a table of its own; at two shapes it returns the compressed
+    whole graph's hidden state."""
+    import onnx
+
+    from edgeft.export.compress import quantize_bundle
+
+    source = export_bundle_for("llama-lm-tied-fit1", llama_folder, task="causal-lm", fit_layers=1)
+    folder = tmp_path / bits
+    quantize_bundle(source, folder, bits=bits)
+    top = Manifest.load(folder).top_blocks
+    assert top.embedding == "lm_head" and top.below_input() == "hidden.0" and top.below is not None
+    alone, whole = Bundle(folder, open_graph=False), Bundle(folder)
+    fit = TopBlocksFit(alone.folder, alone.manifest, alone.below_session)
+    vocab, hidden = fit.weights["lm_head"].shape
+    cut = onnx.load(folder / top.below)
+    assert not [t.name for t in cut.graph.initializer if list(t.dims) == [vocab, hidden]]
+    for batch, length in ((2, 7), (3, 12)):
+        rng = np.random.default_rng(length)
+        feeds = _feeds(rng, batch, length)
+        theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)
+        want = whole.run(feeds, theta, [top.input])[0]
+        np.testing.assert_allclose(fit.entering(feeds, alone.layout.unflatten(theta)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_a_quantised_bundles_fit_holds_its_graphs_weights_as_codes(below_bundle, tmp_path, bits):
     """compress stores the fit's block matrices and LM head as 8-bit codes, or 4-bit ones two to a byte
     (edgeft/block_weights.py); the fit's int4 loss is the compressed graph's to float precision (the fp32
