@@ -1,4 +1,4 @@
-"""Frozen weight matrices stored as 8-bit codes with per-block scales, for an int8/int4 bundle's exact fit.
+"""Frozen weight matrices stored as 8- or 4-bit codes with per-block scales, for an int8/int4 bundle's exact fit.
 
 An int8/int4 bundle's graph holds its weights at 8 or 4 bits; the exact fit (``runtime/top_blocks.py``)
 recomputes the top blocks in numpy and, with fp32 copies, held 453 MB of SmolLM2's weights where the int4
@@ -134,6 +134,14 @@ def matrix_shapes(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
 def dense(weight: np.ndarray | BlockWeight) -> np.ndarray:
     """An fp32 matrix as it is, or a ``BlockWeight`` dequantised (see ``BlockWeight.dense``)."""
     return weight.dense() if isinstance(weight, BlockWeight) else weight
+
+
+def rows(weight: np.ndarray | BlockWeight, ids: np.ndarray) -> np.ndarray:
+    """weight[ids] in float32 (ids of any shape: the rows gain their axis), fp32 or stored as codes."""
+    ids = np.asarray(ids)
+    if not isinstance(weight, BlockWeight):
+        return weight[ids]
+    return weight.take(ids.ravel()).reshape(*ids.shape, weight.shape[1])
 
 
 def stored(name: str, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None = None,

@@ -98,7 +98,7 @@ class TopBlocks:
     [vocab, hidden], ``final_norm`` [hidden] and per layer ℓ ``ℓ.input_norm``, ``ℓ.post_norm`` and
     ``ℓ.<role>`` [out, in] for every role (the bases under any LoRA), and the token embedding table
     under the name ``embedding`` (``lm_head`` where the two are tied); an int8/int4 bundle's matrices may be
-    stored as 8-bit codes with block scales (``edgeft/block_weights.py``). ``below`` (an ONNX file in the
+    stored as 8- or 4-bit codes with block scales (``edgeft/block_weights.py``). ``below`` (an ONNX file in the
     bundle) is the graph of the layers under the blocks, from the embeddings (its input ``hidden.0``)
     to ``input``: with it the fit never opens the whole graph, so the device holds each weight once
     (None where the blocks start at layer 0: the embeddings are their input). An int8/int4 bundle's is cut from

@@ -82,17 +82,17 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
     (``export/top_blocks.py``, ``export/top_mlp.py``, ``export/encoder_blocks.py``) stays for int8/int4 weights (``bits``)
     and is dropped for LoRD, whose low-rank factors
     replace the weights the gradient needs; that bundle's fitted LoRA is then searched like the rest
-    of the body. The top blocks' weights are then stored as the compressed graph holds them
-    (``export/fit_weights.py``; fp32 copies where ``keep_fp32`` names nodes that cannot be told apart by role)
-    and their input comes from the compressed graph below them, cut at the token ids, so the fit holds
-    each weight once, at the graph's precision; the encoder layers' likewise, their input the compressed
-    graph's ``hidden.0``. The top MLP's fit (bundles before session 18) keeps the fp32 originals."""
+    of the body. The top blocks' and encoder layers' weights are then stored as the compressed graph holds
+    them (``export/fit_weights.py``; fp32 copies where ``keep_fp32`` names nodes that cannot be told apart by
+    role) and the top blocks' input comes from the compressed graph below them, so the fit holds each weight
+    once, at the graph's precision. The top MLP's fit (bundles before session 18) keeps the fp32 originals."""
+    coded = bits is not None and keep_fp32 in (None, [])
     shutil.copy(source / TOKENIZER_NAME, folder / TOKENIZER_NAME)
     if manifest.adapter.init_file:
         shutil.copy(source / manifest.adapter.init_file, folder / manifest.adapter.init_file)
     for kind in ("top_mlp", "top_blocks", "encoder_blocks"):
         top = getattr(manifest, kind)
-        if top is not None and keep_exact_fit and kind != "top_mlp" and bits is not None and keep_fp32 in (None, []):
+        if top is not None and keep_exact_fit and kind != "top_mlp" and coded:
             _write_quantised_fit(source / top.weights, folder / top.weights, bits, down_fp32=keep_fp32 is None,
                                  encoder=kind == "encoder_blocks", graph=folder / MODEL_NAME)
         elif top is not None and keep_exact_fit:
@@ -107,12 +107,12 @@ def _derived_manifest(source: Path, manifest: Manifest, folder: Path, keep_exact
         from .top_blocks import BELOW, write_below_graph  # torch: only where there are top blocks
 
         top = manifest.top_blocks
-        if top.embedding != "lm_head" or bits is None or keep_fp32 not in (None, []):
+        if top.embedding != "lm_head" or not coded:
             top.embedding = None
         top.below = BELOW if top.input != "hidden.0" else None
         if top.below is not None:
             write_below_graph(folder, manifest)
-    if manifest.encoder_blocks is not None and (bits is None or keep_fp32 not in (None, [])):
+    if manifest.encoder_blocks is not None and not coded:
         manifest.encoder_blocks.embedding = None  # the fp32 tables are not the graph's: its input from the graph
     manifest.segments = None
     manifest.save(folder)

@@ -43,9 +43,9 @@ def _unpacked(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return (q.reshape(rows, -1)[:, :cols] - 8).astype(np.int8)
 
 
-def _int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """(codes, scales, offsets) of W [out, in] as the int4 graph holds it; None where the graph keeps it fp32
-    (checked by the caller: here only the grid or ONNX Runtime's rounding)."""
+def _int4(w: np.ndarray, rounded: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(codes, scales, offsets) of W [out, in] as the int4 graph holds it: on a grid, that grid; else (``rounded``:
+    the graph rounds it) ONNX Runtime's rounding; None where the graph keeps it fp32."""
     from .exact_int4 import BLOCK, grid_of
 
     rows, cols = w.shape
@@ -53,6 +53,8 @@ def _int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | N
     if grid is not None:
         packed, scales, offsets = grid
         return _unpacked(packed, rows, cols), scales.reshape(rows, cols // BLOCK), offsets.T
+    if not rounded:
+        return None
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
     if cols % INT4_BLOCK:
@@ -60,12 +62,6 @@ def _int4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | N
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True))
     packed, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(w.T))
     return _unpacked(packed, rows, cols), scales.reshape(rows, -1).astype(np.float32), None
-
-
-def _on_int4_grid(w: np.ndarray) -> bool:
-    from .exact_int4 import grid_of
-
-    return grid_of(np.ascontiguousarray(w.T)) is not None
 
 
 def graph_tables(model) -> list[tuple[np.ndarray, np.float32, int]]:
@@ -93,7 +89,7 @@ def graph_tables(model) -> list[tuple[np.ndarray, np.float32, int]]:
     return found
 
 
-def _table_codes(table: np.ndarray, tables) -> dict[str, np.ndarray] | np.ndarray | None:
+def _table_codes(table: np.ndarray, tables) -> tuple | np.ndarray | None:
     """The graph's quantised version of the fit's fp32 ``table`` (same shape, every value within a step of it):
     (codes, scales, offsets) for a 2-D table, the dequantised row 0 for the token-type row; None if none is."""
     for codes, scale, zero in tables:
@@ -143,9 +139,10 @@ def quantised_fit_weights(tensors: dict[str, np.ndarray], bits: str, tied: bool 
                 q, scales = grid
                 out.update(stored(name, (q.astype(np.int16) - 128).astype(np.int8), scales))
             continue
-        if role == "down" and down_fp32 and not (bits == "int4" and _on_int4_grid(w)):
+        kept = role == "down" and down_fp32  # fp32 in the graph, but an int4 graph's where it is on a grid
+        if kept and bits == "int8":
             out[name] = w
             continue
-        quantised = _int8_rows(w) if bits == "int8" else _int4(w)
+        quantised = _int8_rows(w) if bits == "int8" else _int4(w, rounded=not kept)
         out.update(stored(name, *quantised, packed=bits == "int4") if quantised is not None else {name: w})
     return out

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.block_weights import BlockWeight, dense, grouped
+from edgeft.block_weights import dense, grouped, rows
 from edgeft.errors import EdgeftError
 from edgeft.manifest import ENCODER_ROLES, bundle_file
 
@@ -70,11 +70,6 @@ def _layer_norm(s: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
 def _layer_norm_backward(dy: np.ndarray, normed: np.ndarray, inv: np.ndarray, weight: np.ndarray) -> np.ndarray:
     g = dy * weight
     return (g - g.mean(-1, keepdims=True) - normed * (g * normed).mean(-1, keepdims=True)) * inv
-
-
-def _rows(table, ids: np.ndarray) -> np.ndarray:
-    """table[ids], fp32 or stored as codes (an int8 bundle's tables are its graph's)."""
-    return table.take(ids) if isinstance(table, BlockWeight) else table[ids]
 
 
 class Embedded:
@@ -142,7 +137,7 @@ class EncoderBlocksFit:
         positions = w[f"{self.embedding}.position"].shape[0]
         if len(ids) > positions:
             raise EdgeftError(f"{len(ids)} tokens: longer than the model's {positions} positions")
-        summed = (_rows(w[f"{self.embedding}.word"], ids) + _rows(w[f"{self.embedding}.position"], np.arange(len(ids)))
+        summed = (rows(w[f"{self.embedding}.word"], ids) + rows(w[f"{self.embedding}.position"], np.arange(len(ids)))
                   + w[f"{self.embedding}.type"])
         return _layer_norm(summed, w[f"{self.embedding}.norm"], w[f"{self.embedding}.norm.bias"], self.eps)[0]
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.block_weights import BlockWeight, dense, grouped
+from edgeft.block_weights import BlockWeight, dense, grouped, rows
 from edgeft.errors import EdgeftError
 from edgeft.manifest import bundle_file
 
@@ -94,10 +94,8 @@ class TopBlocksFit:
         if self.label_tokens is not None and (self.output_weight is None
                                               or self.label_tokens.max() >= weights["lm_head"].shape[0]):
             raise EdgeftError(f"{path}: the manifest's label tokens are not rows of its LM head")
-        head = weights["lm_head"]
         # the label words' LM-head rows, the only ones a prompt bundle's answer reads
-        self.label_rows = None if self.label_tokens is None else (
-            head.take(self.label_tokens) if isinstance(head, BlockWeight) else head[self.label_tokens])
+        self.label_rows = None if self.label_tokens is None else rows(weights["lm_head"], self.label_tokens)
         # per layer: role -> (A name, B name) for every role the graph runs with a LoRA
         self.lora = [{role: (f"{m}.lora_A", f"{m}.lora_B") for role, m in modules.items() if f"{m}.lora_A" in names}
                      for modules in top.modules]
@@ -202,12 +200,10 @@ class TopBlocksFit:
     def entering(self, feeds: dict, adapters: dict[str, np.ndarray]) -> np.ndarray:
         """x [B, T, hidden] for these inputs without the whole graph (``self.standalone``): the
         token embeddings, through the graph of the layers below the blocks where there are any (an int8/int4
-        bundle's starts at the token ids: no table here)."""
+        bundle with an untied table starts that graph at the token ids: no table here)."""
         values = {**adapters, **feeds}
         if self.embedding is not None:
-            ids = feeds["input_ids"]
-            values["hidden.0"] = (self.embedding.take(ids.ravel()).reshape(*ids.shape, -1)
-                                  if isinstance(self.embedding, BlockWeight) else self.embedding[ids])
+            values["hidden.0"] = rows(self.embedding, feeds["input_ids"])
             if self.below is None:
                 return values["hidden.0"]
         return self.below.run(self.outputs, {i.name: values[i.name] for i in self.below.get_inputs()})[0]

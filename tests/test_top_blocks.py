@@ -327,6 +327,16 @@ def test_the_plan_of_a_standalone_fit_probes_the_fit_itself(below_bundle, lm_dat
     assert {p["path"] for p in plan_memory(below_bundle, None, 4, search=True).probes} == {"train", "eval"}
 
 
+def _assert_the_cut_gives_the_whole_graphs_input(alone, whole, fit):
+    """The fit's x (from the cut below the blocks) is the whole graph's, at two shapes, random adapters."""
+    for batch, length in ((2, 7), (3, 12)):
+        rng = np.random.default_rng(length)
+        feeds = _feeds(rng, batch, length)
+        theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)
+        want = whole.run(feeds, theta, [alone.manifest.top_blocks.input])[0]
+        np.testing.assert_allclose(fit.entering(feeds, alone.layout.unflatten(theta)), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_a_quantised_bundle_fits_from_its_own_graph_below_the_blocks(below_bundle, lm_data, tmp_path, bits, monkeypatch):
     """compress keeps the blocks' weights and cuts its own graph below them at the token ids (the fp32 cut and
@@ -345,12 +355,7 @@ def test_a_quantised_bundle_fits_from_its_own_graph_below_the_blocks(below_bundl
     alone, whole = Bundle(folder, open_graph=False), Bundle(folder)
     fit = TopBlocksFit(alone.folder, alone.manifest, alone.below_session)
     assert fit.standalone and fit.embedding is None
-    for batch, length in ((2, 7), (3, 12)):
-        rng = np.random.default_rng(length)
-        feeds = _feeds(rng, batch, length)
-        theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)
-        want = whole.run(feeds, theta, [top.input])[0]
-        np.testing.assert_allclose(fit.entering(feeds, alone.layout.unflatten(theta)), want, rtol=1e-5, atol=1e-5)
+    _assert_the_cut_gives_the_whole_graphs_input(alone, whole, fit)
     opened = record_opened_graphs(monkeypatch)
     summary = run_training(TrainRequest(folder, lm_data, tmp_path / "run", eval_data=lm_data, budget="8fwd",
                                         eval_every=4, progress=False), log=lambda m: None)
@@ -383,12 +388,7 @@ def test_a_quantised_bundle_with_a_tied_table_embeds_with_its_lm_head(export_bun
     vocab, hidden = fit.weights["lm_head"].shape
     cut = onnx.load(folder / top.below)
     assert not [t.name for t in cut.graph.initializer if list(t.dims) == [vocab, hidden]]
-    for batch, length in ((2, 7), (3, 12)):
-        rng = np.random.default_rng(length)
-        feeds = _feeds(rng, batch, length)
-        theta = (rng.standard_normal(alone.layout.size) * 0.2).astype(np.float32)
-        want = whole.run(feeds, theta, [top.input])[0]
-        np.testing.assert_allclose(fit.entering(feeds, alone.layout.unflatten(theta)), want, rtol=1e-5, atol=1e-5)
+    _assert_the_cut_gives_the_whole_graphs_input(alone, whole, fit)
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])
