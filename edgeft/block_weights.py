@@ -11,9 +11,10 @@ graph holds 118 MB (docs/SCALE.md, session 22). In a safetensors file a matrix W
 meaning W[r, c] = codes[r, c] · scales[r, b] + offsets[r, b], b = c // (cols / blocks): 8-bit codes (a per-row
 scale: blocks = 1) at one byte a weight, 4-bit ones (a MatMulNBits block, −8..7) at half a byte, two to a byte
 as MatMulNBits packs them (column 2i in the low nibble, 2i + 1 in the high one, each stored as code + 8). The fit
-dequantises a matrix where it uses it, into a buffer reused for every matrix of that shape (a fresh fp32
-array each time cost 12 ms for a 1536 × 576 matrix here, filling a kept one 1 ms: page faults), and the LM
-head a slab of rows at a time. Numpy only: the device reads these; ``export/fit_weights.py`` writes them.
+multiplies by a matrix a slab of rows at a time (``times_transposed``, ``times``), each slab dequantised into one
+buffer of SLAB_VALUES floats kept per row length: a whole fp32 copy of each shape (session 23) held ~110 MB of a
+1 B model's gate/up/q/o/LM-head matrices, and a fresh array per use cost 12 ms for a 1536 × 576 matrix here,
+filling a kept one 1 ms (page faults). Numpy only: the device reads these; ``export/fit_weights.py`` writes them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 SUFFIXES = (".codes", ".nibbles", ".scales", ".offsets")
 CODES = (".codes", ".nibbles")
+SLAB_VALUES = 1 << 20  # weights dequantised at once (4 MB): 512 rows of a 2,048-wide matrix, BLAS-sized still
 
 
 class BlockWeight:
@@ -42,13 +44,13 @@ class BlockWeight:
         self.codes, self.scales, self.offsets, self.packed = codes, scales, offsets, packed
         self.shape, self.dtype = (rows, cols), np.dtype(np.float32)
         self.blocks = scales.shape[1]
-        self._buffers = buffers  # shared by the matrices of one file: one working copy per shape
+        self._buffers = buffers  # shared by the matrices of one file: one slab buffer per row length
 
     def _fill(self, out: np.ndarray, start: int, stop: int) -> np.ndarray:
         scales, offsets = self.scales[start:stop], None if self.offsets is None else self.offsets[start:stop]
         if self.packed:  # the nibbles (code + 8) into the even and odd columns; the + 8 taken off with the offsets
             nibbles = self.codes[start:stop]
-            key = ("nibbles", nibbles.shape)
+            key = ("nibbles", nibbles.shape)  # a slab's shape: a few per file
             half = self._buffers.get(key)
             if half is None:
                 half = self._buffers[key] = np.empty(nibbles.shape, dtype=np.uint8)
@@ -66,18 +68,17 @@ class BlockWeight:
         return out
 
     def dense(self) -> np.ndarray:
-        """W in float32, in the shared buffer of this shape: valid until the next ``dense`` of that shape."""
-        out = self._buffers.get(self.shape)
-        if out is None:
-            out = self._buffers[self.shape] = np.empty(self.shape, dtype=np.float32)
-        return self._fill(out, 0, self.shape[0])
+        """W in a new float32 array (tests, small matrices; the fit multiplies by slabs instead)."""
+        return self._fill(np.empty(self.shape, dtype=np.float32), 0, self.shape[0])
 
-    def row_slabs(self, rows: int):
-        """(start, W[start:start+rows] in float32) over every row: the LM head without its fp32 copy."""
-        key = ("slab", rows, self.shape[1])
-        out = self._buffers.get(key)
-        if out is None:
-            out = self._buffers[key] = np.empty((rows, self.shape[1]), dtype=np.float32)
+    def slabs(self):
+        """(start, W[start:start + n] in float32) over every row, n rows of SLAB_VALUES values at most, each
+        slab in a buffer shared by the file's matrices of this row length: valid until the next slab."""
+        cols = self.shape[1]
+        rows = max(1, min(self.shape[0], SLAB_VALUES // cols))
+        out = self._buffers.get(("slab", cols))
+        if out is None or out.shape[0] < rows:
+            out = self._buffers[("slab", cols)] = np.empty((rows, cols), dtype=np.float32)
         for start in range(0, self.shape[0], rows):
             stop = min(start + rows, self.shape[0])
             yield start, self._fill(out[: stop - start], start, stop)
@@ -131,9 +132,24 @@ def matrix_shapes(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
     return out
 
 
-def dense(weight: np.ndarray | BlockWeight) -> np.ndarray:
-    """An fp32 matrix as it is, or a ``BlockWeight`` dequantised (see ``BlockWeight.dense``)."""
-    return weight.dense() if isinstance(weight, BlockWeight) else weight
+def times_transposed(z: np.ndarray, weight: np.ndarray | BlockWeight) -> np.ndarray:
+    """z @ Wᵀ ([..., cols] → [..., rows]): W fp32 as it is, or a ``BlockWeight`` a slab of rows at a time."""
+    if not isinstance(weight, BlockWeight):
+        return z @ weight.T
+    out = np.empty((*z.shape[:-1], weight.shape[0]), dtype=np.float32)
+    for start, slab in weight.slabs():
+        out[..., start : start + len(slab)] = z @ slab.T
+    return out
+
+
+def times(error: np.ndarray, weight: np.ndarray | BlockWeight) -> np.ndarray:
+    """error @ W ([..., rows] → [..., cols]), as ``times_transposed``: the slabs' products summed."""
+    if not isinstance(weight, BlockWeight):
+        return error @ weight
+    out = np.zeros((*error.shape[:-1], weight.shape[1]), dtype=np.float32)
+    for start, slab in weight.slabs():
+        out += error[..., start : start + len(slab)] @ slab
+    return out
 
 
 def rows(weight: np.ndarray | BlockWeight, ids: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.block_weights import dense, grouped, rows
+from edgeft.block_weights import grouped, rows, times, times_transposed
 from edgeft.errors import EdgeftError
 from edgeft.manifest import ENCODER_ROLES, bundle_file
 
@@ -149,7 +149,7 @@ class EncoderBlocksFit:
 
     def _linear(self, z, layer: int, role: str, adapters) -> np.ndarray:
         key = f"{self.layers[layer]}.{role}"
-        y = z @ dense(self.weights[key]).T + self.weights[f"{key}.bias"]
+        y = times_transposed(z, self.weights[key]) + self.weights[f"{key}.bias"]
         pair = self.lora[layer].get(role)
         if pair:
             a, b = (adapters[n] for n in pair)
@@ -167,7 +167,7 @@ class EncoderBlocksFit:
             into[pair[1]] += dB
         if not need_input:
             return None
-        dz = error @ dense(self.weights[f"{self.layers[layer]}.{role}"])
+        dz = times(error, self.weights[f"{self.layers[layer]}.{role}"])
         if pair:
             dz += self.scale * ((error @ b) @ a)
         return dz

@@ -158,9 +158,10 @@ def _extra_mb(folder: Path, manifest, output_fit: bool, length: int) -> float:
 
 
 def _saved_activations_mb(folder: Path, manifest, length: int) -> float:
-    """The top blocks' forward values the backward reads, for one sequence of max_length tokens: per block
-    the residual before and after attention and the attention output (hidden each), gate and up
-    (intermediate each), q (heads x head_dim), k and v (kv_heads x head_dim each) and the attention weights."""
+    """The top blocks' forward values the backward keeps, for one sequence of max_length tokens: per block
+    the residual before and after attention (hidden each), gate and up (intermediate each), q (heads x
+    head_dim), k and v (kv_heads x head_dim each); the attention weights and output are recomputed, one
+    block's at a time."""
     from edgeft.block_weights import matrix_shapes
     from edgeft.tensor_file import tensor_shapes
 
@@ -170,8 +171,8 @@ def _saved_activations_mb(folder: Path, manifest, length: int) -> float:
         intermediate, hidden = shapes[f"{top.layers[0]}.gate"]
     except (OSError, ValueError, KeyError, TypeError):  # the fit itself reports what is wrong with the file
         return 0.0
-    per_block = length * (3 * hidden + 2 * intermediate + (top.heads + 2 * top.kv_heads) * top.head_dim) + top.heads * length**2
-    return len(top.layers) * per_block * 4 / 2**20
+    per_block = length * (2 * hidden + 2 * intermediate + (top.heads + 2 * top.kv_heads) * top.head_dim)
+    return (len(top.layers) * per_block + top.heads * length**2 + length * hidden) * 4 / 2**20
 
 
 def describe(plan: Plan, device: str) -> str:

@@ -32,14 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.block_weights import BlockWeight, dense, grouped, rows
+from edgeft.block_weights import grouped, rows, times, times_transposed
 from edgeft.errors import EdgeftError
 from edgeft.manifest import bundle_file
 
 from .top_fit import lora_gradients, rms_norm_backward, scored_softmax_chunks, silu, silu_derivative
 
 ATTENTION = ("q", "k", "v", "o")
-HEAD_ROWS = 4096  # LM-head rows dequantised at once where it is stored as codes: 9 MB of SmolLM2's 113
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -107,7 +106,7 @@ class TopBlocksFit:
     # --- forward, one sequence [T, hidden] -------------------------------------------
 
     def _linear(self, z, layer: int, role: str, adapters) -> np.ndarray:
-        y = z @ dense(self.weights[f"{self.layers[layer]}.{role}"]).T
+        y = times_transposed(z, self.weights[f"{self.layers[layer]}.{role}"])
         pair = self.lora[layer].get(role)
         if pair:
             a, b = (adapters[n] for n in pair)
@@ -116,7 +115,7 @@ class TopBlocksFit:
 
     def _linear_backward(self, error, z, layer: int, role: str, adapters, into) -> np.ndarray:
         """dL/dz of ``_linear`` given dL/dy; adds the LoRA's factor gradients to ``into`` where fitted."""
-        dz = error @ dense(self.weights[f"{self.layers[layer]}.{role}"])
+        dz = times(error, self.weights[f"{self.layers[layer]}.{role}"])
         pair = self.lora[layer].get(role)
         if pair:
             a, b = (adapters[n] for n in pair)
@@ -134,7 +133,7 @@ class TopBlocksFit:
 
     def _block(self, x, layer: int, adapters, rope) -> tuple[np.ndarray, dict]:
         i, (cos, sin) = self.layers[layer], rope
-        length, group = x.shape[0], self.heads // self.kv_heads
+        length = x.shape[0]
         n1 = _rms_norm(x, self.weights[f"{i}.input_norm"], self.eps)
 
         def heads(role, count):
@@ -142,22 +141,29 @@ class TopBlocksFit:
 
         q, k, v = heads("q", self.heads), heads("k", self.kv_heads), heads("v", self.kv_heads)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        kh, vh = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # KV head h // group serves head h
-        scores = (q @ kh.transpose(0, 2, 1)) / np.float32(np.sqrt(self.head_dim))
-        scores[:, np.triu(np.ones((length, length), dtype=bool), 1)] = -np.inf
-        scores -= scores.max(-1, keepdims=True)
-        p = np.exp(scores)
-        p /= p.sum(-1, keepdims=True)
-        attended = (p @ vh).transpose(1, 0, 2).reshape(length, -1)
+        _, attended = self._attention(q, k, v)
         x2 = x + self._linear(attended, layer, "o", adapters)
         n2 = _rms_norm(x2, self.weights[f"{i}.post_norm"], self.eps)
         gate, up = self._linear(n2, layer, "gate", adapters), self._linear(n2, layer, "up", adapters)
         mixed = silu(gate) * up
         out = x2 + self._linear(mixed, layer, "down", adapters)
         # what the backward reads, less what it recomputes cheaply (both norms' outputs, silu(gate)·up, the
-        # KV heads' repeats): 40% less to hold for the K blocks of a sequence
-        saved = dict(x=x, q=q, k=k, v=v, p=p, attended=attended, x2=x2, gate=gate, up=up)
+        # KV heads' repeats, the attention weights and output: no weight matrix in them): 60% less to hold for
+        # the K blocks of a sequence, and the attention weights grow with its length squared
+        saved = dict(x=x, q=q, k=k, v=v, x2=x2, gate=gate, up=up)
         return out, saved
+
+    def _attention(self, q, k, v) -> tuple[np.ndarray, np.ndarray]:
+        """(P [heads, T, T], the heads' outputs [T, heads × head_dim]) from q [heads, T, d] and k, v
+        [kv_heads, T, d] after RoPE: causal softmax attention, KV head h // group serving head h."""
+        group, length = self.heads // self.kv_heads, q.shape[1]
+        kh, vh = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
+        scores = (q @ kh.transpose(0, 2, 1)) / np.float32(np.sqrt(self.head_dim))
+        scores[:, np.triu(np.ones((length, length), dtype=bool), 1)] = -np.inf
+        scores -= scores.max(-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(-1, keepdims=True)
+        return p, (p @ vh).transpose(1, 0, 2).reshape(length, -1)
 
     # --- backward -------------------------------------------------------------------
 
@@ -176,9 +182,10 @@ class TopBlocksFit:
         d_x2 = upstream + rms_norm_backward(d_n2, s["x2"], self.weights[f"{i}.post_norm"], self.eps).astype(np.float32)
         if not below and not any(r in self.fitted for r in self.lora[layer] if r in ATTENTION):
             return None
-        d_attended = self._linear_backward(d_x2, s["attended"], layer, "o", adapters, into)
+        p, attended = self._attention(s["q"], s["k"], s["v"])
+        d_attended = self._linear_backward(d_x2, attended, layer, "o", adapters, into)
         d_heads = d_attended.reshape(length, self.heads, self.head_dim).transpose(1, 0, 2)
-        p, kh, vh = s["p"], np.repeat(s["k"], group, axis=0), np.repeat(s["v"], group, axis=0)
+        kh, vh = np.repeat(s["k"], group, axis=0), np.repeat(s["v"], group, axis=0)
         d_p = d_heads @ vh.transpose(0, 2, 1)
         d_vh = p.transpose(0, 2, 1) @ d_heads
         d_scores = p * (d_p - (d_p * p).sum(-1, keepdims=True)) / np.float32(np.sqrt(self.head_dim))
@@ -210,25 +217,13 @@ class TopBlocksFit:
 
     def _logits(self, x: np.ndarray, adapters) -> np.ndarray:
         """One sequence's logits [T, vocab] from the top block's output (the final norm, the LM head, the bias)."""
-        h, head = _rms_norm(x, self.weights["final_norm"], self.eps), self.weights["lm_head"]
-        if not isinstance(head, BlockWeight):
-            logits = h @ head.T
-        else:
-            logits = np.empty((len(h), head.shape[0]), dtype=np.float32)
-            for start, rows in head.row_slabs(HEAD_ROWS):
-                np.matmul(h, rows.T, out=logits[:, start : start + len(rows)])
+        logits = times_transposed(_rms_norm(x, self.weights["final_norm"], self.eps), self.weights["lm_head"])
         logits += adapters[self.bias]
         return logits
 
     def _head_backward(self, g: np.ndarray) -> np.ndarray:
         """g · W_lm: the gradient at the final norm's output from the logits' (``g`` [n, vocab])."""
-        head = self.weights["lm_head"]
-        if not isinstance(head, BlockWeight):
-            return g @ head
-        out = np.zeros((len(g), head.shape[1]), dtype=np.float32)
-        for start, rows in head.row_slabs(HEAD_ROWS):
-            out += g[:, start : start + len(rows)] @ rows
-        return out
+        return times(g, self.weights["lm_head"])
 
     def _rows(self, feeds: dict, hidden: np.ndarray, adapters, keep: bool, shortest: int = 2):
         """Per sequence of ``shortest`` or more tokens (a causal LM scores from two): (row, its length, RoPE

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from edgeft.block_weights import BlockWeight, dense, grouped, matrix_shapes, stored
+from edgeft import block_weights
+from edgeft.block_weights import BlockWeight, grouped, matrix_shapes, stored, times, times_transposed
 
 
 @pytest.mark.parametrize("packed, blocks, offsets", [(False, 1, False), (True, 4, True), (True, 2, False)])
@@ -23,10 +24,25 @@ def test_stored_codes_read_back_as_the_matrix_they_encode(packed, blocks, offset
     w = weights["w"]
     assert isinstance(w, BlockWeight) and w.shape == (rows, cols) and weights["norm"] is tensors["norm"]
     assert matrix_shapes({n: list(v.shape) for n, v in tensors.items()}) == {"w": [rows, cols], "norm": [cols]}
-    np.testing.assert_allclose(dense(w), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(w.dense(), want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(w.take(np.array([7, 2])), want[[7, 2]], rtol=1e-6, atol=1e-6)
-    slabs = np.concatenate([rows_.copy() for _, rows_ in w.row_slabs(3)])
-    np.testing.assert_allclose(slabs, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_products_by_slabs_equal_the_dense_ones(monkeypatch, packed):
+    """z @ Wᵀ and e @ W a few rows of W at a time (a last slab shorter) equal the dense products, and the
+    slab buffer is all they allocate for W: one per row length, SLAB_VALUES floats at most."""
+    rng = np.random.default_rng(3)
+    rows, cols = 11, 8
+    monkeypatch.setattr(block_weights, "SLAB_VALUES", 4 * cols)  # 4 rows a slab: 4 + 4 + 3
+    codes = rng.integers(-8, 8, size=(rows, cols)).astype(np.int8)
+    w = grouped(stored("w", codes, rng.random((rows, 2), dtype=np.float32) + 0.1, packed=packed))["w"]
+    want = w.dense()
+    z, e = rng.standard_normal((2, 5, cols)).astype(np.float32), rng.standard_normal((2, 5, rows)).astype(np.float32)
+    np.testing.assert_allclose(times_transposed(z, w), z @ want.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(times(e, w), e @ want, rtol=1e-5, atol=1e-5)
+    assert [b.shape for k, b in w._buffers.items() if k[0] == "slab"] == [(4, cols)]
+    np.testing.assert_array_equal(times_transposed(z, want), z @ want.T)  # fp32 matrices as they are
 
 
 def test_inconsistent_codes_are_refused():
