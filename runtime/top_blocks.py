@@ -141,21 +141,22 @@ class TopBlocksFit:
 
         q, k, v = heads("q", self.heads), heads("k", self.kv_heads), heads("v", self.kv_heads)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        _, attended = self._attention(q, k, v)
+        _, attended, _, _ = self._attention(q, k, v)
         x2 = x + self._linear(attended, layer, "o", adapters)
         n2 = _rms_norm(x2, self.weights[f"{i}.post_norm"], self.eps)
         gate, up = self._linear(n2, layer, "gate", adapters), self._linear(n2, layer, "up", adapters)
         mixed = silu(gate) * up
         out = x2 + self._linear(mixed, layer, "down", adapters)
         # what the backward reads, less what it recomputes cheaply (both norms' outputs, silu(gate)·up, the
-        # KV heads' repeats, the attention weights and output: no weight matrix in them): 60% less to hold for
-        # the K blocks of a sequence, and the attention weights grow with its length squared
+        # KV heads' repeats, the attention weights and output: no weight matrix in them; the attention weights
+        # grow with the length squared)
         saved = dict(x=x, q=q, k=k, v=v, x2=x2, gate=gate, up=up)
         return out, saved
 
-    def _attention(self, q, k, v) -> tuple[np.ndarray, np.ndarray]:
-        """(P [heads, T, T], the heads' outputs [T, heads × head_dim]) from q [heads, T, d] and k, v
-        [kv_heads, T, d] after RoPE: causal softmax attention, KV head h // group serving head h."""
+    def _attention(self, q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(P [heads, T, T], the heads' outputs [T, heads × head_dim], k and v repeated to one per head) from
+        q [heads, T, d] and k, v [kv_heads, T, d] after RoPE: causal softmax attention, KV head h // group
+        serving head h."""
         group, length = self.heads // self.kv_heads, q.shape[1]
         kh, vh = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
         scores = (q @ kh.transpose(0, 2, 1)) / np.float32(np.sqrt(self.head_dim))
@@ -163,7 +164,7 @@ class TopBlocksFit:
         scores -= scores.max(-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(-1, keepdims=True)
-        return p, (p @ vh).transpose(1, 0, 2).reshape(length, -1)
+        return p, (p @ vh).transpose(1, 0, 2).reshape(length, -1), kh, vh
 
     # --- backward -------------------------------------------------------------------
 
@@ -182,10 +183,9 @@ class TopBlocksFit:
         d_x2 = upstream + rms_norm_backward(d_n2, s["x2"], self.weights[f"{i}.post_norm"], self.eps).astype(np.float32)
         if not below and not any(r in self.fitted for r in self.lora[layer] if r in ATTENTION):
             return None
-        p, attended = self._attention(s["q"], s["k"], s["v"])
+        p, attended, kh, vh = self._attention(s["q"], s["k"], s["v"])
         d_attended = self._linear_backward(d_x2, attended, layer, "o", adapters, into)
         d_heads = d_attended.reshape(length, self.heads, self.head_dim).transpose(1, 0, 2)
-        kh, vh = np.repeat(s["k"], group, axis=0), np.repeat(s["v"], group, axis=0)
         d_p = d_heads @ vh.transpose(0, 2, 1)
         d_vh = p.transpose(0, 2, 1) @ d_heads
         d_scores = p * (d_p - (d_p * p).sum(-1, keepdims=True)) / np.float32(np.sqrt(self.head_dim))

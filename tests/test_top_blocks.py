@@ -304,7 +304,7 @@ def test_the_plan_counts_the_fit_weights_and_one_sequence_of_saved_activations(l
     for layer in range(len(fit.layers)):
         x, saved = fit._block(x, layer, adapters, fit._rope(16))
         kept += sum(v.nbytes for v in saved.values())
-    kept += sum(v.nbytes for v in fit._attention(saved["q"], saved["k"], saved["v"]))
+    kept += sum(v.nbytes for v in fit._attention(saved["q"], saved["k"], saved["v"])[:2])
     assert _saved_activations_mb(b.folder, b.manifest, 16) == pytest.approx(kept / 2**20)
     want = kept / 2**20
     assert _saved_activations_mb(b.folder, b.manifest, 32) > 2 * want  # the attention weights grow with length squared
